@@ -27,7 +27,7 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=2):
                 return
         except urllib.error.HTTPError:
             return  # any HTTP answer means it is listening
@@ -85,9 +85,7 @@ http:
     )
     log_path = root / "registry.log"
     log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v2/", proc=proc)
     return Registry(url, port, root, log_path, proc)

@@ -1,0 +1,7 @@
+"""`python -m edgecache serve ...`"""
+
+import sys
+
+from edgecache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Upstream authentication policy, kept pure: challenges parsed, token lifetimes, where credentials may go.
+
+No I/O here; `upstream` does the requests. The rule that matters: credentials and tokens go only to the
+upstream's own host, or to a token realm on https within the upstream's registrable domain (Docker Hub:
+registry-1.docker.io → auth.docker.io), or to a realm on the upstream's own host. A challenge cannot steer
+them anywhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+DEFAULT_TOKEN_LIFETIME = 60.0
+EXPIRY_MARGIN = 10.0
+MAX_CACHED_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic", lowercased
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse one WWW-Authenticate value (`Bearer realm="...",service="...",scope="..."`)."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {m[1].lower(): (m[2] if m[2] is not None else m[3]) for m in _PARAM.finditer(rest)}
+    params = {k: v.replace('\\"', '"') for k, v in params.items()}
+    return Challenge(scheme.lower(), params)
+
+
+def pull_scope(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+def _registrable_domain(host: str) -> str:
+    """Last two labels: enough for the hosts registries use (docker.io, ghcr.io, quay.io)."""
+    labels = host.lower().rstrip(".").split(".")
+    return ".".join(labels[-2:])
+
+
+def _is_ip_or_local(host: str) -> bool:
+    if host in ("localhost",) or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def realm_allowed(realm: str, upstream_url: str) -> bool:
+    """May this token realm receive our credentials for this upstream?"""
+    realm_parts = urlsplit(realm)
+    upstream_parts = urlsplit(upstream_url)
+    realm_host = (realm_parts.hostname or "").lower()
+    upstream_host = (upstream_parts.hostname or "").lower()
+    if realm_parts.scheme not in ("http", "https") or not realm_host:
+        return False
+    if realm_host == upstream_host:
+        # Same host: as safe as the upstream itself, but never downgraded to http from https.
+        return realm_parts.scheme == "https" or upstream_parts.scheme == "http"
+    if realm_parts.scheme != "https" or _is_ip_or_local(realm_host) or _is_ip_or_local(upstream_host):
+        return False
+    return _registrable_domain(realm_host) == _registrable_domain(upstream_host)
+
+
+def same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+@dataclass
+class CachedToken:
+    token: str
+    expires_at: float
+
+
+class TokenCache:
+    """Bearer tokens per scope, kept until shortly before they expire."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tokens: dict[str, CachedToken] = {}
+
+    def get(self, scope: str) -> str | None:
+        entry = self._tokens.get(scope)
+        if entry is None or entry.expires_at <= self._clock():
+            self._tokens.pop(scope, None)
+            return None
+        return entry.token
+
+    def put(self, scope: str, token: str, expires_in: float | None) -> None:
+        if len(self._tokens) >= MAX_CACHED_TOKENS:
+            now = self._clock()
+            self._tokens = {k: v for k, v in self._tokens.items() if v.expires_at > now}
+            if len(self._tokens) >= MAX_CACHED_TOKENS:
+                self._tokens.clear()
+        lifetime = expires_in if expires_in and expires_in > 0 else DEFAULT_TOKEN_LIFETIME
+        self._tokens[scope] = CachedToken(token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
+
+    def drop(self, scope: str) -> None:
+        self._tokens.pop(scope, None)

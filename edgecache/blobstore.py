@@ -1,0 +1,194 @@
+"""The content-addressed store on disk: verified blobs and manifests, named by digest, never written in place.
+
+Layout (drawn once, here):
+
+    <root>/blobs/<alg>/<2 hex>/<hex>       verified blob bytes
+    <root>/manifests/<alg>/<2 hex>/<hex>   "<media type>\\n" + the exact manifest bytes
+    <root>/tmp/<random>                    spools of fills in progress; emptied at start-up
+    <root>/lock                            flock'd by the running process
+
+Write path: spool in tmp/ → hash while writing → compare digest → fsync → rename → fsync directory.
+A crash at any step leaves either nothing or a complete verified file. All file work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from edgecache.errors import ConfigError, UpstreamDigestMismatch
+from edgecache.oci import Digest
+
+
+@dataclass
+class OpenBlob:
+    """An open, verified blob: the front sends `file` with the kernel, then closes it."""
+
+    file: IO[bytes]
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class CacheDirLock:
+    """One process per cache directory: a second one would race the first on spools and renames."""
+
+    def __init__(self, root: Path) -> None:
+        self._path = root / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"cache.dir: {self._path.parent} is in use by another edgecache process"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class BlobStore:
+    """Disk CAS for blobs and manifests. Paths come only from validated Digest values."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+
+    def prepare(self) -> None:
+        """Create the layout and drop spools a previous process left behind (start-up only)."""
+        for sub in ("blobs", "manifests"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def manifest_path(self, digest: Digest) -> Path:
+        return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    async def open_blob(self, digest: Digest) -> OpenBlob | None:
+        return await asyncio.to_thread(self._open_blob, digest)
+
+    def _open_blob(self, digest: Digest) -> OpenBlob | None:
+        try:
+            file = open(self.blob_path(digest), "rb")  # noqa: SIM115 - closed by the sender
+        except FileNotFoundError:
+            return None
+        return OpenBlob(file, os.fstat(file.fileno()).st_size)
+
+    async def has_blob(self, digest: Digest) -> int | None:
+        """The size of a cached blob, or None."""
+        try:
+            return (await asyncio.to_thread(os.stat, self.blob_path(digest))).st_size
+        except FileNotFoundError:
+            return None
+
+    async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        return await asyncio.to_thread(self._read_manifest, digest)
+
+    def _read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        try:
+            data = self.manifest_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        media_type, _, body = data.partition(b"\n")
+        return media_type.decode(), body
+
+    async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        """Store verified manifest bytes (the caller checked the digest) with their media type."""
+        await asyncio.to_thread(
+            self._commit_bytes, self.manifest_path(digest), media_type.encode() + b"\n" + body
+        )
+
+    def _commit_bytes(self, final: Path, data: bytes) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _rename_durably(Path(tmp_name), final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+
+    def new_spool(self, digest: Digest) -> Spool:
+        return Spool(self, digest)
+
+
+class Spool:
+    """A blob being filled: bytes appended in a temp file and hashed, renamed in only when verified.
+
+    Readers may pread() the spool's descriptor while it grows; `written` says how far they may go.
+    """
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        self._store = store
+        self.digest = digest
+        fd, name = tempfile.mkstemp(dir=store.tmp, prefix="spool-")
+        self.fd = fd
+        self.path = Path(name)
+        self.written = 0
+        self._hasher = digest.hasher()
+        self._closed = False
+
+    def append(self, data: bytes) -> None:
+        """Write and hash one batch (called in a worker thread; hashlib drops the GIL on big buffers)."""
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def commit(self) -> Path:
+        """Verify, fsync and rename into the store; raises UpstreamDigestMismatch and removes the spool."""
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            self.discard()
+            raise UpstreamDigestMismatch("blob content does not match its digest")
+        os.fsync(self.fd)
+        final = self._store.blob_path(self.digest)
+        _rename_durably(self.path, final)
+        return final
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+def _rename_durably(source: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(source, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,291 @@
+"""Configuration: frozen dataclasses built from defaults, a TOML file, environment variables and flags.
+
+Precedence, lowest first: defaults < `--config` file < `EDGECACHE_*` environment < command-line flags.
+Every problem raises ConfigError naming the key, so the operator sees one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgecache.errors import ConfigError
+
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+ENV_PREFIX = "EDGECACHE_"
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "edgecache")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:5000"
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen, "server.listen")[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen, "server.listen")[1]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = field(default_factory=default_cache_dir)
+    tag_ttl: float = 60.0
+    max_stale: float = 86400.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str = "docker.io"
+    url: str = DOCKER_HUB_URL
+    library_prefix: bool | None = None
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_connections: int = 32
+
+    @property
+    def adds_library_prefix(self) -> bool:
+        """Docker Hub's official images live under `library/`; other registries have no such rule."""
+        if self.library_prefix is not None:
+            return self.library_prefix
+        return self.name == "docker.io" or urlsplit(self.url).hostname == "registry-1.docker.io"
+
+    def password(self) -> str:
+        """Read at use, never stored in the config object, so it cannot end up in a log of it."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"upstream {self.name}: password_env {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"upstream {self.name}: password_file cannot be read ({exc.strerror})"
+                ) from None
+        return ""
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(),)
+    default_upstream: str = "docker.io"
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+
+def split_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:5000), got {text!r}")
+    return host, int(port_text)
+
+
+def _coerce(key: str, value: Any, target: Any) -> Any:
+    """Check one value against its field type; strings from the environment are converted."""
+    kinds = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
+    if target == bool | None:
+        target = bool
+    if isinstance(value, str) and target is not str:
+        text = value.strip().lower()
+        try:
+            if target is bool:
+                value = {
+                    "true": True,
+                    "1": True,
+                    "yes": True,
+                    "false": False,
+                    "0": False,
+                    "no": False,
+                }[text]
+            else:
+                value = target(text)
+        except (KeyError, ValueError):
+            raise ConfigError(f"{key}: expected {kinds[target]}, got {value!r}") from None
+    ok = (
+        isinstance(value, bool)
+        if target is bool
+        else isinstance(value, target) and not isinstance(value, bool)
+        if target is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if target is float
+        else isinstance(value, target)
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {kinds[target]}, got {value!r}")
+    return float(value) if target is float else value
+
+
+def _build(cls: type[Any], section: str, values: Mapping[str, Any]) -> Any:
+    types = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(f"{section}.{key}: unknown key (known keys: {known})")
+        kwargs[key] = _coerce(f"{section}.{key}", value, types[key])
+    return cls(**kwargs)
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    """Annotations are strings under `from __future__ import annotations`; resolve them."""
+    return typing.get_type_hints(cls)
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    listen: str | None = None,
+    cache_dir: str | None = None,
+    upstreams: list[str] | None = None,
+) -> Config:
+    """Build the effective configuration; raises ConfigError naming the offending key."""
+    doc: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+    env = os.environ if env is None else env
+    known_top = {"server", "cache", "upstream", "default_upstream"}
+    for key in doc:
+        if key not in known_top:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known_top))})")
+
+    server = dict(_table(doc, "server"))
+    cache = dict(_table(doc, "cache"))
+    upstream_tables = doc.get("upstream", [])
+    if isinstance(upstream_tables, dict):
+        upstream_tables = [upstream_tables]
+    if not isinstance(upstream_tables, list) or not all(isinstance(t, dict) for t in upstream_tables):
+        raise ConfigError("upstream: expected [[upstream]] tables")
+    default_name = doc.get("default_upstream")
+    if default_name is not None and not isinstance(default_name, str):
+        raise ConfigError(f"default_upstream: expected a string, got {default_name!r}")
+
+    # Environment: EDGECACHE_SERVER_LISTEN, EDGECACHE_CACHE_DIR, EDGECACHE_UPSTREAM_URL (the default
+    # upstream), EDGECACHE_DEFAULT_UPSTREAM.
+    default_overrides: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest == "default_upstream":
+            default_name = value
+        elif rest.startswith("server_"):
+            server[rest[len("server_") :]] = value
+        elif rest.startswith("cache_"):
+            cache[rest[len("cache_") :]] = value
+        elif rest.startswith("upstream_"):
+            default_overrides[rest[len("upstream_") :]] = value
+    if listen is not None:
+        server["listen"] = listen
+    if cache_dir is not None:
+        cache["dir"] = cache_dir
+
+    built_upstreams = [
+        _build(UpstreamConfig, f"upstream[{i}]", table) for i, table in enumerate(upstream_tables)
+    ] or [UpstreamConfig()]
+    if default_name is None:
+        default_name = built_upstreams[0].name
+    for spec in upstreams or []:
+        name, sep, url = spec.partition("=")
+        if not sep:  # a bare URL sets the default upstream's URL
+            default_overrides["url"] = spec
+            continue
+        if not name:
+            raise ConfigError(f"--upstream {spec!r}: expected URL or NAME=URL")
+        entry = UpstreamConfig(name=name, url=url, library_prefix=None)
+        built_upstreams = [u for u in built_upstreams if u.name != name] + [entry]
+    if default_overrides:
+        index = next((i for i, u in enumerate(built_upstreams) if u.name == default_name), None)
+        if index is None:
+            raise ConfigError(f"default_upstream: no upstream is named {default_name!r}")
+        types = _field_types(UpstreamConfig)
+        changes: dict[str, Any] = {}
+        for key, value in default_overrides.items():
+            if key not in types:
+                raise ConfigError(f"EDGECACHE_UPSTREAM_{key.upper()}: unknown key")
+            changes[key] = _coerce(f"upstream.{key}", value, types[key])
+        built_upstreams[index] = dataclasses.replace(built_upstreams[index], **changes)
+
+    config = Config(
+        server=_build(ServerConfig, "server", server),
+        cache=_build(CacheConfig, "cache", cache),
+        upstreams=tuple(built_upstreams),
+        default_upstream=default_name,
+    )
+    validate(config)
+    return config
+
+
+def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    table = doc.get(key, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table [{key}]")
+    return table
+
+
+def validate(config: Config) -> None:
+    split_host_port(config.server.listen, "server.listen")
+    if config.cache.tag_ttl < 0:
+        raise ConfigError("cache.tag_ttl: must be >= 0 seconds")
+    if config.cache.max_stale < 0:
+        raise ConfigError("cache.max_stale: must be >= 0 seconds")
+    names: set[str] = set()
+    for upstream in config.upstreams:
+        key = f"upstream {upstream.name!r}"
+        if not upstream.name or upstream.name in names:
+            raise ConfigError(f"{key}: name must be set and unique")
+        names.add(upstream.name)
+        parts = urlsplit(upstream.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{key}: url must be http(s)://HOST[:PORT], got {upstream.url!r}")
+        if parts.query or parts.fragment or parts.username:
+            raise ConfigError(f"{key}: url must not carry a query, fragment or credentials")
+        if parts.scheme == "http" and upstream.username and not _is_loopback(parts.hostname):
+            raise ConfigError(f"{key}: refusing to send credentials over plain http")
+        for timeout in ("connect_timeout", "read_timeout"):
+            if getattr(upstream, timeout) <= 0:
+                raise ConfigError(f"{key}: {timeout} must be > 0")
+        if upstream.max_connections < 1:
+            raise ConfigError(f"{key}: max_connections must be >= 1")
+        if upstream.password_env and upstream.password_file:
+            raise ConfigError(f"{key}: set password_env or password_file, not both")
+    if config.upstream(config.default_upstream) is None:
+        raise ConfigError(f"default_upstream: no upstream is named {config.default_upstream!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

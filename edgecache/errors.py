@@ -1,0 +1,160 @@
+"""The error tree: every failure a client can see, each leaf knowing its OCI code and HTTP status.
+
+    EdgecacheError
+    ├── ClientError                 the request itself is wrong (4xx)
+    │   ├── NameInvalid             NAME_INVALID        400
+    │   ├── TagInvalid              TAG_INVALID         400
+    │   ├── DigestInvalid           DIGEST_INVALID      400
+    │   ├── RangeInvalid            RANGE_INVALID       416 (with Content-Range: bytes */N)
+    │   ├── ParameterInvalid        PAGINATION_NUMBER_INVALID 400
+    │   ├── Unsupported             UNSUPPORTED         405 (push, delete, catalog)
+    │   ├── RouteUnknown            UNSUPPORTED         404
+    │   ├── NotAcceptable           MANIFEST_UNKNOWN    404 (cached manifest type not in Accept)
+    │   └── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
+    ├── NotFound                    upstream said 404
+    │   ├── ManifestUnknown         MANIFEST_UNKNOWN    404
+    │   ├── BlobUnknown             BLOB_UNKNOWN        404
+    │   └── NameUnknown             NAME_UNKNOWN        404
+    ├── UpstreamDenied              DENIED / UNAUTHORIZED 403/401 from upstream → 403 here
+    ├── UpstreamRateLimited         TOOMANYREQUESTS     429
+    └── UpstreamError               the upstream failed: never reported as "not found"
+        ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
+        ├── UpstreamTimeout         UNAVAILABLE         504
+        ├── UpstreamDigestMismatch  UNAVAILABLE         502 (bytes did not hash to the digest)
+        └── ManifestTooLarge        SIZE_INVALID        502
+
+`message` is fixed per class; `detail` is a short, safe string (never paths, exception text or secrets).
+Rendering happens in one place, the front's error middleware.
+"""
+
+from __future__ import annotations
+
+
+class EdgecacheError(Exception):
+    code = "UNKNOWN"
+    status = 500
+    message = "internal error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail
+
+    def body(self) -> dict[str, list[dict[str, str]]]:
+        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+
+class ClientError(EdgecacheError):
+    status = 400
+
+
+class NameInvalid(ClientError):
+    code = "NAME_INVALID"
+    message = "invalid repository name"
+
+
+class TagInvalid(ClientError):
+    code = "TAG_INVALID"
+    message = "invalid tag"
+
+
+class DigestInvalid(ClientError):
+    code = "DIGEST_INVALID"
+    message = "provided digest did not match uploaded content or is malformed"
+
+
+class RangeInvalid(ClientError):
+    code = "RANGE_INVALID"
+    message = "invalid content range"
+    status = 416
+
+    def __init__(self, detail: str = "", *, size: int | None = None) -> None:
+        super().__init__(detail)
+        self.size = size
+
+
+class ParameterInvalid(ClientError):
+    code = "PAGINATION_NUMBER_INVALID"
+    message = "invalid number of results requested"
+
+
+class Unsupported(ClientError):
+    code = "UNSUPPORTED"
+    message = "the operation is unsupported"
+    status = 405
+
+
+class RouteUnknown(ClientError):
+    code = "UNSUPPORTED"
+    message = "unknown API route"
+    status = 404
+
+
+class NotAcceptable(ClientError):
+    code = "MANIFEST_UNKNOWN"
+    message = "manifest unknown"
+    status = 404
+
+
+class UpstreamUnknown(ClientError):
+    code = "NAME_UNKNOWN"
+    message = "registry not served by this mirror"
+    status = 404
+
+
+class NotFound(EdgecacheError):
+    status = 404
+
+
+class ManifestUnknown(NotFound):
+    code = "MANIFEST_UNKNOWN"
+    message = "manifest unknown"
+
+
+class BlobUnknown(NotFound):
+    code = "BLOB_UNKNOWN"
+    message = "blob unknown to registry"
+
+
+class NameUnknown(NotFound):
+    code = "NAME_UNKNOWN"
+    message = "repository name not known to registry"
+
+
+class UpstreamDenied(EdgecacheError):
+    code = "DENIED"
+    message = "requested access to the resource is denied upstream"
+    status = 403
+
+
+class UpstreamRateLimited(EdgecacheError):
+    code = "TOOMANYREQUESTS"
+    message = "too many requests to the upstream registry"
+    status = 429
+
+
+class UpstreamError(EdgecacheError):
+    code = "UNAVAILABLE"
+    message = "upstream registry failed"
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    message = "upstream registry timed out"
+    status = 504
+
+
+class UpstreamDigestMismatch(UpstreamError):
+    message = "upstream content did not match its digest"
+
+
+class ManifestTooLarge(UpstreamError):
+    code = "SIZE_INVALID"
+    message = "manifest exceeds the size limit"
+
+
+class ConfigError(Exception):
+    """A configuration problem, always naming the key; shown to the operator without a traceback."""

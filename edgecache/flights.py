@@ -1,0 +1,179 @@
+"""Single-flight fills: one upstream fetch per object, every waiting client streaming from its spool.
+
+A blob fill is a task owned by `Flights`, not by any request: the first asker starting it and then
+disconnecting does not stop it. Readers pread() the spool from their own offset and wait for more; the
+last byte is held back until the digest is verified, so no reader ever gets a complete body that is wrong.
+Memory per flight is one write batch; per reader, one read chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+from edgecache import errors
+from edgecache.blobstore import BlobStore, Spool
+from edgecache.oci import Digest, RepoName
+from edgecache.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+WRITE_BATCH = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+class BlobFlight:
+    """One blob being fetched from upstream into a spool; readers follow its `visible` mark."""
+
+    def __init__(self, key: tuple[str, Digest], spool: Spool) -> None:
+        self.key = key
+        self.digest = key[1]
+        self.spool = spool
+        self.size: int | None = None
+        self.done = False
+        self.error: errors.EdgecacheError | None = None
+        self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Event()
+        self.readers = 0
+
+    @property
+    def visible(self) -> int:
+        """Bytes readers may have: everything once verified, all but the last byte before."""
+        written = self.spool.written
+        return written if self.done else max(written - 1, 0)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    def fail(self, error: errors.EdgecacheError) -> None:
+        self.error = error
+        if not self.started.done():
+            self.started.set_exception(error)
+            self.started.exception()  # retrieved: readers re-raise it themselves
+        self.notify()
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end] as they arrive; raises the fill's error instead of a short body."""
+        self.readers += 1
+        try:
+            offset = start
+            while offset <= end:
+                visible = self.visible
+                if visible > offset:
+                    length = min(visible, end + 1, offset + READ_CHUNK) - offset
+                    data = await asyncio.to_thread(self.spool.pread, offset, length)
+                    if not data:
+                        raise errors.UpstreamUnavailable("spool ended early")
+                    offset += len(data)
+                    yield data
+                elif self.error is not None:
+                    raise self.error
+                elif self.done:
+                    raise errors.UpstreamUnavailable("blob shorter than announced")
+                else:
+                    await self.wait_change()
+        finally:
+            self.readers -= 1
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if (self.done or self.error is not None) and self.readers == 0:
+            self.spool.close()
+
+
+class Flights:
+    """The registry of fills in progress, keyed by (upstream, digest) whatever the repository name."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        self._blobs: dict[tuple[str, Digest], BlobFlight] = {}
+        self._calls: dict[Hashable, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def running(self, upstream: str, digest: Digest) -> BlobFlight | None:
+        return self._blobs.get((upstream, digest))
+
+    def blob(self, client: UpstreamClient, repo: RepoName, digest: Digest) -> tuple[BlobFlight, bool]:
+        """Join the fill of this blob, or lead a new one; True when this call started it."""
+        key = (client.name, digest)
+        flight = self._blobs.get(key)
+        if flight is not None:
+            return flight, False
+        flight = BlobFlight(key, self._store.new_spool(digest))
+        self._blobs[key] = flight
+        task = asyncio.create_task(self._fill(flight, client, repo), name=f"fill {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return flight, True
+
+    async def _fill(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:
+        spool = flight.spool
+        try:
+            async with client.open_blob(repo, flight.digest) as resp:
+                flight.size = resp.content_length
+                flight.started.set_result(flight.size)
+                batch = bytearray()
+                async for chunk in resp.content.iter_chunked(WRITE_BATCH):
+                    batch += chunk
+                    if flight.size is not None and spool.written + len(batch) > flight.size:
+                        raise errors.UpstreamUnavailable("upstream sent more than it announced")
+                    if len(batch) >= WRITE_BATCH:
+                        await asyncio.to_thread(spool.append, bytes(batch))
+                        batch.clear()
+                        flight.notify()
+                if batch:
+                    await asyncio.to_thread(spool.append, bytes(batch))
+            if flight.size is not None and spool.written != flight.size:
+                raise errors.UpstreamUnavailable("upstream body was truncated")
+            await asyncio.to_thread(spool.commit)
+            flight.done = True
+            flight.notify()
+        except errors.EdgecacheError as exc:
+            self._fail(flight, exc)
+        except asyncio.CancelledError:
+            self._fail(flight, errors.UpstreamUnavailable("fill cancelled at shutdown"))
+            raise
+        except Exception as exc:  # aiohttp payload errors, disk errors: never a half-visible blob
+            log.warning("fill of %s failed: %s", flight.digest, type(exc).__name__)
+            kind = errors.UpstreamTimeout if isinstance(exc, TimeoutError) else errors.UpstreamUnavailable
+            self._fail(flight, kind("blob fill failed"))
+        finally:
+            self._blobs.pop(flight.key, None)
+            flight._maybe_close()
+
+    def _fail(self, flight: BlobFlight, error: errors.EdgecacheError) -> None:
+        if isinstance(error, errors.UpstreamDigestMismatch):
+            log.error("digest mismatch from upstream for %s; nothing stored", flight.digest)
+        flight.spool.discard()
+        flight.fail(error)
+
+    async def coalesce(self, key: Hashable, factory: Callable[[], Awaitable[T]]) -> T:
+        """Run factory() once for concurrent callers of the same key (tag look-ups, manifests).
+
+        The work runs in its own task, so a caller that goes away does not cancel it for the others.
+        """
+        task = self._calls.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._calls[key] = task
+            task.add_done_callback(lambda done: self._call_finished(key, done))
+        return await asyncio.shield(task)
+
+    def _call_finished(self, key: Hashable, task: asyncio.Future[Any]) -> None:
+        self._calls.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: callers that went away must not leave it unread
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task

@@ -1,0 +1,188 @@
+"""OCI distribution vocabulary: digests, repository names, tags, media types, Accept sets, ranges.
+
+Everything a request carries is parsed here into a validated value object before anything is opened or
+fetched. The grammars are distribution's (reference/regexp.go) and the OCI distribution spec's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from edgecache.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+# Every manifest type we ask upstream for: we cache what upstream holds, whatever the client accepts.
+MANIFEST_MEDIA_TYPES: tuple[str, ...] = (
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+)
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+_ALGORITHMS = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"[0-9a-f]+")
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content digest `algorithm:hex` whose algorithm we can verify (sha256, sha512)."""
+
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        algorithm, sep, encoded = text.partition(":")
+        length = _ALGORITHMS.get(algorithm)
+        if not sep or length is None:
+            raise DigestInvalid("unsupported digest algorithm" if sep else "malformed digest")
+        if len(encoded) != length or not _HEX.fullmatch(encoded):
+            raise DigestInvalid(f"malformed {algorithm} digest")
+        return cls(algorithm, encoded)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+@dataclass(frozen=True, slots=True)
+class RepoName:
+    """A repository name in distribution's grammar (lowercase components separated by `/`)."""
+
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> RepoName:
+        if len(text) > MAX_NAME_LENGTH:
+            raise NameInvalid("repository name too long")
+        if not _NAME.fullmatch(text):
+            raise NameInvalid("repository name must match [a-z0-9]+([._-][a-z0-9]+)*(/...)*")
+        return cls(text)
+
+    def with_library_prefix(self) -> RepoName:
+        """Docker Hub keeps official images under `library/`: `alpine` means `library/alpine`."""
+        return self if "/" in self.value else RepoName(f"library/{self.value}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Tag:
+        if not _TAG.fullmatch(text):
+            raise TagInvalid("tag must match [A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+        return cls(text)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Reference = Tag | Digest
+
+
+def parse_reference(text: str) -> Reference:
+    """A manifest reference is a digest when it has a colon, a tag otherwise (as distribution does)."""
+    return Digest.parse(text) if ":" in text else Tag.parse(text)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """A single satisfiable byte range, both ends inclusive as in HTTP."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The Range header against a body of `size` bytes: None for the whole body.
+
+    One range only (what registry clients send). A malformed header is ignored as RFC 9110 allows;
+    a well-formed but unsatisfiable one raises RangeInvalid (416).
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first and not last:
+        return None
+    if not first:  # suffix range: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeInvalid("empty suffix range", size=size)
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None  # syntactically invalid: ignore
+    if start >= size:
+        raise RangeInvalid("range starts beyond the end of the blob", size=size)
+    return ByteRange(start, min(end, size - 1))
+
+
+def accepted_media_types(headers: Iterable[str]) -> frozenset[str] | None:
+    """The media types a client accepts, from every Accept header and comma list; None means any."""
+    types: set[str] = set()
+    for header in headers:
+        for item in header.split(","):
+            media_type = item.split(";", 1)[0].strip().lower()
+            if media_type:
+                types.add(media_type)
+    if not types or "*/*" in types:
+        return None
+    return frozenset(types)
+
+
+def manifest_media_type(body: bytes, declared: str | None) -> str:
+    """The media type to serve a manifest with: what upstream declared, else the body's own mediaType.
+
+    Parses at most MAX_MANIFEST_BYTES of JSON, and only when upstream sent no usable Content-Type.
+    """
+    if declared:
+        declared = declared.split(";", 1)[0].strip()
+        if declared and declared not in ("application/octet-stream", "text/plain"):
+            return declared
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return OCI_MANIFEST
+    if isinstance(doc, dict):
+        media_type = doc.get("mediaType")
+        if isinstance(media_type, str) and media_type:
+            return media_type
+        if "manifests" in doc:
+            return OCI_INDEX
+    return OCI_MANIFEST

@@ -1,0 +1,318 @@
+"""The pull use case: decide hit / join / lead / revalidate / stale, and say what to send.
+
+The service returns a `Reply` (status, headers, and a body source: bytes, an open file range, or a spool
+stream); the fronts only send it. It talks to parts (store, manifest cache, flights, upstream clients)
+and never to aiohttp's server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from edgecache import errors
+from edgecache.blobstore import BlobStore, OpenBlob
+from edgecache.flights import Flights
+from edgecache.manifests import CachedManifest, ManifestCache, TagEntry
+from edgecache.oci import (
+    ByteRange,
+    Digest,
+    Reference,
+    RepoName,
+    Tag,
+    manifest_media_type,
+    parse_range,
+)
+from edgecache.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+BLOB_CONTENT_TYPE = "application/octet-stream"
+
+
+@dataclass
+class BytesBody:
+    data: bytes
+
+
+@dataclass
+class FileBody:
+    """A verified blob on disk: the front sends [offset, offset+length) with the kernel, then closes."""
+
+    blob: OpenBlob
+    offset: int
+    length: int
+
+
+@dataclass
+class StreamBody:
+    """Bytes of a fill in progress; the iterator raises if the fill fails (the front then aborts)."""
+
+    chunks: AsyncIterator[bytes]
+    length: int | None
+
+
+Body = BytesBody | FileBody | StreamBody
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Body | None = None
+    cache: str = "PASS"  # HIT, MISS, JOINED, REVALIDATED, STALE, PASS
+
+    def close(self) -> None:
+        """Release what an unsent body holds (an open file)."""
+        if isinstance(self.body, FileBody):
+            self.body.blob.close()
+
+
+@dataclass(frozen=True)
+class ManifestQuery:
+    repo: RepoName
+    reference: Reference
+    accept: frozenset[str] | None
+    head: bool
+    if_none_match: str | None = None
+
+
+@dataclass(frozen=True)
+class BlobQuery:
+    repo: RepoName
+    digest: Digest
+    head: bool
+    range_header: str | None = None
+    if_none_match: str | None = None
+
+
+class PullService:
+    def __init__(
+        self,
+        store: BlobStore,
+        manifests: ManifestCache,
+        flights: Flights,
+        *,
+        tag_ttl: float,
+        max_stale: float,
+    ) -> None:
+        self._store = store
+        self._manifests = manifests
+        self._flights = flights
+        self._tag_ttl = tag_ttl
+        self._max_stale = max_stale
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    async def manifest(self, client: UpstreamClient, query: ManifestQuery) -> Reply:
+        if isinstance(query.reference, Digest):
+            manifest, result = await self._manifest_by_digest(client, query.repo, query.reference)
+            return self._manifest_reply(query, manifest.digest, manifest.media_type, manifest, result)
+        return await self._manifest_by_tag(client, query, query.reference)
+
+    async def _manifest_by_digest(
+        self, client: UpstreamClient, repo: RepoName, digest: Digest
+    ) -> tuple[CachedManifest, str]:
+        cached = await self._manifests.get(digest)
+        if cached is not None:
+            return cached, "HIT"
+
+        async def fetch() -> CachedManifest:
+            fetched = await client.get_manifest(repo, str(digest))
+            if Digest.of(fetched.body, digest.algorithm) != digest:
+                log.error("upstream %s sent a manifest that does not match %s", client.name, digest)
+                raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
+            manifest = CachedManifest(
+                digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body
+            )
+            await self._manifests.put(manifest)
+            return manifest
+
+        return await self._flights.coalesce(("manifest", client.name, digest), fetch), "MISS"
+
+    async def _manifest_by_tag(self, client: UpstreamClient, query: ManifestQuery, tag: Tag) -> Reply:
+        key = (client.name, client.upstream_name(query.repo), tag)
+        known = self._manifests.tag(key)
+        if known is not None and self._manifests.age(known) < self._tag_ttl:
+            cached = await self._manifests.get(known.digest)
+            if cached is not None or query.head:
+                return self._manifest_reply(query, known.digest, known.media_type, cached, "HIT")
+        try:
+            entry, cached, result = await self._flights.coalesce(
+                ("tag", key, query.head),
+                lambda: self._resolve_tag(client, query.repo, key, known, not query.head),
+            )
+        except (errors.UpstreamError, errors.UpstreamRateLimited):
+            stale = await self._stale(known)
+            if stale is None:
+                raise
+            log.warning("upstream %s failing; serving tag %s stale", client.name, tag)
+            entry, cached = stale
+            result = "STALE"
+        if cached is None and not query.head:
+            cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
+        return self._manifest_reply(query, entry.digest, entry.media_type, cached, result)
+
+    async def _resolve_tag(
+        self,
+        client: UpstreamClient,
+        repo: RepoName,
+        key: tuple[str, RepoName, Tag],
+        known: TagEntry | None,
+        want_body: bool,
+    ) -> tuple[TagEntry, CachedManifest | None, str]:
+        """Ask upstream what the tag points at.
+
+        A HEAD when it may be enough (revalidating what we hold, or a HEAD from the client): it is
+        cheap and Docker Hub does not count it against the pull limit. A cold GET goes straight to GET.
+        """
+        tag = str(key[2])
+        if known is not None or not want_body:
+            head = await client.head_manifest(repo, tag)
+            if head.digest is not None:
+                cached = await self._manifests.get(head.digest)
+                if cached is not None or not want_body:
+                    media_type = cached.media_type if cached else manifest_media_type(b"", head.media_type)
+                    entry = self._manifests.set_tag(key, head.digest, media_type, head.size)
+                    return entry, cached, "REVALIDATED" if cached else "MISS"
+        fetched = await client.get_manifest(repo, tag)
+        claimed = fetched.digest
+        if claimed is not None and Digest.of(fetched.body, claimed.algorithm) != claimed:
+            raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
+        digest = claimed or Digest.of(fetched.body)
+        manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
+        await self._manifests.put(manifest)
+        entry = self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
+        return entry, manifest, "MISS"
+
+    async def _stale(self, entry: TagEntry | None) -> tuple[TagEntry, CachedManifest] | None:
+        if entry is None or self._manifests.age(entry) > self._max_stale:
+            return None
+        cached = await self._manifests.get(entry.digest)
+        return (entry, cached) if cached is not None else None
+
+    def _manifest_reply(
+        self,
+        query: ManifestQuery,
+        digest: Digest,
+        media_type: str,
+        manifest: CachedManifest | None,
+        result: str,
+    ) -> Reply:
+        if query.accept is not None and media_type not in query.accept:
+            raise errors.NotAcceptable(f"manifest is {media_type}, not in the request's Accept")
+        etag = f'"{digest}"'
+        headers = {
+            "Content-Type": media_type,
+            "Docker-Content-Digest": str(digest),
+            "ETag": etag,
+        }
+        if manifest is not None:
+            headers["Content-Length"] = str(len(manifest.body))
+        if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
+            return Reply(304, headers, None, result)
+        if query.head or manifest is None:
+            return Reply(200, headers, None, result)
+        return Reply(200, headers, BytesBody(manifest.body), result)
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    async def blob(self, client: UpstreamClient, query: BlobQuery) -> Reply:
+        digest = query.digest
+        etag = f'"{digest}"'
+        headers = {
+            "Content-Type": BLOB_CONTENT_TYPE,
+            "Docker-Content-Digest": str(digest),
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "max-age=31536000, immutable",
+        }
+        if query.head:
+            return await self._blob_head(client, query, headers)
+        opened = await self._store.open_blob(digest)
+        if opened is not None:
+            try:
+                if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
+                    opened.close()
+                    return Reply(304, headers, None, "HIT")
+                byte_range = parse_range(query.range_header, opened.size)
+            except BaseException:
+                opened.close()
+                raise
+            status, start, length = _span(byte_range, opened.size, headers)
+            return Reply(status, headers, FileBody(opened, start, length), "HIT")
+
+        flight, led = self._flights.blob(client, query.repo, digest)
+        size = await flight.started
+        if size is None:  # upstream sent no length: stream it all, chunked
+            return Reply(200, headers, StreamBody(flight.read(0, 2**62), None), "MISS")
+        byte_range = parse_range(query.range_header, size)
+        status, start, length = _span(byte_range, size, headers)
+        body = StreamBody(flight.read(start, start + length - 1), length)
+        return Reply(status, headers, body, "MISS" if led else "JOINED")
+
+    async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
+        size = await self._store.has_blob(query.digest)
+        result = "HIT"
+        if size is None:
+            flight = self._flights.running(client.name, query.digest)
+            size = await flight.started if flight is not None else None
+            result = "JOINED" if flight is not None else "MISS"
+            if size is None:
+                size = await client.head_blob(query.repo, query.digest)
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        return Reply(200, headers, None, result)
+
+    # -- listings, relayed ---------------------------------------------------------------------
+
+    async def tags_list(
+        self, client: UpstreamClient, repo: RepoName, params: Mapping[str, str], ns: str | None
+    ) -> Reply:
+        answer = await client.passthrough(repo, "tags/list", params)
+        if answer.status == 404:
+            raise errors.NameUnknown(f"upstream {client.name} has no such repository")
+        headers = {"Content-Type": answer.content_type}
+        if answer.link:
+            link = _rewrite_link(answer.link, repo, ns)
+            if link:
+                headers["Link"] = link
+        return Reply(200, headers, BytesBody(answer.body), "PASS")
+
+    async def referrers(
+        self, client: UpstreamClient, repo: RepoName, digest: Digest, params: Mapping[str, str]
+    ) -> Reply:
+        answer = await client.passthrough(repo, f"referrers/{digest}", params)
+        if answer.status == 404:
+            raise errors.ManifestUnknown(f"upstream {client.name} has no referrers for it")
+        headers = {"Content-Type": answer.content_type}
+        return Reply(200, headers, BytesBody(answer.body), "PASS")
+
+
+def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
+    """Status, start and length of what to send; sets Content-Length (and Content-Range)."""
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return 200, 0, size
+    headers["Content-Length"] = str(byte_range.length)
+    headers["Content-Range"] = byte_range.content_range(size)
+    return 206, byte_range.start, byte_range.length
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    candidates = {c.strip().removeprefix("W/") for c in header.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+def _rewrite_link(link: str, repo: RepoName, ns: str | None) -> str | None:
+    """Point a pagination Link at our own path: `</v2/<repo>/tags/list?n=..&last=..>; rel="next"`."""
+    start, end = link.find("<"), link.find(">")
+    if start < 0 or end < start:
+        return None
+    target = urlsplit(link[start + 1 : end])
+    kept = [(k, v) for k, v in parse_qsl(target.query) if k in ("n", "last")]
+    if ns:
+        kept.append(("ns", ns))
+    query = f"?{urlencode(kept)}" if kept else ""
+    return f'</v2/{repo}/tags/list{query}>; rel="next"'

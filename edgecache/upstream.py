@@ -1,0 +1,320 @@
+"""The only aiohttp client code: one session per upstream registry, token auth, redirects, error mapping.
+
+Library errors are mapped to the domain error tree here, at the boundary, so nothing above this module
+knows aiohttp's client exceptions. Client credentials never arrive here: requests carry only what this
+module adds (the upstream's own credentials or tokens), and those never follow a redirect to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from edgecache import errors
+from edgecache.auth import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
+from edgecache.config import UpstreamConfig
+from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
+
+log = logging.getLogger(__name__)
+MAX_REDIRECTS = 5
+USER_AGENT = "edgecache/0.1"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: Digest | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    body: bytes
+    media_type: str | None
+    digest: Digest | None  # what upstream claimed in Docker-Content-Digest
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """An upstream answer relayed as it is (tags/list, referrers): JSON bodies, small."""
+
+    status: int
+    content_type: str
+    body: bytes
+    link: str | None
+
+
+class UpstreamClient:
+    """Talks to one configured upstream registry; built and closed by the app."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.base_url = config.url.rstrip("/")
+        self._tokens = TokenCache()
+        self._token_fetches: dict[str, asyncio.Future[str | None]] = {}
+        self._basic: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"User-Agent": USER_AGENT},
+            auto_decompress=False,  # blobs must reach the digest check byte for byte
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,  # only configured upstreams are contacted: no proxy from the environment
+        )
+        if self.config.username:
+            creds = f"{self.config.username}:{self.config.password()}".encode()
+            self._basic = "Basic " + base64.b64encode(creds).decode()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        return self._session
+
+    def upstream_name(self, repo: RepoName) -> RepoName:
+        return repo.with_library_prefix() if self.config.adds_library_prefix else repo
+
+    # -- registry operations -------------------------------------------------------------------
+
+    async def head_manifest(self, repo: RepoName, reference: str) -> ManifestHead:
+        async with self._request("HEAD", repo, f"manifests/{reference}", kind="manifest") as resp:
+            return ManifestHead(
+                digest=_header_digest(resp.headers),
+                media_type=resp.headers.get("Content-Type", ""),
+                size=resp.content_length,
+            )
+
+    async def get_manifest(self, repo: RepoName, reference: str) -> FetchedManifest:
+        async with self._request("GET", repo, f"manifests/{reference}", kind="manifest") as resp:
+            if resp.content_length is not None and resp.content_length > MAX_MANIFEST_BYTES:
+                raise errors.ManifestTooLarge("upstream manifest is larger than 4 MiB")
+            body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+            return FetchedManifest(body, resp.headers.get("Content-Type"), _header_digest(resp.headers))
+
+    async def head_blob(self, repo: RepoName, digest: Digest) -> int | None:
+        async with self._request("HEAD", repo, f"blobs/{digest}", kind="blob") as resp:
+            return resp.content_length
+
+    @contextlib.asynccontextmanager
+    async def open_blob(
+        self, repo: RepoName, digest: Digest, start: int = 0
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A blob GET (from `start` with a Range request when resuming); status already checked."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        async with self._request("GET", repo, f"blobs/{digest}", kind="blob", headers=headers) as resp:
+            if start and resp.status != 206:
+                raise errors.UpstreamUnavailable("upstream ignored a resume Range request")
+            yield resp
+
+    async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
+        """GET a small JSON listing (tags/list, referrers) and relay it; 404 passes through."""
+        kind = "tags" if path.startswith("tags") else "referrers"
+        async with self._request("GET", repo, path, kind=kind, params=query, allow_404=True) as resp:
+            body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+            return Passthrough(
+                status=resp.status,
+                content_type=resp.headers.get("Content-Type", "application/json"),
+                body=body,
+                link=resp.headers.get("Link"),
+            )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self,
+        method: str,
+        repo: RepoName,
+        path: str,
+        *,
+        kind: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        allow_404: bool = False,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One registry request with auth and redirects; yields a 2xx response (or 404 if allowed)."""
+        upstream_repo = self.upstream_name(repo)
+        url = URL(f"{self.base_url}/v2/{upstream_repo}/{path}", encoded=True)
+        if params:
+            url = url.with_query(params)
+        base_headers = dict(headers or {})
+        if kind == "manifest":
+            base_headers["Accept"] = MANIFEST_ACCEPT
+        scope = pull_scope(str(upstream_repo))
+        try:
+            resp = await self._send(method, url, base_headers, scope)
+            if resp.status == 401:
+                challenge_header = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                if await self._authenticate(challenge_header, scope):
+                    resp = await self._send(method, url, base_headers, scope)
+            try:
+                self._check_status(resp, kind, allow_404)
+                yield resp
+            finally:
+                resp.release()
+        except errors.EdgecacheError:
+            raise
+        except TimeoutError:
+            raise errors.UpstreamTimeout(f"upstream {self.name} timed out") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream %s %s %s failed: %s", self.name, method, kind, type(exc).__name__)
+            raise errors.UpstreamUnavailable(f"upstream {self.name} is unreachable") from None
+
+    async def _send(
+        self, method: str, url: URL, headers: dict[str, str], scope: str
+    ) -> aiohttp.ClientResponse:
+        """Send, following redirects ourselves: Authorization only ever goes to the upstream's origin."""
+        origin = self.base_url
+        for _hop in range(MAX_REDIRECTS + 1):
+            request_headers = dict(headers)
+            if same_origin(str(url), origin):
+                auth = self._authorization(scope)
+                if auth:
+                    request_headers["Authorization"] = auth
+            resp = await self.session.request(method, url, headers=request_headers, allow_redirects=False)
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+            location = resp.headers.get("Location")
+            resp.release()
+            if not location:
+                raise errors.UpstreamUnavailable("upstream redirect without a Location")
+            target = url.join(URL(location, encoded=True))
+            if target.scheme not in ("http", "https") or (url.scheme == "https" and target.scheme != "https"):
+                raise errors.UpstreamUnavailable("upstream redirect to an insecure location refused")
+            url = target
+        raise errors.UpstreamUnavailable("too many upstream redirects")
+
+    def _authorization(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token:
+            return f"Bearer {token}"
+        return self._basic if self._basic and self._uses_basic else None
+
+    _uses_basic = False
+
+    async def _authenticate(self, header: str, scope: str) -> bool:
+        """Answer a 401 challenge once; True when a retry may succeed."""
+        challenge = parse_challenge(header)
+        if challenge is None:
+            return False
+        if challenge.scheme == "basic":
+            if self._basic is None or self._uses_basic:
+                return False
+            self._uses_basic = True
+            return True
+        if challenge.scheme != "bearer" or not challenge.realm:
+            return False
+        self._tokens.drop(scope)
+        token = await self._fetch_token_once(challenge.realm, challenge.params, scope)
+        return token is not None
+
+    async def _fetch_token_once(self, realm: str, params: dict[str, str], scope: str) -> str | None:
+        """Concurrent 401s for one scope share a single token request."""
+        pending = self._token_fetches.get(scope)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._token_fetches[scope] = future
+        try:
+            token = await self._fetch_token(realm, params, scope)
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._token_fetches[scope]
+
+    async def _fetch_token(self, realm: str, params: dict[str, str], scope: str) -> str | None:
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        headers: dict[str, str] = {}
+        if self._basic:
+            if not realm_allowed(realm, self.base_url):
+                log.warning("upstream %s: token realm outside the upstream's domain refused", self.name)
+                raise errors.UpstreamDenied("upstream token realm is not trusted")
+            headers["Authorization"] = self._basic
+        elif not realm_allowed(realm, self.base_url) and not _anonymous_realm_ok(realm):
+            raise errors.UpstreamDenied("upstream token realm is not trusted")
+        async with self.session.get(
+            URL(realm).update_query(query), headers=headers, allow_redirects=False
+        ) as resp:
+            if resp.status in (401, 403):
+                raise errors.UpstreamDenied(f"upstream {self.name} refused the credentials")
+            if resp.status != 200:
+                raise errors.UpstreamUnavailable(f"upstream {self.name} token service failed")
+            doc: Any = await resp.json(content_type=None)
+        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise errors.UpstreamUnavailable(f"upstream {self.name} token service sent no token")
+        expires_in = doc.get("expires_in")
+        self._tokens.put(scope, token, float(expires_in) if isinstance(expires_in, int | float) else None)
+        return token
+
+    def _check_status(self, resp: aiohttp.ClientResponse, kind: str, allow_404: bool) -> None:
+        status = resp.status
+        if 200 <= status < 300 or (status == 404 and allow_404):
+            return
+        if status == 404:
+            raise {
+                "manifest": errors.ManifestUnknown,
+                "blob": errors.BlobUnknown,
+            }.get(kind, errors.NameUnknown)(f"upstream {self.name} has no such {kind}")
+        if status in (401, 403):
+            raise errors.UpstreamDenied(f"upstream {self.name} denied access ({status})")
+        if status == 429:
+            raise errors.UpstreamRateLimited(f"upstream {self.name} is rate limiting")
+        if status in (408, 504):
+            raise errors.UpstreamTimeout(f"upstream {self.name} timed out ({status})")
+        raise errors.UpstreamUnavailable(f"upstream {self.name} answered {status}")
+
+
+def _anonymous_realm_ok(realm: str) -> bool:
+    """Without credentials a token request carries nothing secret; still, only http(s) URLs."""
+    return URL(realm).scheme in ("http", "https")
+
+
+def _header_digest(headers: CIMultiDictProxy[str]) -> Digest | None:
+    value = headers.get("Docker-Content-Digest")
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except errors.DigestInvalid:
+        return None
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        total += len(chunk)
+        if total > limit:
+            raise errors.ManifestTooLarge("upstream answer exceeds 4 MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)

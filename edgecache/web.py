@@ -1,0 +1,197 @@
+"""The plain-HTTP front on aiohttp's server: routes, validation, errors as OCI JSON, sending replies.
+
+Thin on purpose: the pull service decides what to send; this module only parses the request and sends
+the Reply. Blob hits go out with the kernel's sendfile; fill streams are written as they arrive and
+aborted before their last byte if the fill fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from edgecache import errors
+from edgecache.oci import accepted_media_types
+from edgecache.pull import (
+    BlobQuery,
+    BytesBody,
+    FileBody,
+    ManifestQuery,
+    PullService,
+    Reply,
+    StreamBody,
+)
+from edgecache.routes import Kind, Route, parse_route
+from edgecache.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = frozenset({"GET", "HEAD"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Upstreams:
+    """Chooses the upstream client for a request: containerd's `ns=` when given, else the default."""
+
+    def __init__(self, clients: dict[str, UpstreamClient], default: str) -> None:
+        self._clients = clients
+        self._default = clients[default]
+
+    def for_request(self, request: web.Request) -> UpstreamClient:
+        ns = request.query.get("ns")
+        if ns is None:
+            return self._default
+        client = self._clients.get(ns)
+        if client is None:
+            raise errors.UpstreamUnknown(f"this mirror has no upstream named {ns[:100]!r}")
+        return client
+
+
+class RegistryFront:
+    def __init__(self, pull: PullService, upstreams: Upstreams) -> None:
+        self._pull = pull
+        self._upstreams = upstreams
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 8190})
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        route = parse_route(raw_path)
+        if request.method not in READ_METHODS:
+            raise errors.Unsupported("this mirror is read-only: push and delete are not supported")
+        if route.kind is Kind.UPLOAD:
+            raise errors.Unsupported("this mirror is read-only: uploads are not supported")
+        if route.kind is Kind.CATALOG:
+            raise errors.Unsupported("the catalog is not served by this mirror")
+        if route.kind is Kind.BASE:
+            return web.Response(
+                status=200, body=b"{}", content_type="application/json", headers=API_VERSION_HEADER
+            )
+        client = self._upstreams.for_request(request)
+        reply = await self._dispatch(request, route, client)
+        return await send_reply(request, reply)
+
+    async def _dispatch(self, request: web.Request, route: Route, client: UpstreamClient) -> Reply:
+        head = request.method == "HEAD"
+        assert route.repo is not None
+        if route.kind is Kind.MANIFEST:
+            assert route.reference is not None
+            query = ManifestQuery(
+                route.repo,
+                route.reference,
+                accepted_media_types(request.headers.getall("Accept", [])),
+                head,
+                request.headers.get("If-None-Match"),
+            )
+            return await self._pull.manifest(client, query)
+        if route.kind is Kind.BLOB:
+            assert route.digest is not None
+            blob_query = BlobQuery(
+                route.repo,
+                route.digest,
+                head,
+                request.headers.get("Range"),
+                request.headers.get("If-None-Match"),
+            )
+            return await self._pull.blob(client, blob_query)
+        if route.kind is Kind.TAGS:
+            return await self._pull.tags_list(
+                client, route.repo, _listing_params(request), request.query.get("ns")
+            )
+        assert route.digest is not None
+        params = {k: v for k, v in request.query.items() if k == "artifactType"}
+        return await self._pull.referrers(client, route.repo, route.digest, params)
+
+
+def _listing_params(request: web.Request) -> dict[str, str]:
+    params: dict[str, str] = {}
+    n = request.query.get("n")
+    if n is not None:
+        if not n.isdigit() or len(n) > 6:
+            raise errors.ParameterInvalid("n must be a non-negative integer")
+        params["n"] = n
+    last = request.query.get("last")
+    if last is not None:
+        if len(last) > 128 or not all(c.isalnum() or c in "._-" for c in last):
+            raise errors.ParameterInvalid("last must be a tag")
+        params["last"] = last
+    return params
+
+
+async def send_reply(request: web.Request, reply: Reply) -> web.StreamResponse:
+    """Send a Reply: bytes, a file range with sendfile, or a fill stream (aborted on failure)."""
+    headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
+    body = reply.body
+    if isinstance(body, BytesBody):
+        headers.pop("Content-Length", None)
+        return web.Response(status=reply.status, body=body.data, headers=headers)
+    response = web.StreamResponse(status=reply.status, headers=headers)
+    try:
+        if isinstance(body, FileBody):
+            await response.prepare(request)
+            await _sendfile(request, body)
+        elif isinstance(body, StreamBody):
+            await response.prepare(request)
+            await _stream(request, response, body)
+        else:
+            await response.prepare(request)
+    finally:
+        reply.close()
+    await response.write_eof()
+    return response
+
+
+async def _sendfile(request: web.Request, body: FileBody) -> None:
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    # The kernel copies file → socket; no blob bytes pass through Python.
+    await loop.sendfile(transport, body.blob.file, body.offset, body.length)
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, body: StreamBody) -> None:
+    try:
+        async for chunk in body.chunks:
+            await response.write(chunk)
+    except errors.EdgecacheError:
+        # Headers are out; the only honest signal left is to cut the connection before the last
+        # byte, so the client sees a short body and retries instead of keeping wrong bytes.
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("fill failed; response aborted") from None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.EdgecacheError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (bad request line, oversized headers) in the registry's format.
+        wrapped = errors.ClientError(exc.reason)
+        wrapped.status = exc.status
+        wrapped.code = "UNSUPPORTED" if exc.status in (404, 405) else "INVALID"
+        return error_response(wrapped)
+
+
+def error_response(exc: errors.EdgecacheError) -> web.Response:
+    headers = dict(API_VERSION_HEADER)
+    if isinstance(exc, errors.RangeInvalid) and exc.size is not None:
+        headers["Content-Range"] = f"bytes */{exc.size}"
+    if isinstance(exc, errors.Unsupported):
+        headers["Allow"] = "GET, HEAD"
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.body()).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
