@@ -28,8 +28,9 @@ READ_CHUNK = 1024 * 1024
 class BlobFlight:
     """One blob being fetched from upstream into a spool; readers follow its `visible` mark."""
 
-    def __init__(self, key: tuple[str, Digest], spool: Spool) -> None:
+    def __init__(self, key: tuple[str, Digest], repo: RepoName, spool: Spool) -> None:
         self.key = key
+        self.repo = repo  # the upstream repository the fill asks under
         self.digest = key[1]
         self.spool = spool
         self.size: int | None = None
@@ -106,7 +107,7 @@ class Flights:
         flight = self._blobs.get(key)
         if flight is not None:
             return flight, False
-        flight = BlobFlight(key, self._store.new_spool(digest))
+        flight = BlobFlight(key, client.upstream_name(repo), self._store.new_spool(digest))
         self._blobs[key] = flight
         task = asyncio.create_task(self._fill(flight, client, repo), name=f"fill {digest}")
         self._tasks.add(task)

@@ -244,7 +244,14 @@ class PullService:
             return Reply(status, headers, FileBody(opened, start, length), "HIT")
 
         flight, led = self._flights.blob(client, query.repo, digest)
-        size = await flight.started
+        try:
+            size = await flight.started
+        except errors.BlobUnknown:
+            if flight.repo == client.upstream_name(query.repo):
+                raise
+            # The leader asked under a repository that lacks the blob; ours may have it.
+            flight, led = self._flights.blob(client, query.repo, digest)
+            size = await flight.started
         if size is None:  # upstream sent no length: stream it all, chunked
             return Reply(200, headers, StreamBody(flight.read(0, 2**62), None), "MISS")
         byte_range = parse_range(query.range_header, size)

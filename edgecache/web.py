@@ -134,17 +134,16 @@ async def send_reply(request: web.Request, reply: Reply) -> web.StreamResponse:
         return web.Response(status=reply.status, body=body.data, headers=headers)
     response = web.StreamResponse(status=reply.status, headers=headers)
     try:
+        await response.prepare(request)
         if isinstance(body, FileBody):
-            await response.prepare(request)
             await _sendfile(request, body)
         elif isinstance(body, StreamBody):
-            await response.prepare(request)
             await _stream(request, response, body)
-        else:
-            await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away, or we cut the connection on purpose: nothing more to send
     finally:
         reply.close()
-    await response.write_eof()
     return response
 
 
@@ -161,9 +160,10 @@ async def _stream(request: web.Request, response: web.StreamResponse, body: Stre
     try:
         async for chunk in body.chunks:
             await response.write(chunk)
-    except errors.EdgecacheError:
+    except errors.EdgecacheError as exc:
         # Headers are out; the only honest signal left is to cut the connection before the last
         # byte, so the client sees a short body and retries instead of keeping wrong bytes.
+        log.warning("aborting response for %s: %s", request.path, exc.message)
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError("fill failed; response aborted") from None

@@ -1,0 +1,136 @@
+"""Fixtures: a real origin registry seeded through its push API, and edgecache in front of it.
+
+The origin is Debian's `docker-registry` (CNCF distribution) on a free loopback port, started once per
+session; tests count upstream work in its access log. edgecache runs in-process (the real app on a real
+socket) or as a real `python -m edgecache serve` process where a client needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from edgecache.app import Edgecache
+from edgecache.config import Config, load_config
+from tests.support.images import Image, Index, Pusher, build_image, build_index
+from tests.support.registry import Registry, free_port, start_registry, wait_http
+
+
+@dataclass
+class Seeded:
+    alpine: Image  # docker v2 schema 2, two layers, the last one ~2 MiB of incompressible bytes
+    app: Image  # OCI manifest under a two-component name
+    multi: Index  # OCI index with amd64 + arm64
+    big: Image  # one ~24 MiB layer: long enough to watch a fill in progress
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    registry = start_registry(tmp_path_factory.mktemp("origin"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def seeded(origin: Registry) -> Seeded:
+    pusher = Pusher(origin.url)
+    alpine = build_image(
+        "alpine",
+        layer_files=[{"bin/sh": b"#!/bin/true\n"}, {"etc/os-release": b"ID=edgecache-test\n"}],
+        random_bytes=2 * 1024 * 1024,
+    )
+    pusher.push_image("library/alpine", "latest", alpine)
+    for tag in ("3.19", "3.20", "3.21"):
+        pusher.push_image("library/alpine", tag, alpine)
+    app = build_image("team-app", oci=True)
+    pusher.push_image("team/app", "1.0", app)
+    multi = build_index("multi")
+    pusher.push_index("library/multi", "v1", multi)
+    big = build_image("big", random_bytes=24 * 1024 * 1024)
+    pusher.push_image("library/big", "latest", big)
+    return Seeded(alpine, app, multi, big)
+
+
+def edge_config(cache_dir: Path, upstream_url: str, **cache: object) -> Config:
+    config = load_config(env={}, cache_dir=str(cache_dir), upstreams=[upstream_url])
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **cache))
+
+
+@dataclass
+class Edge:
+    """A running in-process edgecache: its URL, an HTTP session to it, and its cache directory."""
+
+    url: str
+    http: aiohttp.ClientSession
+    instance: Edgecache
+    cache_dir: Path
+
+    def cached_files(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.cache_dir))
+            for p in self.cache_dir.rglob("*")
+            if p.is_file() and p.name != "lock"
+        )
+
+
+async def start_edge(config: Config) -> tuple[Edge, TestServer]:
+    instance = Edgecache.build(config)
+    server = TestServer(instance.web_app(), host="127.0.0.1")
+    await server.start_server()
+    http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
+    return Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir)), server
+
+
+@pytest.fixture
+async def edge(tmp_path: Path, origin: Registry, seeded: Seeded) -> AsyncIterator[Edge]:
+    running, server = await start_edge(edge_config(tmp_path / "cache", origin.url))
+    yield running
+    await running.http.close()
+    await server.close()
+
+
+@dataclass
+class EdgeProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    cache_dir: Path
+    log_path: Path
+
+
+@pytest.fixture
+def edge_process(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator[EdgeProcess]:
+    """`python -m edgecache serve` as a user would run it, in front of the origin."""
+    port = free_port()
+    log_path = tmp_path / "edgecache.log"
+    cache_dir = tmp_path / "cache"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "edgecache", "serve",
+                "--listen", f"127.0.0.1:{port}",
+                "--upstream", origin.url,
+                "--cache-dir", str(cache_dir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/v2/", proc=proc)
+        yield EdgeProcess(url, proc, cache_dir, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,111 @@
+"""A small fault-injecting proxy in front of the real origin registry (faults cannot be had otherwise).
+
+It forwards to the origin and can, per request: demand Basic credentials, answer a fixed status,
+redirect blob GETs to another host (as Docker Hub and ghcr do to their CDNs), cut a body short, or
+hang. It records every request's method, path and headers so tests can check what reached "upstream".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "host", "authorization", "content-length"}
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FaultRules:
+    basic_auth: tuple[str, str] | None = None
+    status: dict[str, int] = field(default_factory=dict)  # path substring → status to answer
+    redirect_blobs_to: str | None = None  # base URL of another host
+    truncate_blobs: bool = False
+    hang: bool = False
+    add_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # path substring → headers
+
+
+class FaultProxy:
+    def __init__(self, origin_url: str) -> None:
+        self.origin_url = origin_url.rstrip("/")
+        self.rules = FaultRules()
+        self.seen: list[Seen] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self, host: str = "127.0.0.1") -> FaultProxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{host}:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def count(self, method: str, path_part: str) -> int:
+        return sum(1 for s in self.seen if s.method == method and path_part in s.path_qs)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        rules = self.rules
+        if rules.hang:
+            await asyncio.sleep(3600)
+        if rules.basic_auth is not None:
+            expected = "Basic " + base64.b64encode(":".join(rules.basic_auth).encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="faults"'})
+        for part, status in rules.status.items():
+            if part in request.path_qs:
+                return web.Response(status=status, text="injected fault")
+        if rules.redirect_blobs_to and "/blobs/" in request.path:
+            return web.Response(status=307, headers={"Location": rules.redirect_blobs_to + request.path_qs})
+        return await self._forward(request)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        async with self._session.request(
+            request.method, self.origin_url + request.path_qs, headers=headers, allow_redirects=False
+        ) as upstream:
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+            for part, extra in self.rules.add_headers.items():
+                if part in request.path_qs:
+                    out_headers.update(extra)
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method == "HEAD":
+                await response.write_eof()
+                return response
+            sent = 0
+            limit = (upstream.content_length or 0) // 2
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                if self.rules.truncate_blobs and "/blobs/" in request.path and sent + len(chunk) > limit:
+                    await response.write(chunk[: max(limit - sent, 0)])
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(chunk)
+                sent += len(chunk)
+            await response.write_eof()
+            return response
