@@ -201,10 +201,7 @@ class UpstreamClient:
             resp.release()
             if not location:
                 raise errors.UpstreamUnavailable("upstream redirect without a Location")
-            target = url.join(URL(location, encoded=True))
-            if target.scheme not in ("http", "https") or (url.scheme == "https" and target.scheme != "https"):
-                raise errors.UpstreamUnavailable("upstream redirect to an insecure location refused")
-            url = target
+            url = redirect_target(url, location)
         raise errors.UpstreamUnavailable("too many upstream redirects")
 
     def _authorization(self, scope: str) -> str | None:
@@ -253,14 +250,10 @@ class UpstreamClient:
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
-        headers: dict[str, str] = {}
-        if self._basic:
-            if not realm_allowed(realm, self.base_url):
-                log.warning("upstream %s: token realm outside the upstream's domain refused", self.name)
-                raise errors.UpstreamDenied("upstream token realm is not trusted")
-            headers["Authorization"] = self._basic
-        elif not realm_allowed(realm, self.base_url) and not _anonymous_realm_ok(realm):
+        if not realm_allowed(realm, self.base_url):
+            log.warning("upstream %s: token realm outside the upstream's domain refused", self.name)
             raise errors.UpstreamDenied("upstream token realm is not trusted")
+        headers = {"Authorization": self._basic} if self._basic else {}
         async with self.session.get(
             URL(realm).update_query(query), headers=headers, allow_redirects=False
         ) as resp:
@@ -294,9 +287,12 @@ class UpstreamClient:
         raise errors.UpstreamUnavailable(f"upstream {self.name} answered {status}")
 
 
-def _anonymous_realm_ok(realm: str) -> bool:
-    """Without credentials a token request carries nothing secret; still, only http(s) URLs."""
-    return URL(realm).scheme in ("http", "https")
+def redirect_target(current: URL, location: str) -> URL:
+    """Where a redirect may take us: http(s) only, and never from https down to http."""
+    target = current.join(URL(location, encoded=True))
+    if target.scheme not in ("http", "https") or (current.scheme == "https" and target.scheme != "https"):
+        raise errors.UpstreamUnavailable("upstream redirect to an insecure location refused")
+    return target
 
 
 def _header_digest(headers: CIMultiDictProxy[str]) -> Digest | None:

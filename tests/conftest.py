@@ -60,9 +60,13 @@ def seeded(origin: Registry) -> Seeded:
     return Seeded(alpine, app, multi, big)
 
 
-def edge_config(cache_dir: Path, upstream_url: str, **cache: object) -> Config:
+def edge_config(
+    cache_dir: Path, upstream_url: str, upstream: dict[str, object] | None = None, **cache: object
+) -> Config:
+    """edgecache's config for a test: one default upstream (named docker.io) at `upstream_url`."""
     config = load_config(env={}, cache_dir=str(cache_dir), upstreams=[upstream_url])
-    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **cache))
+    upstreams = tuple(dataclasses.replace(u, **(upstream or {})) for u in config.upstreams)
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **cache), upstreams=upstreams)
 
 
 @dataclass

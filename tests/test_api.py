@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import Edge, Seeded
@@ -21,7 +23,7 @@ from tests.support.registry import Registry
 ALL_MANIFESTS = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
 
-async def error_of(resp) -> dict[str, str]:  # type: ignore[no-untyped-def]
+async def error_of(resp: aiohttp.ClientResponse) -> dict[str, str]:
     body = json.loads(await resp.read())
     assert resp.headers["Content-Type"].startswith("application/json")
     assert set(body["errors"][0]) == {"code", "message", "detail"}
@@ -59,8 +61,8 @@ async def test_single_component_name_gets_library_prefix(
 
 
 async def test_tag_is_cached_within_ttl_then_revalidated_with_head(
-    tmp_path, origin: Registry, seeded: Seeded
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
     from tests.conftest import edge_config, start_edge
 
     pusher = Pusher(origin.url)
@@ -256,8 +258,8 @@ async def test_tags_list_is_proxied(edge: Edge, seeded: Seeded) -> None:
 
 
 async def test_tags_list_pagination_link_points_at_the_mirror(
-    tmp_path, origin: Registry, seeded: Seeded
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
     # Debian's distribution 2.8 does not paginate tags (Docker Hub does): the fault proxy adds the
     # Link header Hub would send, pointing at the upstream's path and host.
     from tests.conftest import edge_config, start_edge

@@ -31,6 +31,7 @@ class FaultRules:
     redirect_blobs_to: str | None = None  # base URL of another host
     truncate_blobs: bool = False
     hang: bool = False
+    replace_body: dict[str, bytes] = field(default_factory=dict)  # path substring → body (sent chunked)
     add_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # path substring → headers
 
 
@@ -46,7 +47,7 @@ class FaultProxy:
     async def start(self, host: str = "127.0.0.1") -> FaultProxy:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
         await site.start()
@@ -91,6 +92,14 @@ class FaultProxy:
                 if part in request.path_qs:
                     out_headers.update(extra)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            for part, body in self.rules.replace_body.items():
+                if part in request.path_qs:
+                    response.enable_chunked_encoding()  # no Content-Length: the reader must count
+                    await response.prepare(request)
+                    for i in range(0, len(body), 256 * 1024):
+                        await response.write(body[i : i + 256 * 1024])
+                    await response.write_eof()
+                    return response
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)

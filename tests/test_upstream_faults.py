@@ -1,0 +1,232 @@
+"""Upstream failures, as clients see them: never "not found", never a complete wrong body, nothing stored.
+
+Faults come from a small proxy in front of the real origin (tests/support/faults.py) or from corrupting
+the origin's own storage on disk; everything else is the real registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.support.faults import FaultProxy
+from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, build_image
+from tests.support.registry import Registry
+
+ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
+
+
+@pytest.fixture
+async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
+    running = await FaultProxy(origin.url).start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def edge_via_proxy(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[Edge]:
+    config = edge_config(tmp_path / "cache", proxy.url, upstream={"read_timeout": 1.0}, tag_ttl=0.0)
+    edge, server = await start_edge(config)
+    yield edge
+    await edge.http.close()
+    await server.close()
+
+
+async def error_code(resp: aiohttp.ClientResponse) -> str:
+    return str(json.loads(await resp.read())["errors"][0]["code"])
+
+
+def blob_files(edge: Edge) -> list[str]:
+    return [f for f in edge.cached_files() if f.startswith(("blobs/", "manifests/", "tmp/"))]
+
+
+async def test_unreachable_upstream_is_502_not_404(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
+        edge, server = await start_edge(edge_config(tmp_path / "c", dead))
+        try:
+            async with edge.http.get("/v2/library/alpine/manifests/latest") as resp:
+                assert resp.status == 502
+                assert await error_code(resp) == "UNAVAILABLE"
+            async with edge.http.get("/v2/library/alpine/blobs/sha256:" + "a" * 64) as resp:
+                assert resp.status == 502
+        finally:
+            await edge.http.close()
+            await server.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "code"),
+    [
+        (500, 502, "UNAVAILABLE"),
+        (503, 502, "UNAVAILABLE"),
+        (429, 429, "TOOMANYREQUESTS"),
+        (504, 504, "UNAVAILABLE"),
+    ],
+)
+async def test_upstream_errors_map_to_gateway_errors(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded, status: int, expected: int, code: str
+) -> None:
+    proxy.rules.status["/v2/team/app/"] = status
+    async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+        assert resp.status == expected
+        assert await error_code(resp) == code
+    async with edge_via_proxy.http.get(f"/v2/team/app/blobs/{seeded.app.config.digest}") as resp:
+        assert resp.status == expected
+    assert blob_files(edge_via_proxy) == []
+
+
+async def test_upstream_that_hangs_times_out_as_504(edge_via_proxy: Edge, proxy: FaultProxy) -> None:
+    proxy.rules.hang = True
+    async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+        assert resp.status == 504
+        assert await error_code(resp) == "UNAVAILABLE"
+
+
+async def test_cached_tag_is_served_stale_while_upstream_fails(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    path = "/v2/team/app/manifests/1.0"
+    async with edge_via_proxy.http.get(path, headers=ACCEPT) as resp:
+        assert resp.status == 200
+    proxy.rules.status["/manifests/"] = 503
+    async with edge_via_proxy.http.get(path, headers=ACCEPT) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Cache"] == "STALE"
+        assert await resp.read() == seeded.app.manifest.data
+    # A 404 is an answer, not an outage: a deleted tag is not served stale.
+    proxy.rules.status["/manifests/"] = 404
+    async with edge_via_proxy.http.get(path, headers=ACCEPT) as resp:
+        assert resp.status == 404
+
+
+async def test_truncated_blob_aborts_the_response_and_stores_nothing(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.alpine.layers[-1]
+    proxy.rules.truncate_blobs = True
+    async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        assert resp.status == 200  # headers went out before upstream failed
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    await asyncio.sleep(0.1)
+    assert blob_files(edge_via_proxy) == []
+    proxy.rules.truncate_blobs = False
+    async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        assert await resp.read() == layer.data
+
+
+def origin_blob_file(origin: Registry, digest: str) -> Path:
+    hex_ = digest.split(":", 1)[1]
+    return origin.root / "data/docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+
+async def test_blob_that_does_not_match_its_digest_is_never_delivered_whole(
+    edge: Edge, origin: Registry
+) -> None:
+    image = build_image("corrupt-blob", random_bytes=3 * 1024 * 1024)
+    Pusher(origin.url).push_image("test/corrupt-blob", "v1", image)
+    layer = image.layers[-1]
+    stored = origin_blob_file(origin, layer.digest)
+    good = stored.read_bytes()
+    stored.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size, last byte flipped
+    try:
+        for _ in range(2):
+            async with edge.http.get(f"/v2/test/corrupt-blob/blobs/{layer.digest}") as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        await asyncio.sleep(0.1)
+        assert not any(f.startswith(("blobs/", "tmp/")) for f in edge.cached_files())
+    finally:
+        stored.write_bytes(good)
+    async with edge.http.get(f"/v2/test/corrupt-blob/blobs/{layer.digest}") as resp:
+        assert await resp.read() == layer.data
+
+
+async def test_manifest_that_does_not_match_its_digest_is_refused(edge: Edge, origin: Registry) -> None:
+    image = build_image("corrupt-manifest")
+    Pusher(origin.url).push_image("test/corrupt-manifest", "v1", image)
+    stored = origin_blob_file(origin, image.manifest.digest)
+    good = stored.read_bytes()
+    stored.write_bytes(good.replace(b'"schemaVersion": 2', b'"schemaVersion":  2'))
+    try:
+        path = f"/v2/test/corrupt-manifest/manifests/{image.manifest.digest}"
+        async with edge.http.get(path, headers=ACCEPT) as resp:
+            assert resp.status == 502
+            assert await error_code(resp) == "UNAVAILABLE"
+        assert not any(f.startswith("manifests/") for f in edge.cached_files())
+    finally:
+        stored.write_bytes(good)
+
+
+async def test_manifest_over_4_mib_is_refused(edge_via_proxy: Edge, proxy: FaultProxy) -> None:
+    # distribution itself neither stores nor serves such manifests (other registries do), so the
+    # fault proxy streams one, chunked, without a Content-Length to check up front.
+    proxy.rules.replace_body["/manifests/"] = (
+        b'{"schemaVersion": 2, "pad": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+    )
+    async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+        assert resp.status == 502
+        assert await error_code(resp) == "SIZE_INVALID"
+    assert blob_files(edge_via_proxy) == []
+
+
+async def test_credentials_stay_on_the_upstream_host_across_redirects(
+    tmp_path: Path, origin: Registry, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hub and ghcr answer blob GETs with a 307 to a CDN: the upstream's credentials must not follow."""
+    registry = await FaultProxy(origin.url).start()
+    cdn = await FaultProxy(origin.url).start(host="localhost")  # another host name
+    registry.rules.basic_auth = ("mirror", "s3cret")
+    registry.rules.redirect_blobs_to = cdn.url
+    config = edge_config(
+        tmp_path / "c", registry.url, upstream={"username": "mirror", "password_env": "EC_TEST_PASSWORD"}
+    )
+    monkeypatch.setenv("EC_TEST_PASSWORD", "s3cret")
+    edge, server = await start_edge(config)
+    try:
+        layer = seeded.alpine.layers[0]
+        async with edge.http.get(
+            f"/v2/library/alpine/blobs/{layer.digest}",
+            headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="},
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.read() == layer.data
+            assert "WWW-Authenticate" not in resp.headers
+        async with edge.http.get(
+            "/v2/library/alpine/manifests/latest", headers={"Authorization": "Bearer client-token", **ACCEPT}
+        ) as resp:
+            assert resp.status == 200
+        authorizations = [s.headers.get("Authorization") for s in registry.seen]
+        assert "Basic bWlycm9yOnMzY3JldA==" in authorizations  # the mirror's own credentials
+        assert all(a in (None, "Basic bWlycm9yOnMzY3JldA==") for a in authorizations)  # never the client's
+        assert cdn.count("GET", f"/blobs/{layer.digest}") == 1
+        assert all("Authorization" not in s.headers for s in cdn.seen)
+    finally:
+        await edge.http.close()
+        await server.close()
+        await registry.stop()
+        await cdn.stop()
+
+
+async def test_redirect_from_https_to_http_is_refused() -> None:
+    from yarl import URL
+
+    from edgecache.upstream import redirect_target
+
+    assert redirect_target(URL("https://r.example/v2/x"), "https://cdn.example/b") == URL(
+        "https://cdn.example/b"
+    )
+    with pytest.raises(Exception, match="insecure"):
+        redirect_target(URL("https://r.example/v2/x"), "http://cdn.example/b")
+    with pytest.raises(Exception, match="insecure"):
+        redirect_target(URL("https://r.example/v2/x"), "file:///etc/passwd")
