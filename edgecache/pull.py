@@ -108,7 +108,7 @@ class PullService:
     async def manifest(self, client: UpstreamClient, query: ManifestQuery) -> Reply:
         if isinstance(query.reference, Digest):
             manifest, result = await self._manifest_by_digest(client, query.repo, query.reference)
-            return self._manifest_reply(query, manifest.digest, manifest.media_type, manifest, result)
+            return self._manifest_reply(query, manifest.digest, manifest.media_type, manifest, None, result)
         return await self._manifest_by_tag(client, query, query.reference)
 
     async def _manifest_by_digest(
@@ -136,8 +136,8 @@ class PullService:
         known = self._manifests.tag(key)
         if known is not None and self._manifests.age(known) < self._tag_ttl:
             cached = await self._manifests.get(known.digest)
-            if cached is not None or query.head:
-                return self._manifest_reply(query, known.digest, known.media_type, cached, "HIT")
+            if cached is not None or (query.head and known.size is not None):
+                return self._manifest_reply(query, known.digest, known.media_type, cached, known.size, "HIT")
         try:
             entry, cached, result = await self._flights.coalesce(
                 ("tag", key, query.head),
@@ -150,9 +150,9 @@ class PullService:
             log.warning("upstream %s failing; serving tag %s stale", client.name, tag)
             entry, cached = stale
             result = "STALE"
-        if cached is None and not query.head:
+        if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
-        return self._manifest_reply(query, entry.digest, entry.media_type, cached, result)
+        return self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
 
     async def _resolve_tag(
         self,
@@ -198,8 +198,10 @@ class PullService:
         digest: Digest,
         media_type: str,
         manifest: CachedManifest | None,
+        size: int | None,
         result: str,
     ) -> Reply:
+        """Headers for a manifest; a HEAD answered from upstream's HEAD has `size` but no body."""
         if query.accept is not None and media_type not in query.accept:
             raise errors.NotAcceptable(f"manifest is {media_type}, not in the request's Accept")
         etag = f'"{digest}"'
@@ -210,6 +212,8 @@ class PullService:
         }
         if manifest is not None:
             headers["Content-Length"] = str(len(manifest.body))
+        elif size is not None:
+            headers["Content-Length"] = str(size)
         if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
             return Reply(304, headers, None, result)
         if query.head or manifest is None:

@@ -1,0 +1,132 @@
+"""Docker Hub's bearer-token flow against a real registry that verifies the tokens.
+
+The token issuer is a fake (tests/support/tokenauth.py) because Docker Hub's cannot run here; the
+registry checking every token's signature, audience, expiry and access is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import Edge, edge_config, start_edge
+from tests.support.images import DOCKER_MANIFEST, Image, build_image
+from tests.support.registry import Registry, start_registry
+from tests.support.tokenauth import TokenPusher, TokenServer, registry_auth_config
+
+USERS = {"admin": "admin-pw", "alice": "alice-pw"}
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[TokenServer]:
+    with TokenServer(users=USERS, private_repos={"corp/secret"}, expires_in=300) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def auth_origin(tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer) -> Iterator[Registry]:
+    registry = start_registry(tmp_path_factory.mktemp("auth-origin"), registry_auth_config(token_server))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def images(auth_origin: Registry) -> dict[str, Image]:
+    pusher = TokenPusher(auth_origin.url, "admin", USERS["admin"])
+    public, secret = build_image("public-alpine"), build_image("secret-app")
+    pusher.push_image("library/alpine", "latest", public)
+    pusher.push_image("corp/secret", "v1", secret)
+    return {"public": public, "secret": secret}
+
+
+async def open_edge(tmp_path: Path, origin: Registry, **upstream: object) -> tuple[Edge, TestServer]:
+    return await start_edge(edge_config(tmp_path / "cache", origin.url, upstream=dict(upstream)))
+
+
+@pytest.fixture
+async def anonymous_edge(
+    tmp_path: Path, auth_origin: Registry, images: dict[str, Image]
+) -> AsyncIterator[Edge]:
+    edge, server = await start_edge(edge_config(tmp_path / "cache", auth_origin.url))
+    yield edge
+    await edge.http.close()
+    await server.close()
+
+
+async def test_anonymous_pull_gets_a_token_once_and_reuses_it(
+    anonymous_edge: Edge, token_server: TokenServer, images: dict[str, Image]
+) -> None:
+    token_server.clear()
+    image = images["public"]
+    async with anonymous_edge.http.get(
+        "/v2/library/alpine/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+    ) as resp:
+        assert resp.status == 200
+        assert await resp.read() == image.manifest.data
+        assert "WWW-Authenticate" not in resp.headers
+    for blob in image.blobs:
+        async with anonymous_edge.http.get(f"/v2/library/alpine/blobs/{blob.digest}") as resp:
+            assert resp.status == 200
+            assert await resp.read() == blob.data
+    fetched = token_server.token_requests(scope_contains="library/alpine")
+    assert len(fetched) == 1  # cached for the scope until shortly before it expires
+    assert fetched[0].authorization_present is False
+    assert fetched[0].scopes == ["repository:library/alpine:pull"]
+
+
+async def test_private_repository_is_denied_without_credentials(anonymous_edge: Edge) -> None:
+    async with anonymous_edge.http.get(
+        "/v2/corp/secret/manifests/v1", headers={"Authorization": "Basic YWxpY2U6YWxpY2UtcHc="}
+    ) as resp:
+        # The client's own credentials (alice's, here) are never passed upstream.
+        assert resp.status == 403
+        body = json.loads(await resp.read())
+        assert body["errors"][0]["code"] == "DENIED"
+        assert "WWW-Authenticate" not in resp.headers
+
+
+async def test_configured_credentials_open_private_repositories(
+    tmp_path: Path,
+    auth_origin: Registry,
+    token_server: TokenServer,
+    images: dict[str, Image],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password_file = tmp_path / "password"
+    password_file.write_text(USERS["alice"] + "\n")
+    edge, server = await open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file))
+    token_server.clear()
+    try:
+        image = images["secret"]
+        async with edge.http.get("/v2/corp/secret/manifests/v1", headers={"Accept": DOCKER_MANIFEST}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == image.manifest.data
+            assert "Authorization" not in resp.headers and "WWW-Authenticate" not in resp.headers
+        async with edge.http.get(f"/v2/corp/secret/blobs/{image.layers[0].digest}") as resp:
+            assert await resp.read() == image.layers[0].data
+        requests = token_server.token_requests(scope_contains="corp/secret")
+        assert [r.user for r in requests] == ["alice"]
+        assert requests[0].authenticated
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_wrong_credentials_are_denied_not_retried_forever(
+    tmp_path: Path, auth_origin: Registry, token_server: TokenServer, images: dict[str, Image]
+) -> None:
+    password_file = tmp_path / "password"
+    password_file.write_text("not-the-password")
+    edge, server = await open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file))
+    token_server.clear()
+    try:
+        async with edge.http.get("/v2/corp/secret/manifests/v1") as resp:
+            assert resp.status == 403
+        assert len(token_server.token_requests(scope_contains="corp/secret")) == 1
+    finally:
+        await edge.http.close()
+        await server.close()
