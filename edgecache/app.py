@@ -35,7 +35,7 @@ class Edgecache:
 
     @classmethod
     def build(cls, config: Config) -> Edgecache:
-        root = Path(config.cache.dir)
+        root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
         lock.acquire()
