@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class Edgecache:
     def web_app(self) -> web.Application:
         app = self.front.build_app()
 
-        async def lifecycle(_app: web.Application):  # type: ignore[no-untyped-def]
+        async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
             await self.start()
             yield
             await self.close()

@@ -153,12 +153,16 @@ class Spool:
 
     def append(self, data: bytes) -> None:
         """Write and hash one batch (called in a worker thread; hashlib drops the GIL on big buffers)."""
+        # pwrite at an explicit offset: readers share this file description (sendfile moves its
+        # offset), so a plain write() could land anywhere.
         view = memoryview(data)
+        offset = self.written
         while view:
-            n = os.write(self.fd, view)
+            n = os.pwrite(self.fd, view, offset)
             view = view[n:]
+            offset += n
         self._hasher.update(data)
-        self.written += len(data)
+        self.written = offset
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)

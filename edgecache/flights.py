@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from edgecache import errors
 from edgecache.blobstore import BlobStore, Spool
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WRITE_BATCH = 1024 * 1024
 READ_CHUNK = 1024 * 1024
+SEGMENT_MAX = 8 * 1024 * 1024
 
 
 class BlobFlight:
@@ -60,20 +62,20 @@ class BlobFlight:
             self.started.exception()  # retrieved: readers re-raise it themselves
         self.notify()
 
-    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end] as they arrive; raises the fill's error instead of a short body."""
+    async def segments(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) spans of [start, end] as they become readable in the spool.
+
+        Raises the fill's error instead of ending early, so a caller never finishes a short body.
+        """
         self.readers += 1
         try:
             offset = start
             while offset <= end:
                 visible = self.visible
                 if visible > offset:
-                    length = min(visible, end + 1, offset + READ_CHUNK) - offset
-                    data = await asyncio.to_thread(self.spool.pread, offset, length)
-                    if not data:
-                        raise errors.UpstreamUnavailable("spool ended early")
-                    offset += len(data)
-                    yield data
+                    length = min(visible, end + 1, offset + SEGMENT_MAX) - offset
+                    yield offset, length
+                    offset += length
                 elif self.error is not None:
                     raise self.error
                 elif self.done:
@@ -83,6 +85,21 @@ class BlobFlight:
         finally:
             self.readers -= 1
             self._maybe_close()
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end] as they arrive, for fronts that cannot hand the spool to the kernel."""
+        async for offset, length in self.segments(start, end):
+            while length:
+                data = await asyncio.to_thread(self.spool.pread, offset, min(length, READ_CHUNK))
+                if not data:
+                    raise errors.UpstreamUnavailable("spool ended early")
+                offset += len(data)
+                length -= len(data)
+                yield data
+
+    def open_file(self) -> BinaryIO:
+        """A file object on the spool for sendfile; valid after the rename into the store too."""
+        return os.fdopen(os.dup(self.spool.fd), "rb")
 
     def _maybe_close(self) -> None:
         if (self.done or self.error is not None) and self.readers == 0:

@@ -8,13 +8,13 @@ and never to aiohttp's server.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from edgecache import errors
 from edgecache.blobstore import BlobStore, OpenBlob
-from edgecache.flights import Flights
+from edgecache.flights import BlobFlight, Flights
 from edgecache.manifests import CachedManifest, ManifestCache, TagEntry
 from edgecache.oci import (
     ByteRange,
@@ -46,14 +46,23 @@ class FileBody:
 
 
 @dataclass
-class StreamBody:
-    """Bytes of a fill in progress; the iterator raises if the fill fails (the front then aborts)."""
+class SpoolBody:
+    """Bytes [start, start+length) of a fill in progress, sent as they land in its spool.
 
-    chunks: AsyncIterator[bytes]
+    The flight raises if the fill fails; the front then aborts the response before its last byte.
+    A length of None means upstream announced none: the front sends until the fill ends.
+    """
+
+    flight: BlobFlight
+    start: int
     length: int | None
 
+    @property
+    def end(self) -> int:
+        return self.start + self.length - 1 if self.length is not None else 2**62
 
-Body = BytesBody | FileBody | StreamBody
+
+Body = BytesBody | FileBody | SpoolBody
 
 
 @dataclass
@@ -257,11 +266,10 @@ class PullService:
             flight, led = self._flights.blob(client, query.repo, digest)
             size = await flight.started
         if size is None:  # upstream sent no length: stream it all, chunked
-            return Reply(200, headers, StreamBody(flight.read(0, 2**62), None), "MISS")
+            return Reply(200, headers, SpoolBody(flight, 0, None), "MISS")
         byte_range = parse_range(query.range_header, size)
         status, start, length = _span(byte_range, size, headers)
-        body = StreamBody(flight.read(start, start + length - 1), length)
-        return Reply(status, headers, body, "MISS" if led else "JOINED")
+        return Reply(status, headers, SpoolBody(flight, start, length), "MISS" if led else "JOINED")
 
     async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
         size = await self._store.has_blob(query.digest)

@@ -65,6 +65,7 @@ class UpstreamClient:
         self._tokens = TokenCache()
         self._token_fetches: dict[str, asyncio.Future[str | None]] = {}
         self._basic: str | None = None
+        self._uses_basic = False  # set once upstream has asked for Basic: then sent up front
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.read_timeout
@@ -209,8 +210,6 @@ class UpstreamClient:
         if token:
             return f"Bearer {token}"
         return self._basic if self._basic and self._uses_basic else None
-
-    _uses_basic = False
 
     async def _authenticate(self, header: str, scope: str) -> bool:
         """Answer a 401 challenge once; True when a retry may succeed."""

@@ -23,7 +23,7 @@ from edgecache.pull import (
     ManifestQuery,
     PullService,
     Reply,
-    StreamBody,
+    SpoolBody,
 )
 from edgecache.routes import Kind, Route, parse_route
 from edgecache.upstream import UpstreamClient
@@ -137,8 +137,8 @@ async def send_reply(request: web.Request, reply: Reply) -> web.StreamResponse:
         await response.prepare(request)
         if isinstance(body, FileBody):
             await _sendfile(request, body)
-        elif isinstance(body, StreamBody):
-            await _stream(request, response, body)
+        elif isinstance(body, SpoolBody):
+            await _send_spool(request, body)
         await response.write_eof()
     except ConnectionError:
         pass  # the client went away, or we cut the connection on purpose: nothing more to send
@@ -148,25 +148,33 @@ async def send_reply(request: web.Request, reply: Reply) -> web.StreamResponse:
 
 
 async def _sendfile(request: web.Request, body: FileBody) -> None:
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    loop = asyncio.get_running_loop()
     # The kernel copies file → socket; no blob bytes pass through Python.
-    await loop.sendfile(transport, body.blob.file, body.offset, body.length)
+    await asyncio.get_running_loop().sendfile(_transport(request), body.blob.file, body.offset, body.length)
 
 
-async def _stream(request: web.Request, response: web.StreamResponse, body: StreamBody) -> None:
-    try:
-        async for chunk in body.chunks:
-            await response.write(chunk)
-    except errors.EdgecacheError as exc:
-        # Headers are out; the only honest signal left is to cut the connection before the last
-        # byte, so the client sees a short body and retries instead of keeping wrong bytes.
-        log.warning("aborting response for %s: %s", request.path, exc.message)
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("fill failed; response aborted") from None
+async def _send_spool(request: web.Request, body: SpoolBody) -> None:
+    """Send a fill's bytes with sendfile as they land in the spool, cutting the connection if it fails."""
+    loop = asyncio.get_running_loop()
+    with body.flight.open_file() as spool:
+        try:
+            async for offset, length in body.flight.segments(body.start, body.end):
+                sent = await loop.sendfile(_transport(request), spool, offset, length)
+                if sent != length:
+                    raise errors.UpstreamUnavailable("spool shorter than its fill said")
+        except errors.EdgecacheError as exc:
+            # Headers are out; the only honest signal left is to cut the connection before the last
+            # byte, so the client sees a short body and retries instead of keeping wrong bytes.
+            log.warning("aborting response for %s: %s", request.path, exc.message)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("fill failed; response aborted") from None
+
+
+def _transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    return transport
 
 
 @web.middleware

@@ -30,6 +30,11 @@ async def error_of(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return body["errors"][0]  # type: ignore[no-any-return]
 
 
+def stored_blob(edge: Edge, digest: str) -> bytes:
+    hex_ = digest.split(":", 1)[1]
+    return (edge.cache_dir / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes()
+
+
 async def test_base_endpoint_answers_like_a_registry(edge: Edge) -> None:
     for method in ("GET", "HEAD"):
         async with edge.http.request(method, "/v2/") as resp:
@@ -164,8 +169,9 @@ async def test_blob_miss_then_hit_with_one_upstream_fetch(
             results.append(resp.headers["X-Cache"])
     assert results == ["MISS", "HIT", "HIT"]
     assert origin.count("GET", f"/blobs/{layer.digest}") == before + 1
-    # Stored once, under its digest.
+    # Stored once, under its digest, intact.
     assert f"blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}" in edge.cached_files()
+    assert stored_blob(edge, layer.digest) == layer.data
 
 
 async def test_concurrent_misses_make_one_upstream_fetch(
@@ -182,6 +188,8 @@ async def test_concurrent_misses_make_one_upstream_fetch(
     bodies = await asyncio.gather(*(pull("library/big" if i % 2 else "big") for i in range(8)))
     assert all(body == layer.data for body in bodies)
     assert origin.count("GET", f"/blobs/{layer.digest}") == before + 1
+    # What was streamed to eight readers while it filled is stored intact.
+    assert stored_blob(edge, layer.digest) == layer.data
 
 
 @pytest.mark.parametrize("cached", [False, True])
