@@ -19,6 +19,7 @@
     ├── UpstreamRateLimited         TOOMANYREQUESTS     429
     └── UpstreamError               the upstream failed: never reported as "not found"
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
+        │   └── UpstreamInterrupted                     a body cut short mid-way (resumable)
         ├── UpstreamTimeout         UNAVAILABLE         504
         ├── UpstreamDigestMismatch  UNAVAILABLE         502 (bytes did not hash to the digest)
         └── ManifestTooLarge        SIZE_INVALID        502
@@ -140,6 +141,10 @@ class UpstreamError(EdgecacheError):
 
 class UpstreamUnavailable(UpstreamError):
     pass
+
+
+class UpstreamInterrupted(UpstreamUnavailable):
+    """The body stopped mid-way (connection dropped, stalled, cut short): a fill may resume it."""
 
 
 class UpstreamTimeout(UpstreamError):

@@ -25,6 +25,7 @@ T = TypeVar("T")
 WRITE_BATCH = 1024 * 1024
 READ_CHUNK = 1024 * 1024
 SEGMENT_MAX = 8 * 1024 * 1024
+MAX_RESUMES = 3
 
 
 class BlobFlight:
@@ -134,20 +135,22 @@ class Flights:
     async def _fill(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:
         spool = flight.spool
         try:
-            async with client.open_blob(repo, flight.digest) as resp:
-                flight.size = resp.content_length
-                flight.started.set_result(flight.size)
-                batch = bytearray()
-                async for chunk in resp.content.iter_chunked(WRITE_BATCH):
-                    batch += chunk
-                    if flight.size is not None and spool.written + len(batch) > flight.size:
-                        raise errors.UpstreamUnavailable("upstream sent more than it announced")
-                    if len(batch) >= WRITE_BATCH:
-                        await asyncio.to_thread(spool.append, bytes(batch))
-                        batch.clear()
-                        flight.notify()
-                if batch:
-                    await asyncio.to_thread(spool.append, bytes(batch))
+            resumes = 0
+            while True:
+                try:
+                    await self._copy(flight, client, repo)
+                    break
+                except errors.UpstreamInterrupted:
+                    resumes += 1
+                    if resumes > MAX_RESUMES or flight.size is None:
+                        raise
+                    log.info(
+                        "resuming fill of %s at byte %d (%d/%d)",
+                        flight.digest,
+                        spool.written,
+                        resumes,
+                        MAX_RESUMES,
+                    )
             if flight.size is not None and spool.written != flight.size:
                 raise errors.UpstreamUnavailable("upstream body was truncated")
             await asyncio.to_thread(spool.commit)
@@ -165,6 +168,39 @@ class Flights:
         finally:
             self._blobs.pop(flight.key, None)
             flight._maybe_close()
+
+    async def _copy(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:
+        """Upstream body → spool, from wherever the spool ends (a Range request when resuming).
+
+        Network reads overlap disk writes and hashing: one batch is written in a worker thread while
+        the next is read. Whatever arrived is kept when the body breaks off, so a resume continues it.
+        """
+        spool = flight.spool
+        async with client.open_blob(repo, flight.digest, start=spool.written) as resp:
+            if not flight.started.done():
+                flight.size = resp.content_length
+                flight.started.set_result(flight.size)
+            pending: asyncio.Future[None] | None = None
+            received = spool.written  # bytes of the blob that have arrived, written or not
+            batch = bytearray()
+            try:
+                async for chunk in resp.content.iter_chunked(WRITE_BATCH):
+                    batch += chunk
+                    received += len(chunk)
+                    if flight.size is not None and received > flight.size:
+                        raise errors.UpstreamUnavailable("upstream sent more than it announced")
+                    if len(batch) >= WRITE_BATCH:
+                        if pending is not None:
+                            await pending  # its bytes now count in spool.written
+                            flight.notify()
+                        pending = asyncio.ensure_future(asyncio.to_thread(spool.append, bytes(batch)))
+                        batch.clear()
+            finally:
+                if pending is not None:
+                    await pending
+                if batch:
+                    await asyncio.to_thread(spool.append, bytes(batch))
+                flight.notify()
 
     def _fail(self, flight: BlobFlight, error: errors.EdgecacheError) -> None:
         if isinstance(error, errors.UpstreamDigestMismatch):

@@ -78,6 +78,7 @@ class UpstreamClient:
             timeout=self._timeout,
             headers={"User-Agent": USER_AGENT},
             auto_decompress=False,  # blobs must reach the digest check byte for byte
+            read_bufsize=1 << 20,  # large reads: fewer wake-ups per MiB on the fill path
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,  # only configured upstreams are contacted: no proxy from the environment
         )
@@ -125,8 +126,10 @@ class UpstreamClient:
         """A blob GET (from `start` with a Range request when resuming); status already checked."""
         headers = {"Range": f"bytes={start}-"} if start else {}
         async with self._request("GET", repo, f"blobs/{digest}", kind="blob", headers=headers) as resp:
-            if start and resp.status != 206:
-                raise errors.UpstreamUnavailable("upstream ignored a resume Range request")
+            if start and (
+                resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(f"bytes {start}-")
+            ):
+                raise errors.UpstreamUnavailable("upstream cannot resume at the requested offset")
             yield resp
 
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
@@ -173,7 +176,12 @@ class UpstreamClient:
                     resp = await self._send(method, url, base_headers, scope)
             try:
                 self._check_status(resp, kind, allow_404)
-                yield resp
+                try:
+                    yield resp
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    # The answer started and then broke off: a caller may resume it with a Range.
+                    log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
+                    raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
             finally:
                 resp.release()
         except errors.EdgecacheError:

@@ -164,7 +164,7 @@ async def _send_spool(request: web.Request, body: SpoolBody) -> None:
         except errors.EdgecacheError as exc:
             # Headers are out; the only honest signal left is to cut the connection before the last
             # byte, so the client sees a short body and retries instead of keeping wrong bytes.
-            log.warning("aborting response for %s: %s", request.path, exc.message)
+            log.warning("aborting response for %s: %s", request.path, exc.detail or exc.message)
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError("fill failed; response aborted") from None

@@ -112,16 +112,32 @@ async def test_truncated_blob_aborts_the_response_and_stores_nothing(
     edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
 ) -> None:
     layer = seeded.alpine.layers[-1]
-    proxy.rules.truncate_blobs = True
+    proxy.rules.truncate_blobs = 100  # every attempt, resumes included
     async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
         assert resp.status == 200  # headers went out before upstream failed
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
     await asyncio.sleep(0.1)
     assert blob_files(edge_via_proxy) == []
-    proxy.rules.truncate_blobs = False
+    proxy.rules.truncate_blobs = 0
     async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
         assert await resp.read() == layer.data
+
+
+async def test_dropped_upstream_connection_is_resumed_with_a_range(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    proxy.rules.truncate_blobs = 1  # the first body breaks off half-way
+    async with edge_via_proxy.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
+        assert resp.status == 200
+        assert await resp.read() == layer.data
+    requests = [s for s in proxy.seen if layer.digest in s.path_qs]
+    assert len(requests) == 2 and "Range" not in requests[0].headers
+    resumed_at = int(requests[1].headers["Range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at < len(layer.data)  # continued where it broke off, not from the start
+    hex_ = layer.digest.split(":", 1)[1]
+    assert (edge_via_proxy.cache_dir / "blobs/sha256" / hex_[:2] / hex_).read_bytes() == layer.data
 
 
 def origin_blob_file(origin: Registry, digest: str) -> Path:

@@ -29,7 +29,7 @@ class FaultRules:
     basic_auth: tuple[str, str] | None = None
     status: dict[str, int] = field(default_factory=dict)  # path substring → status to answer
     redirect_blobs_to: str | None = None  # base URL of another host
-    truncate_blobs: bool = False
+    truncate_blobs: int = 0  # how many blob bodies to cut off half-way from now on
     hang: bool = False
     replace_body: dict[str, bytes] = field(default_factory=dict)  # path substring → body (sent chunked)
     add_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # path substring → headers
@@ -108,8 +108,11 @@ class FaultProxy:
                 return response
             sent = 0
             limit = (upstream.content_length or 0) // 2
+            truncate = self.rules.truncate_blobs > 0 and "/blobs/" in request.path
+            if truncate:
+                self.rules.truncate_blobs -= 1
             async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if self.rules.truncate_blobs and "/blobs/" in request.path and sent + len(chunk) > limit:
+                if truncate and sent + len(chunk) > limit:
                     await response.write(chunk[: max(limit - sent, 0)])
                     assert request.transport is not None
                     request.transport.close()
