@@ -167,12 +167,14 @@ class Spool:
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def commit(self) -> Path:
-        """Verify, fsync and rename into the store; raises UpstreamDigestMismatch and removes the spool."""
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
+    def verify(self) -> None:
+        """Raise UpstreamDigestMismatch (and drop the spool) unless the bytes hash to the digest."""
+        if self._hasher.hexdigest() != self.digest.hex:
             self.discard()
             raise UpstreamDigestMismatch("blob content does not match its digest")
+
+    def persist(self) -> Path:
+        """fsync and rename the verified spool into the store (a worker-thread call)."""
         os.fsync(self.fd)
         final = self._store.blob_path(self.digest)
         _rename_durably(self.path, final)

@@ -42,6 +42,7 @@ class BlobFlight:
         self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
         self.readers = 0
+        self.finished = False  # the fill task has ended: nothing will write or persist any more
 
     @property
     def visible(self) -> int:
@@ -103,7 +104,8 @@ class BlobFlight:
         return os.fdopen(os.dup(self.spool.fd), "rb")
 
     def _maybe_close(self) -> None:
-        if (self.done or self.error is not None) and self.readers == 0:
+        """Close the spool once the fill task has ended (persisted or failed) and no reader is left."""
+        if self.finished and self.readers == 0:
             self.spool.close()
 
 
@@ -153,9 +155,12 @@ class Flights:
                     )
             if flight.size is not None and spool.written != flight.size:
                 raise errors.UpstreamUnavailable("upstream body was truncated")
-            await asyncio.to_thread(spool.commit)
+            spool.verify()
+            # Verified bytes are correct bytes: readers get the last one now, and the fsync and
+            # rename into the store happen off their path (joiners still read the spool meanwhile).
             flight.done = True
             flight.notify()
+            await asyncio.to_thread(spool.persist)
         except errors.EdgecacheError as exc:
             self._fail(flight, exc)
         except asyncio.CancelledError:
@@ -167,6 +172,7 @@ class Flights:
             self._fail(flight, kind("blob fill failed"))
         finally:
             self._blobs.pop(flight.key, None)
+            flight.finished = True
             flight._maybe_close()
 
     async def _copy(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:

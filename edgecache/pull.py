@@ -269,7 +269,9 @@ class PullService:
             return Reply(200, headers, SpoolBody(flight, 0, None), "MISS")
         byte_range = parse_range(query.range_header, size)
         status, start, length = _span(byte_range, size, headers)
-        return Reply(status, headers, SpoolBody(flight, start, length), "MISS" if led else "JOINED")
+        # A verified fill still being persisted is as good as the store: a hit.
+        result = "HIT" if flight.done else "MISS" if led else "JOINED"
+        return Reply(status, headers, SpoolBody(flight, start, length), result)
 
     async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
         size = await self._store.has_blob(query.digest)
