@@ -96,6 +96,14 @@ def curl_seconds(url: str) -> float:
     return float(out.stdout)
 
 
+def concurrent_seconds(url: str, clients: int) -> float:
+    """Wall time for `clients` curl processes fetching `url` at once."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(clients)]
+    assert all(p.wait() == 0 for p in procs)
+    return time.perf_counter() - start
+
+
 def curl_digest(url: str) -> str:
     curl = subprocess.Popen(["curl", "-sf", url], stdout=subprocess.PIPE)
     assert curl.stdout is not None
@@ -155,6 +163,9 @@ def main() -> None:
         assert curl_digest(origin.url + path) == digest
 
         direct = statistics.median(curl_seconds(origin.url + path) for _ in range(args.reps))
+        many_direct = statistics.median(
+            concurrent_seconds(origin.url + path, args.clients) for _ in range(args.reps)
+        )
         cold, warm, many, rss, upstream_gets = [], [], [], [], []
         for _ in range(args.reps):
             edge = Edge(origin, work)
@@ -188,8 +199,9 @@ def main() -> None:
             (
                 f"{args.clients} concurrent cold clients",
                 f"{many_s:.2f} s wall",
-                f"{many_s / cold_s:.2f}x one cold client",
+                f"{many_s / cold_s:.2f}x one cold client, {many_s / many_direct:.2f}x {args.clients} direct",
             ),
+            (f"{args.clients} concurrent clients direct (baseline)", f"{many_direct:.2f} s wall", "1.00x"),
             ("upstream GETs per cold fill", f"{max(upstream_gets)}", f"{args.clients} clients each time"),
             ("edgecache peak RSS", f"{max(rss):.0f} MiB", "max over runs"),
         ]
