@@ -16,6 +16,7 @@ from edgecache.blobstore import BlobStore, CacheDirLock
 from edgecache.config import Config
 from edgecache.flights import Flights
 from edgecache.manifests import ManifestCache
+from edgecache.metrics import Metrics
 from edgecache.pull import PullService
 from edgecache.upstream import UpstreamClient
 from edgecache.web import RegistryFront, Upstreams
@@ -30,6 +31,7 @@ class Edgecache:
     config: Config
     lock: CacheDirLock
     store: BlobStore
+    metrics: Metrics
     flights: Flights
     clients: dict[str, UpstreamClient]
     front: RegistryFront
@@ -42,7 +44,13 @@ class Edgecache:
         lock.acquire()
         store = BlobStore(root)
         store.prepare()
-        flights = Flights(store)
+        metrics = Metrics(u.name for u in config.upstreams)
+        flights = Flights(
+            store,
+            metrics,
+            negative_ttl=config.cache.negative_ttl,
+            cancel_abandoned=config.cache.abandoned_fills == "cancel",
+        )
         clients = {u.name: UpstreamClient(u) for u in config.upstreams}
         pull = PullService(
             store,
@@ -51,8 +59,8 @@ class Edgecache:
             tag_ttl=config.cache.tag_ttl,
             max_stale=config.cache.max_stale,
         )
-        front = RegistryFront(pull, Upstreams(clients, config.default_upstream))
-        return cls(config, lock, store, flights, clients, front)
+        front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics)
+        return cls(config, lock, store, metrics, flights, clients, front)
 
     async def start(self) -> None:
         for client in self.clients.values():

@@ -46,6 +46,8 @@ class CacheConfig:
     dir: str = field(default_factory=default_cache_dir)
     tag_ttl: float = 60.0
     max_stale: float = 86400.0
+    negative_ttl: float = 30.0
+    abandoned_fills: str = "finish"
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,12 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.tag_ttl: must be >= 0 seconds")
     if config.cache.max_stale < 0:
         raise ConfigError("cache.max_stale: must be >= 0 seconds")
+    if config.cache.negative_ttl < 0:
+        raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
+    if config.cache.abandoned_fills not in ("finish", "cancel"):
+        raise ConfigError(
+            f'cache.abandoned_fills: must be "finish" or "cancel", got {config.cache.abandoned_fills!r}'
+        )
     names: set[str] = set()
     for upstream in config.upstreams:
         key = f"upstream {upstream.name!r}"

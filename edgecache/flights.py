@@ -12,11 +12,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, BinaryIO, TypeVar
 
+from cachetools import TTLCache
+
 from edgecache import errors
 from edgecache.blobstore import BlobStore, Spool
+from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
 from edgecache.upstream import UpstreamClient
 
@@ -43,6 +47,7 @@ class BlobFlight:
         self._changed = asyncio.Event()
         self.readers = 0
         self.finished = False  # the fill task has ended: nothing will write or persist any more
+        self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
 
     @property
     def visible(self) -> int:
@@ -86,6 +91,8 @@ class BlobFlight:
                     await self.wait_change()
         finally:
             self.readers -= 1
+            if self.readers == 0 and not self.done and self.on_abandoned is not None:
+                self.on_abandoned()
             self._maybe_close()
 
     async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
@@ -112,11 +119,26 @@ class BlobFlight:
 class Flights:
     """The registry of fills in progress, keyed by (upstream, digest) whatever the repository name."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        metrics: Metrics,
+        *,
+        negative_ttl: float = 30.0,
+        cancel_abandoned: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._blobs: dict[tuple[str, Digest], BlobFlight] = {}
         self._calls: dict[Hashable, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Digests that just failed verification: refused for a moment instead of refetched by every retry.
+        self._mismatched: TTLCache[tuple[str, Digest], bool] = TTLCache(
+            maxsize=10_000, ttl=max(negative_ttl, 1e-9), timer=clock
+        )
+        self._negative_ttl = negative_ttl
+        self._cancel_abandoned = cancel_abandoned
 
     def running(self, upstream: str, digest: Digest) -> BlobFlight | None:
         return self._blobs.get((upstream, digest))
@@ -126,10 +148,18 @@ class Flights:
         key = (client.name, digest)
         flight = self._blobs.get(key)
         if flight is not None:
+            self._metrics.fill_joins.labels(client.name).inc()
             return flight, False
+        if self._negative_ttl > 0 and key in self._mismatched:
+            self._metrics.negative_hits.labels(client.name).inc()
+            raise errors.UpstreamDigestMismatch("this blob failed verification moments ago; retry later")
+        self._metrics.fills_started.labels(client.name).inc()
+        self._metrics.fills_in_flight.labels(client.name).inc()
         flight = BlobFlight(key, client.upstream_name(repo), self._store.new_spool(digest))
         self._blobs[key] = flight
         task = asyncio.create_task(self._fill(flight, client, repo), name=f"fill {digest}")
+        if self._cancel_abandoned:
+            flight.on_abandoned = task.cancel
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flight, True
@@ -146,6 +176,7 @@ class Flights:
                     resumes += 1
                     if resumes > MAX_RESUMES or flight.size is None:
                         raise
+                    self._metrics.fill_resumes.labels(client.name).inc()
                     log.info(
                         "resuming fill of %s at byte %d (%d/%d)",
                         flight.digest,
@@ -156,21 +187,30 @@ class Flights:
             if flight.size is not None and spool.written != flight.size:
                 raise errors.UpstreamUnavailable("upstream body was truncated")
             spool.verify()
+            self._metrics.fills_completed.labels(client.name).inc()
             # Verified bytes are correct bytes: readers get the last one now, and the fsync and
             # rename into the store happen off their path (joiners still read the spool meanwhile).
             flight.done = True
             flight.notify()
             await asyncio.to_thread(spool.persist)
         except errors.EdgecacheError as exc:
-            self._fail(flight, exc)
+            self._fail(
+                flight,
+                exc,
+                "digest_mismatch" if isinstance(exc, errors.UpstreamDigestMismatch) else "upstream",
+            )
         except asyncio.CancelledError:
-            self._fail(flight, errors.UpstreamUnavailable("fill cancelled at shutdown"))
+            reason = "every reader went away" if flight.readers == 0 else "shutting down"
+            self._fail(flight, errors.UpstreamUnavailable(f"fill cancelled: {reason}"), "cancelled")
             raise
-        except Exception as exc:  # aiohttp payload errors, disk errors: never a half-visible blob
-            log.warning("fill of %s failed: %s", flight.digest, type(exc).__name__)
-            kind = errors.UpstreamTimeout if isinstance(exc, TimeoutError) else errors.UpstreamUnavailable
-            self._fail(flight, kind("blob fill failed"))
+        except OSError as exc:  # the spool's disk (ENOSPC, EIO): never a half-visible blob
+            log.error("fill of %s failed on disk: %s", flight.digest, exc.strerror)
+            self._fail(flight, errors.UpstreamUnavailable("blob fill failed"), "disk")
+        except Exception:  # a bug must still end the readers' wait, never hang them
+            log.exception("fill of %s failed unexpectedly", flight.digest)
+            self._fail(flight, errors.UpstreamUnavailable("blob fill failed"), "upstream")
         finally:
+            self._metrics.fills_in_flight.labels(client.name).dec()
             self._blobs.pop(flight.key, None)
             flight.finished = True
             flight._maybe_close()
@@ -186,6 +226,7 @@ class Flights:
             if not flight.started.done():
                 flight.size = resp.content_length
                 flight.started.set_result(flight.size)
+            upstream_bytes = self._metrics.upstream_bytes.labels(client.name)
             pending: asyncio.Future[None] | None = None
             received = spool.written  # bytes of the blob that have arrived, written or not
             batch = bytearray()
@@ -200,17 +241,22 @@ class Flights:
                             await pending  # its bytes now count in spool.written
                             flight.notify()
                         pending = asyncio.ensure_future(asyncio.to_thread(spool.append, bytes(batch)))
+                        upstream_bytes.inc(len(batch))
                         batch.clear()
             finally:
                 if pending is not None:
                     await pending
                 if batch:
                     await asyncio.to_thread(spool.append, bytes(batch))
+                    upstream_bytes.inc(len(batch))
                 flight.notify()
 
-    def _fail(self, flight: BlobFlight, error: errors.EdgecacheError) -> None:
+    def _fail(self, flight: BlobFlight, error: errors.EdgecacheError, reason: str) -> None:
+        self._metrics.fills_failed.labels(flight.key[0], reason).inc()
         if isinstance(error, errors.UpstreamDigestMismatch):
             log.error("digest mismatch from upstream for %s; nothing stored", flight.digest)
+            if self._negative_ttl > 0:
+                self._mismatched[flight.key] = True
         flight.spool.discard()
         flight.fail(error)
 

@@ -67,8 +67,10 @@ class UpstreamClient:
         self._basic: str | None = None
         self._uses_basic = False  # set once upstream has asked for Basic: then sent up front
         self._session: aiohttp.ClientSession | None = None
+        # sock_connect, not connect: `connect` would also count the wait for a free pooled connection,
+        # and requests queued behind max_connections must wait their turn, not time out.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
 
     async def start(self) -> None:

@@ -13,8 +13,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
+from edgecache.metrics import Metrics
 from edgecache.oci import accepted_media_types
 from edgecache.pull import (
     BlobQuery,
@@ -52,9 +54,10 @@ class Upstreams:
 
 
 class RegistryFront:
-    def __init__(self, pull: PullService, upstreams: Upstreams) -> None:
+    def __init__(self, pull: PullService, upstreams: Upstreams, metrics: Metrics) -> None:
         self._pull = pull
         self._upstreams = upstreams
+        self._metrics = metrics
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 8190})
@@ -63,6 +66,8 @@ class RegistryFront:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
+        if raw_path == "/metrics" and request.method == "GET":
+            return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
         route = parse_route(raw_path)
         if request.method not in READ_METHODS:
             raise errors.Unsupported("this mirror is read-only: push and delete are not supported")
@@ -76,7 +81,7 @@ class RegistryFront:
             )
         client = self._upstreams.for_request(request)
         reply = await self._dispatch(request, route, client)
-        return await send_reply(request, reply)
+        return await send_reply(request, reply, self._metrics)
 
     async def _dispatch(self, request: web.Request, route: Route, client: UpstreamClient) -> Reply:
         head = request.method == "HEAD"
@@ -125,20 +130,22 @@ def _listing_params(request: web.Request) -> dict[str, str]:
     return params
 
 
-async def send_reply(request: web.Request, reply: Reply) -> web.StreamResponse:
-    """Send a Reply: bytes, a file range with sendfile, or a fill stream (aborted on failure)."""
+async def send_reply(request: web.Request, reply: Reply, metrics: Metrics) -> web.StreamResponse:
+    """Send a Reply: bytes, a file range with sendfile, or a fill's spool (aborted on failure)."""
     headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
     body = reply.body
     if isinstance(body, BytesBody):
         headers.pop("Content-Length", None)
+        metrics.served_bytes.labels("memory").inc(len(body.data))
         return web.Response(status=reply.status, body=body.data, headers=headers)
     response = web.StreamResponse(status=reply.status, headers=headers)
     try:
         await response.prepare(request)
         if isinstance(body, FileBody):
             await _sendfile(request, body)
+            metrics.served_bytes.labels("disk").inc(body.length)
         elif isinstance(body, SpoolBody):
-            await _send_spool(request, body)
+            await _send_spool(request, body, metrics)
         await response.write_eof()
     except ConnectionError:
         pass  # the client went away, or we cut the connection on purpose: nothing more to send
@@ -152,13 +159,15 @@ async def _sendfile(request: web.Request, body: FileBody) -> None:
     await asyncio.get_running_loop().sendfile(_transport(request), body.blob.file, body.offset, body.length)
 
 
-async def _send_spool(request: web.Request, body: SpoolBody) -> None:
+async def _send_spool(request: web.Request, body: SpoolBody, metrics: Metrics) -> None:
     """Send a fill's bytes with sendfile as they land in the spool, cutting the connection if it fails."""
     loop = asyncio.get_running_loop()
+    served = metrics.served_bytes.labels("fill")
     with body.flight.open_file() as spool:
         try:
             async for offset, length in body.flight.segments(body.start, body.end):
                 sent = await loop.sendfile(_transport(request), spool, offset, length)
+                served.inc(sent)
                 if sent != length:
                     raise errors.UpstreamUnavailable("spool shorter than its fill said")
         except errors.EdgecacheError as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.app import Edgecache
 from edgecache.config import Config, load_config
@@ -77,6 +78,16 @@ class Edge:
     http: aiohttp.ClientSession
     instance: Edgecache
     cache_dir: Path
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """One sample from the real /metrics endpoint (0 when the series is absent)."""
+        async with self.http.get("/metrics") as resp:
+            text = await resp.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
 
     def cached_files(self) -> list[str]:
         return sorted(

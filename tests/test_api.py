@@ -192,6 +192,29 @@ async def test_concurrent_misses_make_one_upstream_fetch(
     assert stored_blob(edge, layer.digest) == layer.data
 
 
+async def test_metrics_exist_from_start_and_never_name_repositories_or_digests(
+    edge: Edge, seeded: Seeded
+) -> None:
+    assert await edge.metric("edgecache_fills_started_total", upstream="docker.io") == 0
+    assert await edge.metric("edgecache_served_bytes_total", source="disk") == 0
+    layer = seeded.alpine.layers[0]
+    hex_ = layer.digest.split(":", 1)[1]
+    async with edge.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        await resp.read()
+    for _ in range(200):  # the verified fill is renamed into the store just after the response
+        if (edge.cache_dir / "blobs/sha256" / hex_[:2] / hex_).exists():
+            break
+        await asyncio.sleep(0.01)
+    async with edge.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        await resp.read()
+    assert await edge.metric("edgecache_served_bytes_total", source="fill") == len(layer.data)
+    assert await edge.metric("edgecache_served_bytes_total", source="disk") == len(layer.data)
+    async with edge.http.get("/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    assert "sha256" not in text and "alpine" not in text and "library" not in text
+
+
 @pytest.mark.parametrize("cached", [False, True])
 async def test_ranges(edge: Edge, seeded: Seeded, cached: bool) -> None:
     layer = seeded.alpine.layers[-1]

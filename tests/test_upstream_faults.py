@@ -138,6 +138,7 @@ async def test_dropped_upstream_connection_is_resumed_with_a_range(
     assert 0 < resumed_at < len(layer.data)  # continued where it broke off, not from the start
     hex_ = layer.digest.split(":", 1)[1]
     assert (edge_via_proxy.cache_dir / "blobs/sha256" / hex_[:2] / hex_).read_bytes() == layer.data
+    assert await edge_via_proxy.metric("edgecache_fill_resumes_total", upstream="docker.io") == 1
 
 
 def origin_blob_file(origin: Registry, digest: str) -> Path:
@@ -146,26 +147,40 @@ def origin_blob_file(origin: Registry, digest: str) -> Path:
 
 
 async def test_blob_that_does_not_match_its_digest_is_never_delivered_whole(
-    edge: Edge, origin: Registry
+    tmp_path: Path, edge: Edge, origin: Registry
 ) -> None:
     image = build_image("corrupt-blob", random_bytes=3 * 1024 * 1024)
     Pusher(origin.url).push_image("test/corrupt-blob", "v1", image)
     layer = image.layers[-1]
+    path = f"/v2/test/corrupt-blob/blobs/{layer.digest}"
     stored = origin_blob_file(origin, layer.digest)
     good = stored.read_bytes()
     stored.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size, last byte flipped
     try:
-        for _ in range(2):
-            async with edge.http.get(f"/v2/test/corrupt-blob/blobs/{layer.digest}") as resp:
-                assert resp.status == 200
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
+        async with edge.http.get(path) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        # A retry right away is refused without another upstream fetch (a brief negative entry).
+        async with edge.http.get(path) as resp:
+            assert resp.status == 502
+            assert await error_code(resp) == "UNAVAILABLE"
+        assert origin.count("GET", f"/blobs/{layer.digest}") == 1
+        labels = {"upstream": "docker.io"}
+        assert await edge.metric("edgecache_fills_failed_total", reason="digest_mismatch", **labels) == 1
+        assert await edge.metric("edgecache_fill_negative_hits_total", **labels) == 1
         await asyncio.sleep(0.1)
         assert not any(f.startswith(("blobs/", "tmp/")) for f in edge.cached_files())
     finally:
         stored.write_bytes(good)
-    async with edge.http.get(f"/v2/test/corrupt-blob/blobs/{layer.digest}") as resp:
-        assert await resp.read() == layer.data
+    # Without the negative entry (negative_ttl = 0) the next ask fetches again and succeeds.
+    other, server = await start_edge(edge_config(tmp_path / "other", origin.url, negative_ttl=0.0))
+    try:
+        async with other.http.get(path) as resp:
+            assert await resp.read() == layer.data
+    finally:
+        await other.http.close()
+        await server.close()
 
 
 async def test_manifest_that_does_not_match_its_digest_is_refused(edge: Edge, origin: Registry) -> None:
@@ -194,6 +209,38 @@ async def test_manifest_over_4_mib_is_refused(edge_via_proxy: Edge, proxy: Fault
         assert resp.status == 502
         assert await error_code(resp) == "SIZE_INVALID"
     assert blob_files(edge_via_proxy) == []
+
+
+async def test_stalled_upstream_body_is_resumed(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    proxy.rules.stall_blobs = 1  # half the body, then silence: the read timeout (1 s here) fires
+    async with edge_via_proxy.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
+        assert await resp.read() == layer.data
+    ranges = [s.headers.get("Range") for s in proxy.seen if layer.digest in s.path_qs]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1] is not None
+
+
+async def test_upstream_connections_are_bounded(tmp_path: Path, proxy: FaultProxy, origin: Registry) -> None:
+    pusher = Pusher(origin.url)
+    images = [build_image(f"many-{i}", random_bytes=512 * 1024) for i in range(8)]
+    for i, image in enumerate(images):
+        pusher.push_image(f"test/many-{i}", "v1", image)
+    config = edge_config(tmp_path / "c", proxy.url, upstream={"max_connections": 2})
+    edge, server = await start_edge(config)
+    try:
+
+        async def pull(i: int) -> bytes:
+            async with edge.http.get(f"/v2/test/many-{i}/blobs/{images[i].layers[-1].digest}") as resp:
+                return await resp.read()
+
+        bodies = await asyncio.gather(*(pull(i) for i in range(len(images))))
+        assert bodies == [image.layers[-1].data for image in images]
+        assert proxy.max_in_flight <= 2  # eight cold blobs queued for two upstream connections
+    finally:
+        await edge.http.close()
+        await server.close()
 
 
 async def test_credentials_stay_on_the_upstream_host_across_redirects(

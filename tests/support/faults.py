@@ -30,6 +30,8 @@ class FaultRules:
     status: dict[str, int] = field(default_factory=dict)  # path substring → status to answer
     redirect_blobs_to: str | None = None  # base URL of another host
     truncate_blobs: int = 0  # how many blob bodies to cut off half-way from now on
+    stall_blobs: int = 0  # how many blob bodies to stop sending half-way (connection left open)
+    throttle: float = 0.0  # seconds to wait between 64 KiB chunks of blob bodies (a slow WAN link)
     hang: bool = False
     replace_body: dict[str, bytes] = field(default_factory=dict)  # path substring → body (sent chunked)
     add_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # path substring → headers
@@ -40,6 +42,8 @@ class FaultProxy:
         self.origin_url = origin_url.rstrip("/")
         self.rules = FaultRules()
         self.seen: list[Seen] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it was answering at once
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
@@ -67,6 +71,14 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         rules = self.rules
         if rules.hang:
             await asyncio.sleep(3600)
@@ -108,16 +120,22 @@ class FaultProxy:
                 return response
             sent = 0
             limit = (upstream.content_length or 0) // 2
-            truncate = self.rules.truncate_blobs > 0 and "/blobs/" in request.path
-            if truncate:
-                self.rules.truncate_blobs -= 1
+            blob = "/blobs/" in request.path
+            truncate = blob and self.rules.truncate_blobs > 0
+            stall = blob and not truncate and self.rules.stall_blobs > 0
+            self.rules.truncate_blobs -= truncate
+            self.rules.stall_blobs -= stall
             async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if truncate and sent + len(chunk) > limit:
+                if (truncate or stall) and sent + len(chunk) > limit:
                     await response.write(chunk[: max(limit - sent, 0)])
+                    if stall:
+                        await asyncio.sleep(3600)  # until the reader gives up on us
                     assert request.transport is not None
                     request.transport.close()
                     return response
                 await response.write(chunk)
                 sent += len(chunk)
+                if blob and self.rules.throttle:
+                    await asyncio.sleep(self.rules.throttle)
             await response.write_eof()
             return response

@@ -1,0 +1,174 @@
+"""Single-flight fills seen from the clients: one upstream GET, everyone streaming, nobody owning the fill.
+
+The origin is the real registry behind the fault proxy, which here only slows blob bodies down (a WAN
+link) so that clients can join, leave and ask for ranges while a fill is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from edgecache.oci import Digest
+from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.support.faults import FaultProxy
+from tests.support.images import Blob
+from tests.support.registry import Registry
+
+SLOW = 0.002  # seconds per 64 KiB: the 24 MiB layer takes about a second to arrive
+
+
+@pytest.fixture
+async def slow_origin(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
+    proxy = await FaultProxy(origin.url).start()
+    proxy.rules.throttle = SLOW
+    yield proxy
+    await proxy.stop()
+
+
+async def edge_for(tmp_path: Path, upstream: str, **cache: object) -> tuple[Edge, TestServer]:
+    return await start_edge(edge_config(tmp_path / "cache", upstream, **cache))
+
+
+def stored(edge: Edge, blob: Blob) -> Path:
+    hex_ = blob.digest.split(":", 1)[1]
+    return edge.cache_dir / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+async def wait_for(condition: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def read_some(edge: Edge, blob: Blob, fraction: float) -> None:
+    """A client that reads part of the blob and hangs up."""
+    async with edge.http.get(f"/v2/library/big/blobs/{blob.digest}") as resp:
+        got = 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            got += len(chunk)
+            if got >= len(blob.data) * fraction:
+                break
+        resp.close()
+
+
+async def test_leader_leaving_at_10_percent_does_not_stop_the_others(
+    tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    edge, server = await edge_for(tmp_path, slow_origin.url)
+    try:
+        leader = asyncio.create_task(read_some(edge, layer, 0.10))
+        await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
+
+        async def follower() -> tuple[str, bytes]:
+            async with edge.http.get(f"/v2/big/blobs/{layer.digest}") as resp:
+                return resp.headers["X-Cache"], await resp.read()
+
+        followers = [asyncio.create_task(follower()) for _ in range(4)]
+        await leader
+        results = await asyncio.gather(*followers)
+        assert all(body == layer.data for _, body in results)
+        assert {cache for cache, _ in results} == {"JOINED"}
+        assert slow_origin.count("GET", layer.digest) == 1
+        await wait_for(lambda: stored(edge, layer).exists())
+        assert stored(edge, layer).read_bytes() == layer.data
+        # The same story in the metrics: one fill, four joiners, the blob once from upstream.
+        assert await edge.metric("edgecache_fills_started_total", upstream="docker.io") == 1
+        assert await edge.metric("edgecache_fills_completed_total", upstream="docker.io") == 1
+        assert await edge.metric("edgecache_fill_readers_joined_total", upstream="docker.io") == 4
+        assert await edge.metric("edgecache_upstream_blob_bytes_total", upstream="docker.io") == len(
+            layer.data
+        )
+        assert await edge.metric("edgecache_served_bytes_total", source="fill") >= 4 * len(layer.data)
+        assert await edge.metric("edgecache_fills_in_flight", upstream="docker.io") == 0
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_fill_finishes_when_every_reader_has_gone_by_default(
+    tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    edge, server = await edge_for(tmp_path, slow_origin.url)
+    try:
+        await read_some(edge, layer, 0.10)
+        await wait_for(lambda: stored(edge, layer).exists())
+        async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
+            assert resp.headers["X-Cache"] == "HIT"
+            assert await resp.read() == layer.data
+        assert slow_origin.count("GET", layer.digest) == 1
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_fill_is_cancelled_when_every_reader_has_gone_if_configured(
+    tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    edge, server = await edge_for(tmp_path, slow_origin.url, abandoned_fills="cancel")
+    try:
+        await read_some(edge, layer, 0.10)
+        await wait_for(lambda: edge.instance.flights.running("docker.io", _digest(layer)) is None)
+        await wait_for(lambda: not any(edge.cache_dir.joinpath("tmp").iterdir()))
+        assert not stored(edge, layer).exists()
+        assert (
+            await edge.metric("edgecache_fills_failed_total", upstream="docker.io", reason="cancelled") == 1
+        )
+        slow_origin.rules.throttle = 0
+        async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
+            assert resp.headers["X-Cache"] == "MISS"
+            assert await resp.read() == layer.data
+        assert slow_origin.count("GET", layer.digest) == 2
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
+    tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    size = len(layer.data)
+    edge, server = await edge_for(tmp_path, slow_origin.url)
+    path = f"/v2/library/big/blobs/{layer.digest}"
+    try:
+        leader = asyncio.create_task(edge.http.get(path))
+        await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
+        # containerd fetches a layer in parallel ranges; dockerd resumes with bytes=N-.
+        async with edge.http.get(path, headers={"Range": "bytes=0-65535"}) as resp:
+            assert resp.status == 206
+            assert resp.headers["Content-Range"] == f"bytes 0-65535/{size}"
+            assert await resp.read() == layer.data[:65536]
+        # The first bytes came from the fill while it was still running.
+        assert edge.instance.flights.running("docker.io", _digest(layer)) is not None
+
+        async def ranged(header: str, start: int, end: int) -> None:
+            async with edge.http.get(path, headers={"Range": header}) as resp:
+                assert resp.status == 206
+                assert resp.headers["Content-Range"] == f"bytes {start}-{end}/{size}"
+                assert await resp.read() == layer.data[start : end + 1]
+
+        await asyncio.gather(
+            ranged(f"bytes={size // 2}-", size // 2, size - 1),
+            ranged(f"bytes={size // 3}-{size // 3 + 999_999}", size // 3, size // 3 + 999_999),
+            ranged("bytes=-100", size - 100, size - 1),
+        )
+        response = await leader
+        assert await response.read() == layer.data
+        response.release()
+        assert slow_origin.count("GET", layer.digest) == 1
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+def _digest(blob: Blob) -> Digest:
+    return Digest.parse(blob.digest)
