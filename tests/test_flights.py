@@ -172,3 +172,50 @@ async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
 
 def _digest(blob: Blob) -> Digest:
     return Digest.parse(blob.digest)
+
+
+async def test_concurrent_manifest_requests_make_one_upstream_request(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    edge, server = await edge_for(tmp_path, origin.url)
+    index = seeded.multi
+    child = index.images[0].manifest
+    tag_path, child_path = "/v2/library/multi/manifests/v1", f"/v2/library/multi/manifests/{child.digest}"
+    tag_before = origin.count("GET", tag_path) + origin.count("HEAD", tag_path)
+    child_before = origin.count("GET", child_path)
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"}
+    try:
+
+        async def get(path: str) -> bytes:
+            async with edge.http.get(path, headers=accept) as resp:
+                assert resp.status == 200
+                return await resp.read()
+
+        bodies = await asyncio.gather(
+            *(get(tag_path) for _ in range(10)), *(get(child_path) for _ in range(10))
+        )
+        assert bodies[:10] == [index.manifest.data] * 10
+        assert bodies[10:] == [child.data] * 10
+        assert origin.count("GET", tag_path) + origin.count("HEAD", tag_path) == tag_before + 1
+        assert origin.count("GET", child_path) == child_before + 1
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_a_slow_reader_does_not_hold_back_the_fill_or_the_others(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    layer = seeded.big.layers[-1]
+    edge, server = await edge_for(tmp_path, origin.url)
+    path = f"/v2/library/big/blobs/{layer.digest}"
+    try:
+        async with edge.http.get(path) as slow:
+            first = await slow.content.readexactly(64 * 1024)  # ...then it stops reading for a while
+            async with edge.http.get(path) as fast:
+                assert await fast.read() == layer.data
+            await wait_for(lambda: stored(edge, layer).exists())  # the fill did not wait for it either
+            assert first + await slow.read() == layer.data
+    finally:
+        await edge.http.close()
+        await server.close()
