@@ -7,8 +7,10 @@ Every problem raises ConfigError naming the key, so the operator sees one line, 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -20,6 +22,11 @@ from urllib.parse import urlsplit
 from edgecache.errors import ConfigError
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+_UPSTREAM_NAME = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?"
+)
+StrList = tuple[str, ...]
+TtlRules = tuple[tuple[str, float], ...]
 ENV_PREFIX = "EDGECACHE_"
 
 
@@ -61,6 +68,12 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_connections: int = 32
+    ca_bundle: str = ""
+    aliases: StrList = ()
+    token_hosts: StrList = ()
+    tag_ttls: TtlRules = ()
+    down_after: int = 3
+    down_for: float = 30.0
 
     @property
     def adds_library_prefix(self) -> bool:
@@ -68,6 +81,13 @@ class UpstreamConfig:
         if self.library_prefix is not None:
             return self.library_prefix
         return self.name == "docker.io" or urlsplit(self.url).hostname == "registry-1.docker.io"
+
+    def tag_ttl(self, tag: str, default: float) -> float:
+        """The first rule whose glob pattern matches the tag, else the cache-wide TTL."""
+        for pattern, ttl in self.tag_ttls:
+            if fnmatch.fnmatchcase(tag, pattern):
+                return ttl
+        return default
 
     def password(self) -> str:
         """Read at use, never stored in the config object, so it cannot end up in a log of it."""
@@ -105,38 +125,51 @@ def split_host_port(text: str, key: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_KINDS = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
+
+
 def _coerce(key: str, value: Any, target: Any) -> Any:
-    """Check one value against its field type; strings from the environment are converted."""
-    kinds = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
+    """Check one value against its field type; strings from the environment are converted.
+
+    Lists come from TOML arrays or comma-separated text; TTL rules from a TOML table
+    (`{ "latest" = 30, "v*" = 86400 }`) or `pattern=seconds,pattern=seconds` text.
+    """
     if target == bool | None:
         target = bool
+    if target == StrList:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(items)
+    if target == TtlRules:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{key}: expected pattern=seconds,..., got {value!r}")
+            value = {p[0].strip(): p[1] for p in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of tag pattern = seconds, got {value!r}")
+        rules = tuple((str(k), _coerce(f"{key}.{k}", v, float)) for k, v in value.items())
+        if any(ttl < 0 for _, ttl in rules):
+            raise ConfigError(f"{key}: TTLs must be >= 0 seconds")
+        return rules
     if isinstance(value, str) and target is not str:
         text = value.strip().lower()
         try:
-            if target is bool:
-                value = {
-                    "true": True,
-                    "1": True,
-                    "yes": True,
-                    "false": False,
-                    "0": False,
-                    "no": False,
-                }[text]
-            else:
-                value = target(text)
+            value = _BOOLS[text] if target is bool else target(text)
         except (KeyError, ValueError):
-            raise ConfigError(f"{key}: expected {kinds[target]}, got {value!r}") from None
-    ok = (
-        isinstance(value, bool)
-        if target is bool
-        else isinstance(value, target) and not isinstance(value, bool)
-        if target is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool)
-        if target is float
-        else isinstance(value, target)
-    )
+            raise ConfigError(f"{key}: expected {_KINDS[target]}, got {value!r}") from None
+    if target is bool:
+        ok = isinstance(value, bool)
+    elif target is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif target is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, target)
     if not ok:
-        raise ConfigError(f"{key}: expected {kinds[target]}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_KINDS[target]}, got {value!r}")
     return float(value) if target is float else value
 
 
@@ -271,6 +304,10 @@ def validate(config: Config) -> None:
         key = f"upstream {upstream.name!r}"
         if not upstream.name or upstream.name in names:
             raise ConfigError(f"{key}: name must be set and unique")
+        if not _UPSTREAM_NAME.fullmatch(upstream.name):
+            raise ConfigError(
+                f"{key}: name must be a registry host as clients write it (e.g. ghcr.io, registry.corp:5000)"
+            )
         names.add(upstream.name)
         parts = urlsplit(upstream.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -286,6 +323,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: max_connections must be >= 1")
         if upstream.password_env and upstream.password_file:
             raise ConfigError(f"{key}: set password_env or password_file, not both")
+        if upstream.down_after < 1 or upstream.down_for < 0:
+            raise ConfigError(f"{key}: down_after must be >= 1 and down_for >= 0")
+        if upstream.ca_bundle and not os.path.isfile(upstream.ca_bundle):
+            raise ConfigError(f"{key}: ca_bundle {upstream.ca_bundle} is not a readable file")
     if config.upstream(config.default_upstream) is None:
         raise ConfigError(f"default_upstream: no upstream is named {config.default_upstream!r}")
 

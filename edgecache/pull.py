@@ -289,14 +289,19 @@ class PullService:
     # -- listings, relayed ---------------------------------------------------------------------
 
     async def tags_list(
-        self, client: UpstreamClient, repo: RepoName, params: Mapping[str, str], ns: str | None
+        self,
+        client: UpstreamClient,
+        repo: RepoName,
+        params: Mapping[str, str],
+        link_name: str,
+        ns: str | None,
     ) -> Reply:
         answer = await client.passthrough(repo, "tags/list", params)
         if answer.status == 404:
             raise errors.NameUnknown(f"upstream {client.name} has no such repository")
         headers = {"Content-Type": answer.content_type}
         if answer.link:
-            link = _rewrite_link(answer.link, repo, ns)
+            link = _rewrite_link(answer.link, link_name, ns)
             if link:
                 headers["Link"] = link
         return Reply(200, headers, BytesBody(answer.body), "PASS")
@@ -326,7 +331,7 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-def _rewrite_link(link: str, repo: RepoName, ns: str | None) -> str | None:
+def _rewrite_link(link: str, name: str, ns: str | None) -> str | None:
     """Point a pagination Link at our own path: `</v2/<repo>/tags/list?n=..&last=..>; rel="next"`."""
     start, end = link.find("<"), link.find(">")
     if start < 0 or end < start:
@@ -336,4 +341,4 @@ def _rewrite_link(link: str, repo: RepoName, ns: str | None) -> str | None:
     if ns:
         kept.append(("ns", ns))
     query = f"?{urlencode(kept)}" if kept else ""
-    return f'</v2/{repo}/tags/list{query}>; rel="next"'
+    return f'</v2/{name}/tags/list{query}>; rel="next"'

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from edgecache import errors
-from edgecache.oci import Digest, Reference, RepoName, parse_reference
+from edgecache.errors import NameInvalid
+from edgecache.oci import MAX_NAME_LENGTH, Digest, Reference, parse_reference
 
 
 class Kind(Enum):
@@ -26,8 +27,11 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Route:
+    """A matched API route. `name` is still raw: it may carry a registry prefix (`ghcr.io/owner/app`)
+    that only the upstream choice can tell from a repository name, so it is validated after that."""
+
     kind: Kind
-    repo: RepoName | None = None
+    name: str = ""
     reference: Reference | None = None
     digest: Digest | None = None
 
@@ -51,10 +55,12 @@ def parse_route(raw_path: str) -> Route:
             continue
         if kind in (Kind.BASE, Kind.CATALOG):
             return Route(kind)
-        repo = RepoName.parse(match["name"])
+        name = match["name"]
+        if len(name) > 2 * MAX_NAME_LENGTH:
+            raise NameInvalid("repository name too long")
         if kind is Kind.MANIFEST:
-            return Route(kind, repo, reference=parse_reference(match["ref"]))
+            return Route(kind, name, reference=parse_reference(match["ref"]))
         if kind in (Kind.BLOB, Kind.REFERRERS):
-            return Route(kind, repo, digest=Digest.parse(match["ref"]))
-        return Route(kind, repo)
+            return Route(kind, name, digest=Digest.parse(match["ref"]))
+        return Route(kind, name)
     raise errors.RouteUnknown("not a distribution API path")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
 from edgecache.metrics import Metrics
-from edgecache.oci import accepted_media_types
+from edgecache.oci import RepoName, accepted_media_types
 from edgecache.pull import (
     BlobQuery,
     BytesBody,
@@ -33,24 +34,54 @@ from edgecache.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
+_REGISTRY_HOST = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::\d{1,5})?"
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Upstreams:
-    """Chooses the upstream client for a request: containerd's `ns=` when given, else the default."""
+    """Chooses the upstream of a request, in order: containerd's `ns=`, a registry prefix in the path
+    (`/v2/ghcr.io/owner/app/...`, from CRI-O/podman mirrors with a path or containerd's override_path),
+    the Host header when it is one of an upstream's aliases, and the default upstream (dockerd).
+
+    A registry that is not configured is refused: a request can never make edgecache contact it.
+    """
 
     def __init__(self, clients: dict[str, UpstreamClient], default: str) -> None:
         self._clients = clients
         self._default = clients[default]
+        self._aliases = {alias.lower(): c for c in clients.values() for alias in c.config.aliases}
 
-    def for_request(self, request: web.Request) -> UpstreamClient:
+    def choose(self, request: web.Request, name: str) -> tuple[UpstreamClient, RepoName]:
+        first, _, rest = name.partition("/")
         ns = request.query.get("ns")
-        if ns is None:
-            return self._default
-        client = self._clients.get(ns)
-        if client is None:
-            raise errors.UpstreamUnknown(f"this mirror has no upstream named {ns[:100]!r}")
-        return client
+        if ns is not None:
+            client = self._clients.get(ns)
+            if client is None:
+                raise errors.UpstreamUnknown(f"this mirror has no upstream named {ns[:100]!r}")
+            return client, RepoName.parse(rest if rest and first == ns else name)
+        if rest:
+            client = self._clients.get(first)
+            if client is not None:
+                return client, RepoName.parse(rest)
+            if self._names_a_registry(first):
+                raise errors.UpstreamUnknown(f"this mirror has no upstream named {first[:100]!r}")
+        host = (request.host or "").lower()
+        client = self._aliases.get(host) or self._aliases.get(host.rsplit(":", 1)[0])
+        return client or self._default, RepoName.parse(name)
+
+    def _names_a_registry(self, component: str) -> bool:
+        """Could this first path component only be a registry host, not part of a repository name?
+
+        A port or `localhost` always; a dot only when the default upstream is Docker Hub, whose
+        namespaces never contain one (other registries' may).
+        """
+        if not _REGISTRY_HOST.fullmatch(component):
+            return False
+        if ":" in component or component == "localhost":
+            return True
+        return "." in component and self._default.config.adds_library_prefix
 
 
 class RegistryFront:
@@ -79,17 +110,18 @@ class RegistryFront:
             return web.Response(
                 status=200, body=b"{}", content_type="application/json", headers=API_VERSION_HEADER
             )
-        client = self._upstreams.for_request(request)
-        reply = await self._dispatch(request, route, client)
+        client, repo = self._upstreams.choose(request, route.name)
+        reply = await self._dispatch(request, route, client, repo)
         return await send_reply(request, reply, self._metrics)
 
-    async def _dispatch(self, request: web.Request, route: Route, client: UpstreamClient) -> Reply:
+    async def _dispatch(
+        self, request: web.Request, route: Route, client: UpstreamClient, repo: RepoName
+    ) -> Reply:
         head = request.method == "HEAD"
-        assert route.repo is not None
         if route.kind is Kind.MANIFEST:
             assert route.reference is not None
             query = ManifestQuery(
-                route.repo,
+                repo,
                 route.reference,
                 accepted_media_types(request.headers.getall("Accept", [])),
                 head,
@@ -99,7 +131,7 @@ class RegistryFront:
         if route.kind is Kind.BLOB:
             assert route.digest is not None
             blob_query = BlobQuery(
-                route.repo,
+                repo,
                 route.digest,
                 head,
                 request.headers.get("Range"),
@@ -107,12 +139,14 @@ class RegistryFront:
             )
             return await self._pull.blob(client, blob_query)
         if route.kind is Kind.TAGS:
+            # The pagination Link keeps the name as the client wrote it (registry prefix included).
+            link_name = route.name if route.name.endswith(str(repo)) else str(repo)
             return await self._pull.tags_list(
-                client, route.repo, _listing_params(request), request.query.get("ns")
+                client, repo, _listing_params(request), link_name, request.query.get("ns")
             )
         assert route.digest is not None
         params = {k: v for k, v in request.query.items() if k == "artifactType"}
-        return await self._pull.referrers(client, route.repo, route.digest, params)
+        return await self._pull.referrers(client, repo, route.digest, params)
 
 
 def _listing_params(request: web.Request) -> dict[str, str]:

@@ -439,11 +439,12 @@ def write_hosts_toml(
     sends `GET /v2/<repo>/...?ns=<host>` to the mirror and only falls back to `server` on error.
     """
     server = server or (DOCKER_HUB_SERVER if host == DOCKER_HUB else f"https://{host}")
+    # `_default` applies to every registry: no `server`, each falls back to itself.
+    server_line = "" if host == "_default" else f'server = "{server}"\n\n'
     path = hosts_dir / host / "hosts.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f'server = "{server}"\n\n'
-        f'[host."{mirror_url.rstrip("/")}"]\n'
+        server_line + f'[host."{mirror_url.rstrip("/")}"]\n'
         '  capabilities = ["pull", "resolve"]\n'
         "  skip_verify = true\n"
     )
