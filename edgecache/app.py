@@ -45,19 +45,22 @@ class Edgecache:
         store = BlobStore(root)
         store.prepare()
         metrics = Metrics(u.name for u in config.upstreams)
+        clients = {u.name: UpstreamClient(u, metrics) for u in config.upstreams}
         flights = Flights(
             store,
             metrics,
             negative_ttl=config.cache.negative_ttl,
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
-        clients = {u.name: UpstreamClient(u) for u in config.upstreams}
+
         pull = PullService(
             store,
             ManifestCache(store),
             flights,
+            metrics,
             tag_ttl=config.cache.tag_ttl,
             max_stale=config.cache.max_stale,
+            negative_ttl=config.cache.negative_ttl,
         )
         front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics)
         return cls(config, lock, store, metrics, flights, clients, front)

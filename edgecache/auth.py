@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -61,14 +61,20 @@ def _is_ip_or_local(host: str) -> bool:
     return True
 
 
-def realm_allowed(realm: str, upstream_url: str) -> bool:
-    """May this token realm receive our credentials for this upstream?"""
+def realm_allowed(realm: str, upstream_url: str, allowed_hosts: Iterable[str] = ()) -> bool:
+    """May this token realm receive our credentials for this upstream?
+
+    Its own host (never downgraded to http), an https host in its registrable domain (not an IP
+    literal or localhost), or an https host the operator allowed explicitly (`token_hosts`).
+    """
     realm_parts = urlsplit(realm)
     upstream_parts = urlsplit(upstream_url)
     realm_host = (realm_parts.hostname or "").lower()
     upstream_host = (upstream_parts.hostname or "").lower()
     if realm_parts.scheme not in ("http", "https") or not realm_host:
         return False
+    if realm_parts.scheme == "https" and realm_host in {h.lower() for h in allowed_hosts}:
+        return True
     if realm_host == upstream_host:
         # Same host: as safe as the upstream itself, but never downgraded to http from https.
         return realm_parts.scheme == "https" or upstream_parts.scheme == "http"

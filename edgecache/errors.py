@@ -19,6 +19,7 @@
     ├── UpstreamRateLimited         TOOMANYREQUESTS     429
     └── UpstreamError               the upstream failed: never reported as "not found"
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
+        │   ├── UpstreamDown                            503 (marked down after repeated failures)
         │   └── UpstreamInterrupted                     a body cut short mid-way (resumable)
         ├── UpstreamTimeout         UNAVAILABLE         504
         ├── UpstreamDigestMismatch  UNAVAILABLE         502 (bytes did not hash to the digest)
@@ -132,6 +133,10 @@ class UpstreamRateLimited(EdgecacheError):
     message = "too many requests to the upstream registry"
     status = 429
 
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
 
 class UpstreamError(EdgecacheError):
     code = "UNAVAILABLE"
@@ -141,6 +146,13 @@ class UpstreamError(EdgecacheError):
 
 class UpstreamUnavailable(UpstreamError):
     pass
+
+
+class UpstreamDown(UpstreamUnavailable):
+    """Failing repeatedly: not contacted until its back-off period ends."""
+
+    message = "upstream registry is down"
+    status = 503
 
 
 class UpstreamInterrupted(UpstreamUnavailable):

@@ -72,5 +72,8 @@ class ManifestCache:
         self._tags[key] = entry
         return entry
 
+    def drop_tag(self, key: TagKey) -> None:
+        self._tags.pop(key, None)
+
     def age(self, entry: TagEntry) -> float:
         return self._clock() - entry.confirmed_at

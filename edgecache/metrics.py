@@ -13,6 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 FILL_FAILURE_REASONS = ("upstream", "digest_mismatch", "cancelled", "disk")
 SERVED_SOURCES = ("disk", "fill", "memory")
+UPSTREAM_KINDS = ("manifest", "blob", "tags", "referrers", "token")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+HEALTH_STATES = ("up", "down", "rate_limited")
+STALE_REASONS = ("down", "error", "rate_limited")
 
 
 class Metrics:
@@ -71,7 +75,49 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.upstream_requests = Counter(
+            "edgecache_upstream_requests_total",
+            "Requests sent to upstream registries, by kind and status class (error: no HTTP answer)",
+            ["upstream", "kind", "status_class"],
+            registry=r,
+        )
+        self.upstream_health = Gauge(
+            "edgecache_upstream_health",
+            "1 for the state each upstream is in (up, down after repeated failures, rate_limited)",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "edgecache_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window (Docker Hub's ratelimit-remaining); "
+            "NaN until seen",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "edgecache_upstream_ratelimit_limit",
+            "The upstream's rate-limit window size (ratelimit-limit); NaN until seen",
+            ["upstream"],
+            registry=r,
+        )
+        self.stale_served = Counter(
+            "edgecache_stale_served_total",
+            "Tags served past their TTL because upstream could not confirm them",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        upstreams = list(upstreams)
         for name in upstreams:
+            for kind in UPSTREAM_KINDS:
+                for status_class in STATUS_CLASSES:
+                    self.upstream_requests.labels(name, kind, status_class)
+            for state in HEALTH_STATES:
+                self.upstream_health.labels(name, state).set(1 if state == "up" else 0)
+            self.ratelimit_remaining.labels(name).set(float("nan"))
+            self.ratelimit_limit.labels(name).set(float("nan"))
+            for reason in STALE_REASONS:
+                self.stale_served.labels(name, reason)
+
             for metric in (
                 self.fills_started,
                 self.fills_completed,
@@ -86,6 +132,10 @@ class Metrics:
                 self.fills_failed.labels(name, reason)
         for source in SERVED_SOURCES:
             self.served_bytes.labels(source)
+
+    def set_health(self, upstream: str, state: str) -> None:
+        for each in HEALTH_STATES:
+            self.upstream_health.labels(upstream, each).set(1 if each == state else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,10 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from cachetools import TTLCache
+
 from edgecache import errors
 from edgecache.blobstore import BlobStore, OpenBlob
 from edgecache.flights import BlobFlight, Flights
-from edgecache.manifests import CachedManifest, ManifestCache, TagEntry
+from edgecache.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
+from edgecache.metrics import Metrics
 from edgecache.oci import (
     ByteRange,
     Digest,
@@ -102,15 +105,22 @@ class PullService:
         store: BlobStore,
         manifests: ManifestCache,
         flights: Flights,
+        metrics: Metrics,
         *,
         tag_ttl: float,
         max_stale: float,
+        negative_ttl: float = 30.0,
     ) -> None:
         self._store = store
         self._manifests = manifests
         self._flights = flights
+        self._metrics = metrics
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
+        # Tags upstream just said do not exist: answered 404 for a moment without asking again.
+        self._missing_tags: TTLCache[TagKey, bool] | None = (
+            TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
+        )
 
     # -- manifests -----------------------------------------------------------------------------
 
@@ -142,26 +152,48 @@ class PullService:
 
     async def _manifest_by_tag(self, client: UpstreamClient, query: ManifestQuery, tag: Tag) -> Reply:
         key = (client.name, client.upstream_name(query.repo), tag)
+        if self._missing_tags is not None and key in self._missing_tags:
+            raise errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
         known = self._manifests.tag(key)
-        if known is not None and self._manifests.age(known) < self._tag_ttl:
+        ttl = client.config.tag_ttl(str(tag), self._tag_ttl)
+        if known is not None and self._manifests.age(known) < ttl:
             cached = await self._manifests.get(known.digest)
             if cached is not None or (query.head and known.size is not None):
                 return self._manifest_reply(query, known.digest, known.media_type, cached, known.size, "HIT")
+        warning = None
         try:
             entry, cached, result = await self._flights.coalesce(
                 ("tag", key, query.head),
                 lambda: self._resolve_tag(client, query.repo, key, known, not query.head),
             )
-        except (errors.UpstreamError, errors.UpstreamRateLimited):
+        except errors.ManifestUnknown:
+            # Authoritative: upstream says the tag is gone, so it is not served stale either.
+            self._manifests.drop_tag(key)
+            if self._missing_tags is not None:
+                self._missing_tags[key] = True
+            raise
+        except (errors.UpstreamError, errors.UpstreamRateLimited) as exc:
             stale = await self._stale(known)
             if stale is None:
                 raise
-            log.warning("upstream %s failing; serving tag %s stale", client.name, tag)
+            reason = (
+                "rate_limited"
+                if isinstance(exc, errors.UpstreamRateLimited)
+                else "down"
+                if isinstance(exc, errors.UpstreamDown)
+                else "error"
+            )
+            log.warning("upstream %s failing (%s); serving tag %s stale", client.name, reason, tag)
+            self._metrics.stale_served.labels(client.name, reason).inc()
             entry, cached = stale
             result = "STALE"
+            warning = '110 - "Response is Stale"'
         if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
-        return self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
+        reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
+        if warning:
+            reply.headers["Warning"] = warning
+        return reply
 
     async def _resolve_tag(
         self,

@@ -11,7 +11,8 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from yarl import URL
 from edgecache import errors
 from edgecache.auth import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
 from edgecache.config import UpstreamConfig
+from edgecache.health import UpstreamHealth, parse_ratelimit, parse_retry_after
+from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
 
 log = logging.getLogger(__name__)
@@ -58,9 +61,11 @@ class Passthrough:
 class UpstreamClient:
     """Talks to one configured upstream registry; built and closed by the app."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
         self.config = config
         self.name = config.name
+        self._metrics = metrics
+        self.health = UpstreamHealth(config.down_after, config.down_for)
         self.base_url = config.url.rstrip("/")
         self._tokens = TokenCache()
         self._token_fetches: dict[str, asyncio.Future[str | None]] = {}
@@ -74,7 +79,8 @@ class UpstreamClient:
         )
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60)
+        ssl_context = ssl.create_default_context(cafile=self.config.ca_bundle or None)
+        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -169,13 +175,14 @@ class UpstreamClient:
         if kind == "manifest":
             base_headers["Accept"] = MANIFEST_ACCEPT
         scope = pull_scope(str(upstream_repo))
+        self.health.check(self.name)
         try:
-            resp = await self._send(method, url, base_headers, scope)
+            resp = await self._send(method, url, base_headers, scope, kind)
             if resp.status == 401:
                 challenge_header = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
                 if await self._authenticate(challenge_header, scope):
-                    resp = await self._send(method, url, base_headers, scope)
+                    resp = await self._send(method, url, base_headers, scope, kind)
             try:
                 self._check_status(resp, kind, allow_404)
                 try:
@@ -183,19 +190,53 @@ class UpstreamClient:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     # The answer started and then broke off: a caller may resume it with a Range.
                     log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
+                    self._health_changed(self.health.failed)
                     raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
             finally:
                 resp.release()
         except errors.EdgecacheError:
             raise
         except TimeoutError:
+            self._no_answer(kind)
             raise errors.UpstreamTimeout(f"upstream {self.name} timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("upstream %s %s %s failed: %s", self.name, method, kind, type(exc).__name__)
+            self._no_answer(kind)
             raise errors.UpstreamUnavailable(f"upstream {self.name} is unreachable") from None
 
+    def _observe(self, resp: aiohttp.ClientResponse, kind: str) -> None:
+        """Account for one upstream answer: metrics, rate-limit headers, health."""
+        status = resp.status
+        self._metrics.upstream_requests.labels(self.name, kind, f"{status // 100}xx").inc()
+        remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
+        if remaining is not None:
+            self._metrics.ratelimit_remaining.labels(self.name).set(remaining)
+        limit = parse_ratelimit(resp.headers.get("ratelimit-limit"))
+        if limit is not None:
+            self._metrics.ratelimit_limit.labels(self.name).set(limit)
+        if status == 429:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            log.warning("upstream %s rate limits us; backing off %.0fs", self.name, retry_after)
+            self._health_changed(lambda: self.health.rate_limited(retry_after))
+        elif status >= 500 or status == 408:
+            self._health_changed(self.health.failed)
+        else:
+            self._health_changed(self.health.succeeded)
+
+    def _no_answer(self, kind: str) -> None:
+        self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
+        self._health_changed(self.health.failed)
+
+    def _health_changed(self, event: Callable[[], None]) -> None:
+        before = self.health.state
+        event()
+        after = self.health.state
+        if after != before:
+            log.warning("upstream %s is now %s", self.name, after)
+            self._metrics.set_health(self.name, after)
+
     async def _send(
-        self, method: str, url: URL, headers: dict[str, str], scope: str
+        self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str
     ) -> aiohttp.ClientResponse:
         """Send, following redirects ourselves: Authorization only ever goes to the upstream's origin."""
         origin = self.base_url
@@ -206,6 +247,7 @@ class UpstreamClient:
                 if auth:
                     request_headers["Authorization"] = auth
             resp = await self.session.request(method, url, headers=request_headers, allow_redirects=False)
+            self._observe(resp, kind)
             if resp.status not in REDIRECT_STATUSES:
                 return resp
             location = resp.headers.get("Location")
@@ -259,13 +301,14 @@ class UpstreamClient:
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
-        if not realm_allowed(realm, self.base_url):
+        if not realm_allowed(realm, self.base_url, self.config.token_hosts):
             log.warning("upstream %s: token realm outside the upstream's domain refused", self.name)
             raise errors.UpstreamDenied("upstream token realm is not trusted")
         headers = {"Authorization": self._basic} if self._basic else {}
         async with self.session.get(
             URL(realm).update_query(query), headers=headers, allow_redirects=False
         ) as resp:
+            self._observe(resp, "token")
             if resp.status in (401, 403):
                 raise errors.UpstreamDenied(f"upstream {self.name} refused the credentials")
             if resp.status != 200:
@@ -290,7 +333,10 @@ class UpstreamClient:
         if status in (401, 403):
             raise errors.UpstreamDenied(f"upstream {self.name} denied access ({status})")
         if status == 429:
-            raise errors.UpstreamRateLimited(f"upstream {self.name} is rate limiting")
+            raise errors.UpstreamRateLimited(
+                f"upstream {self.name} is rate limiting",
+                retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+            )
         if status in (408, 504):
             raise errors.UpstreamTimeout(f"upstream {self.name} timed out ({status})")
         raise errors.UpstreamUnavailable(f"upstream {self.name} answered {status}")

@@ -240,6 +240,8 @@ def error_response(exc: errors.EdgecacheError) -> web.Response:
         headers["Content-Range"] = f"bytes */{exc.size}"
     if isinstance(exc, errors.Unsupported):
         headers["Allow"] = "GET, HEAD"
+    if isinstance(exc, errors.UpstreamRateLimited) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return web.Response(
         status=exc.status,
         body=json.dumps(exc.body()).encode(),

@@ -28,6 +28,7 @@ class Seen:
 class FaultRules:
     basic_auth: tuple[str, str] | None = None
     status: dict[str, int] = field(default_factory=dict)  # path substring → status to answer
+    status_headers: dict[str, str] = field(default_factory=dict)  # sent with those statuses
     redirect_blobs_to: str | None = None  # base URL of another host
     truncate_blobs: int = 0  # how many blob bodies to cut off half-way from now on
     stall_blobs: int = 0  # how many blob bodies to stop sending half-way (connection left open)
@@ -88,7 +89,7 @@ class FaultProxy:
                 return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="faults"'})
         for part, status in rules.status.items():
             if part in request.path_qs:
-                return web.Response(status=status, text="injected fault")
+                return web.Response(status=status, text="injected fault", headers=rules.status_headers)
         if rules.redirect_blobs_to and "/blobs/" in request.path:
             return web.Response(status=307, headers={"Location": rules.redirect_blobs_to + request.path_qs})
         return await self._forward(request)

@@ -138,13 +138,17 @@ def build_index(name: str, arches: tuple[str, ...] = ("amd64", "arm64")) -> Inde
 class Pusher:
     """Pushes blobs and manifests to a registry through the distribution push API."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, authorization: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.authorization = authorization  # e.g. "Basic ..." for an htpasswd registry
 
     def _request(
         self, method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str]]:
-        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.authorization and "Authorization" not in headers:
+            headers["Authorization"] = self.authorization
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as resp:
             resp.read()
             return resp.status, dict(resp.headers)
