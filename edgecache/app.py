@@ -60,6 +60,7 @@ class Edgecache:
             metrics,
             tag_ttl=config.cache.tag_ttl,
             max_stale=config.cache.max_stale,
+            stale_while_revalidate=config.cache.stale_while_revalidate,
             negative_ttl=config.cache.negative_ttl,
         )
         front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics)

@@ -52,6 +52,7 @@ class ServerConfig:
 class CacheConfig:
     dir: str = field(default_factory=default_cache_dir)
     tag_ttl: float = 60.0
+    stale_while_revalidate: float = 0.0
     max_stale: float = 86400.0
     negative_ttl: float = 30.0
     abandoned_fills: str = "finish"
@@ -293,6 +294,8 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.tag_ttl: must be >= 0 seconds")
     if config.cache.max_stale < 0:
         raise ConfigError("cache.max_stale: must be >= 0 seconds")
+    if config.cache.stale_while_revalidate < 0:
+        raise ConfigError("cache.stale_while_revalidate: must be >= 0 seconds")
     if config.cache.negative_ttl < 0:
         raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
     if config.cache.abandoned_fills not in ("finish", "cancel"):

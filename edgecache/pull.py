@@ -7,6 +7,7 @@ and never to aiohttp's server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from edgecache.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 BLOB_CONTENT_TYPE = "application/octet-stream"
+STALE_WARNING = '110 - "Response is Stale"'
 
 
 @dataclass
@@ -109,6 +111,7 @@ class PullService:
         *,
         tag_ttl: float,
         max_stale: float,
+        stale_while_revalidate: float = 0.0,
         negative_ttl: float = 30.0,
     ) -> None:
         self._store = store
@@ -117,6 +120,8 @@ class PullService:
         self._metrics = metrics
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
+        self._swr = stale_while_revalidate
+        self._background: set[asyncio.Task[object]] = set()
         # Tags upstream just said do not exist: answered 404 for a moment without asking again.
         self._missing_tags: TTLCache[TagKey, bool] | None = (
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
@@ -156,10 +161,20 @@ class PullService:
             raise errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
         known = self._manifests.tag(key)
         ttl = client.config.tag_ttl(str(tag), self._tag_ttl)
-        if known is not None and self._manifests.age(known) < ttl:
+        if known is not None and self._manifests.age(known) < ttl + self._swr:
             cached = await self._manifests.get(known.digest)
             if cached is not None or (query.head and known.size is not None):
-                return self._manifest_reply(query, known.digest, known.media_type, cached, known.size, "HIT")
+                if self._manifests.age(known) < ttl:
+                    return self._manifest_reply(
+                        query, known.digest, known.media_type, cached, known.size, "HIT"
+                    )
+                # Stale-while-revalidate: answer now, ask upstream once in the background.
+                self._revalidate_later(client, query, key, known)
+                reply = self._manifest_reply(
+                    query, known.digest, known.media_type, cached, known.size, "STALE"
+                )
+                reply.headers["Warning"] = STALE_WARNING
+                return reply
         warning = None
         try:
             entry, cached, result = await self._flights.coalesce(
@@ -187,13 +202,29 @@ class PullService:
             self._metrics.stale_served.labels(client.name, reason).inc()
             entry, cached = stale
             result = "STALE"
-            warning = '110 - "Response is Stale"'
+            warning = STALE_WARNING
         if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
         reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
         if warning:
             reply.headers["Warning"] = warning
         return reply
+
+    def _revalidate_later(
+        self, client: UpstreamClient, query: ManifestQuery, key: TagKey, known: TagEntry
+    ) -> None:
+        async def revalidate() -> object:
+            try:
+                return await self._flights.coalesce(
+                    ("tag", key, True), lambda: self._resolve_tag(client, query.repo, key, known, False)
+                )
+            except errors.EdgecacheError as exc:  # the next request sees the outcome; nobody waits here
+                log.info("background revalidation of %s failed: %s", key[2], exc.message)
+                return None
+
+        task = asyncio.create_task(revalidate())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _resolve_tag(
         self,

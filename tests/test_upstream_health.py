@@ -6,8 +6,10 @@ Retry-After, Docker Hub's rate-limit headers and 404s), or a real registry with 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -197,8 +199,9 @@ def basic_origin(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 
 async def test_basic_auth_upstream(
-    tmp_path: Path, basic_origin: Registry, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, basic_origin: Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     image = build_image("basic-app")
     Pusher(basic_origin.url, "Basic " + base64.b64encode(b"mirror:mirror-pw").decode()).push_image(
         "corp/app", "v1", image
@@ -217,10 +220,41 @@ async def test_basic_auth_upstream(
     finally:
         await edge.http.close()
         await server.close()
+    secret = base64.b64encode(b"mirror:mirror-pw").decode()
+    assert "mirror-pw" not in caplog.text and secret not in caplog.text  # never in logs
     anonymous, server = await open_edge(tmp_path / "b", basic_origin.url, {})
     try:
         async with anonymous.http.get("/v2/corp/app/manifests/v1", headers=ACCEPT) as resp:
             assert resp.status == 403
     finally:
         await anonymous.http.close()
+        await server.close()
+
+
+async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    first, second = build_image("swr-a"), build_image("swr-b")
+    pusher = Pusher(origin.url)
+    pusher.push_image("library/swr", "latest", first)
+    path = "/v2/library/swr/manifests/latest"
+    edge, server = await open_edge(tmp_path, origin.url, {}, tag_ttl=0.0, stale_while_revalidate=3600.0)
+    try:
+        async with edge.http.get(path, headers=ACCEPT) as resp:
+            assert resp.headers["X-Cache"] == "MISS"
+        pusher.push_image("library/swr", "latest", second)
+        heads = origin.count("HEAD", path)
+        async with edge.http.get(path, headers=ACCEPT) as resp:  # answered from cache at once...
+            assert resp.headers["X-Cache"] == "STALE"
+            assert await resp.read() == first.manifest.data
+        for _ in range(500):  # ...while one HEAD goes upstream in the background
+            if origin.count("HEAD", path) > heads:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        async with edge.http.get(path, headers=ACCEPT) as resp:  # which found the tag had moved
+            assert resp.headers["Docker-Content-Digest"] == second.manifest.digest
+            assert await resp.read() == second.manifest.data
+    finally:
+        await edge.http.close()
         await server.close()
