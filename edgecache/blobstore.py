@@ -4,6 +4,7 @@ Layout (drawn once, here):
 
     <root>/blobs/<alg>/<2 hex>/<hex>       verified blob bytes
     <root>/manifests/<alg>/<2 hex>/<hex>   "<media type>\\n" + the exact manifest bytes
+    <root>/tags/<upstream>/<repository>/_tags/<tag>   JSON: digest, media type, size, last confirmed
     <root>/tmp/<random>                    spools of fills in progress; emptied at start-up
     <root>/lock                            flock'd by the running process
 
@@ -73,7 +74,7 @@ class BlobStore:
 
     def prepare(self) -> None:
         """Create the layout and drop spools a previous process left behind (start-up only)."""
-        for sub in ("blobs", "manifests"):
+        for sub in ("blobs", "manifests", "tags"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,10 @@ class BlobStore:
         await asyncio.to_thread(
             self._commit_bytes, self.manifest_path(digest), media_type.encode() + b"\n" + body
         )
+
+    def write_small_file(self, final: Path, data: bytes) -> None:
+        """Replace a small metadata file atomically (a worker-thread call)."""
+        self._commit_bytes(final, data)
 
     def _commit_bytes(self, final: Path, data: bytes) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp)

@@ -1,19 +1,25 @@
 """The manifest cache: immutable manifests by digest (disk + a bounded memory LRU) and tag → digest entries.
 
 Manifests are kept as the exact bytes upstream sent, with the media type it declared; they are never
-re-serialised. Tag entries remember when they were last confirmed upstream, so the pull service can tell
-fresh from expired from too stale to serve.
+re-serialised. Tag entries remember when they were last confirmed upstream (wall-clock time), so the
+pull service can tell fresh from expired from too stale to serve. They are also written to
+`<root>/tags/<upstream>/<repository>/_tags/<tag>`, so a restarted edgecache still serves its tags while an
+upstream is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cachetools import LRUCache
 
 from edgecache.blobstore import BlobStore
+from edgecache.errors import DigestInvalid
 from edgecache.oci import Digest, RepoName, Tag
 
 MEMORY_BYTES = 64 * 1024 * 1024
@@ -39,7 +45,7 @@ TagKey = tuple[str, RepoName, Tag]
 
 
 class ManifestCache:
-    def __init__(self, store: BlobStore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: BlobStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
         self._memory: LRUCache[Digest, CachedManifest] = LRUCache(
@@ -64,16 +70,55 @@ class ManifestCache:
             await self._store.write_manifest(manifest.digest, manifest.media_type, manifest.body)
         self._memory[manifest.digest] = manifest
 
-    def tag(self, key: TagKey) -> TagEntry | None:
-        return self._tags.get(key)
-
-    def set_tag(self, key: TagKey, digest: Digest, media_type: str, size: int | None) -> TagEntry:
-        entry = TagEntry(digest, media_type, size, self._clock())
-        self._tags[key] = entry
+    async def tag(self, key: TagKey) -> TagEntry | None:
+        entry = self._tags.get(key)
+        if entry is None:
+            entry = await asyncio.to_thread(self._load_tag, key)
+            if entry is not None:
+                self._tags[key] = entry
         return entry
 
-    def drop_tag(self, key: TagKey) -> None:
+    async def set_tag(self, key: TagKey, digest: Digest, media_type: str, size: int | None) -> TagEntry:
+        entry = TagEntry(digest, media_type, size, self._clock())
+        self._tags[key] = entry
+        await asyncio.to_thread(self._save_tag, key, entry)
+        return entry
+
+    async def drop_tag(self, key: TagKey) -> None:
         self._tags.pop(key, None)
+        await asyncio.to_thread(self._tag_path(key).unlink, missing_ok=True)
+
+    def _tag_path(self, key: TagKey) -> Path:
+        """Built only from validated values: an upstream name, a repository name and a tag.
+
+        Tags live in a `_tags` folder, a name no repository component can have (they start with a
+        letter or digit), so repository `a` tag `b` and repository `a/b` never collide.
+        """
+        upstream, repo, tag = key
+        return self._store.root / "tags" / upstream / str(repo) / "_tags" / str(tag)
+
+    def _save_tag(self, key: TagKey, entry: TagEntry) -> None:
+        record = {
+            "digest": str(entry.digest),
+            "media_type": entry.media_type,
+            "size": entry.size,
+            "confirmed_at": entry.confirmed_at,
+        }
+        self._store.write_small_file(self._tag_path(key), json.dumps(record).encode())
+
+    def _load_tag(self, key: TagKey) -> TagEntry | None:
+        try:
+            record = json.loads(self._tag_path(key).read_bytes())
+            return TagEntry(
+                Digest.parse(record["digest"]),
+                str(record["media_type"]),
+                int(record["size"]) if record.get("size") is not None else None,
+                float(record["confirmed_at"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, DigestInvalid):
+            return None  # unreadable: as if never cached; the next confirmation rewrites it
 
     def age(self, entry: TagEntry) -> float:
         return self._clock() - entry.confirmed_at

@@ -159,7 +159,7 @@ class PullService:
         key = (client.name, client.upstream_name(query.repo), tag)
         if self._missing_tags is not None and key in self._missing_tags:
             raise errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
-        known = self._manifests.tag(key)
+        known = await self._manifests.tag(key)
         ttl = client.config.tag_ttl(str(tag), self._tag_ttl)
         if known is not None and self._manifests.age(known) < ttl + self._swr:
             cached = await self._manifests.get(known.digest)
@@ -183,7 +183,7 @@ class PullService:
             )
         except errors.ManifestUnknown:
             # Authoritative: upstream says the tag is gone, so it is not served stale either.
-            self._manifests.drop_tag(key)
+            await self._manifests.drop_tag(key)
             if self._missing_tags is not None:
                 self._missing_tags[key] = True
             raise
@@ -246,7 +246,7 @@ class PullService:
                 cached = await self._manifests.get(head.digest)
                 if cached is not None or not want_body:
                     media_type = cached.media_type if cached else manifest_media_type(b"", head.media_type)
-                    entry = self._manifests.set_tag(key, head.digest, media_type, head.size)
+                    entry = await self._manifests.set_tag(key, head.digest, media_type, head.size)
                     return entry, cached, "REVALIDATED" if cached else "MISS"
         fetched = await client.get_manifest(repo, tag)
         claimed = fetched.digest
@@ -255,7 +255,7 @@ class PullService:
         digest = claimed or Digest.of(fetched.body)
         manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
         await self._manifests.put(manifest)
-        entry = self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
+        entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
         return entry, manifest, "MISS"
 
     async def _stale(self, entry: TagEntry | None) -> tuple[TagEntry, CachedManifest] | None:

@@ -258,3 +258,33 @@ async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
     finally:
         await edge.http.close()
         await server.close()
+
+
+async def test_a_restarted_edgecache_serves_its_cache_while_upstream_is_down(
+    tmp_path: Path, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    config = edge_config(tmp_path / "cache", proxy.url, tag_ttl=0.0)
+    image = seeded.app
+    edge, server = await start_edge(config)
+    try:
+        async with edge.http.get(TAG, headers=ACCEPT) as resp:
+            assert resp.status == 200
+        for blob in image.blobs:
+            async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
+                assert await resp.read() == blob.data
+    finally:
+        await edge.http.close()
+        await server.close()
+    proxy.rules.status["/v2/"] = 503  # upstream goes down; edgecache restarts on the same cache
+    edge, server = await start_edge(config)
+    try:
+        async with edge.http.get(TAG, headers=ACCEPT) as resp:
+            assert resp.status == 200 and resp.headers["X-Cache"] == "STALE"
+            assert await resp.read() == image.manifest.data
+        for blob in image.blobs:
+            async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
+                assert resp.headers["X-Cache"] == "HIT"
+                assert await resp.read() == blob.data
+    finally:
+        await edge.http.close()
+        await server.close()
