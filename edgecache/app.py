@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
 from edgecache.config import Config
 from edgecache.flights import Flights
@@ -19,9 +23,11 @@ from edgecache.manifests import ManifestCache
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
 from edgecache.upstream import UpstreamClient
+from edgecache.usage import Usage
 from edgecache.web import RegistryFront, Upstreams
 
 log = logging.getLogger("edgecache")
+RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}
 
 
 @dataclass
@@ -35,16 +41,18 @@ class Edgecache:
     flights: Flights
     clients: dict[str, UpstreamClient]
     front: RegistryFront
+    log_format: str = "text"
+    _started: bool = field(default=False, repr=False)
 
     @classmethod
-    def build(cls, config: Config) -> Edgecache:
+    def build(cls, config: Config, log_format: str = "text") -> Edgecache:
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
         lock.acquire()
-        store = BlobStore(root)
-        store.prepare()
         metrics = Metrics(u.name for u in config.upstreams)
+        store = BlobStore(root, on_stored=lambda kind, size: _count_stored(metrics, kind, size))
+        store.prepare()
         clients = {u.name: UpstreamClient(u, metrics) for u in config.upstreams}
         flights = Flights(
             store,
@@ -52,7 +60,6 @@ class Edgecache:
             negative_ttl=config.cache.negative_ttl,
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
-
         pull = PullService(
             store,
             ManifestCache(store),
@@ -63,10 +70,18 @@ class Edgecache:
             stale_while_revalidate=config.cache.stale_while_revalidate,
             negative_ttl=config.cache.negative_ttl,
         )
-        front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics)
-        return cls(config, lock, store, metrics, flights, clients, front)
+        readiness = Readiness(store, clients)
+        front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics, Usage(), readiness)
+        return cls(config, lock, store, metrics, flights, clients, front, log_format)
 
     async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        sizes = await asyncio.to_thread(self.store.measure)
+        for kind, (entries, size) in sizes.items():
+            self.metrics.cache_entries.labels(kind).set(entries)
+            self.metrics.cache_bytes.labels(kind).set(size)
         for client in self.clients.values():
             await client.start()
 
@@ -77,7 +92,7 @@ class Edgecache:
         self.lock.release()
 
     def web_app(self) -> web.Application:
-        app = self.front.build_app()
+        app = self.front.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
 
         async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
             await self.start()
@@ -88,28 +103,61 @@ class Edgecache:
         return app
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM; then stop accepting, finish what is in flight, release the cache."""
-    instance = Edgecache.build(config)
-    runner = web.AppRunner(instance.web_app(), access_log=None, shutdown_timeout=10.0)
-    await runner.setup()
+@dataclass
+class Readiness:
+    """Ready while the cache directory takes writes; upstream states are reported, not required
+    (with an upstream down, the cache still serves what it holds)."""
+
+    store: BlobStore
+    clients: dict[str, UpstreamClient]
+
+    async def __call__(self) -> tuple[bool, dict[str, object]]:
+        writable = await asyncio.to_thread(_writable, self.store.tmp)
+        upstreams = {name: client.health.state for name, client in self.clients.items()}
+        return writable, {"cache_writable": writable, "upstreams": upstreams}
+
+
+def _count_stored(metrics: Metrics, kind: str, size: int) -> None:
+    metrics.cache_entries.labels(kind).inc()
+    metrics.cache_bytes.labels(kind).inc(size)
+
+
+def _writable(directory: Path) -> bool:
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-        await site.start()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix="readyz-"):
+            return True
+    except OSError:
+        return False
+
+
+async def serve(config: Config, log_format: str = "text") -> None:
+    """Run until SIGINT/SIGTERM; then stop accepting, finish what is in flight, release the cache."""
+    instance = Edgecache.build(config, log_format)
+    runners = [web.AppRunner(instance.web_app(), **RUNNER_OPTIONS)]
+    listens = [config.server.listen]
+    if config.server.metrics_listen:
+        runners.append(web.AppRunner(instance.front.build_admin_app(log_format), **RUNNER_OPTIONS))
+        listens.append(config.server.metrics_listen)
+    try:
+        for runner, listen in zip(runners, listens, strict=True):
+            await runner.setup()
+            host, _, port = listen.rpartition(":")
+            await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
         log.info(
-            "edgecache listening on http://%s (cache %s, default upstream %s)",
+            "edgecache listening on http://%s%s (cache %s, default upstream %s, pid %d)",
             config.server.listen,
+            f", metrics on http://{config.server.metrics_listen}" if config.server.metrics_listen else "",
             config.cache.dir,
             config.default_upstream,
+            os.getpid(),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready.set()
         await stop.wait()
         log.info("edgecache stopping")
     finally:
-        await runner.cleanup()
+        for runner in reversed(runners):
+            await runner.cleanup()

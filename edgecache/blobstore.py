@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -68,9 +69,27 @@ class CacheDirLock:
 class BlobStore:
     """Disk CAS for blobs and manifests. Paths come only from validated Digest values."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_stored: Callable[[str, int], None] | None = None) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self._on_stored = on_stored  # (kind, size) for each new blob or manifest; called from threads
+
+    def measure(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) per kind on disk: a start-up walk, in a worker thread."""
+        result: dict[str, tuple[int, int]] = {}
+        for kind, sub in (("blob", "blobs"), ("manifest", "manifests")):
+            entries = size = 0
+            for dirpath, _dirs, files in os.walk(self.root / sub):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        size += os.stat(os.path.join(dirpath, name)).st_size
+                        entries += 1
+            result[kind] = (entries, size)
+        return result
+
+    def _stored(self, kind: str, size: int) -> None:
+        if self._on_stored is not None:
+            self._on_stored(kind, size)
 
     def prepare(self) -> None:
         """Create the layout and drop spools a previous process left behind (start-up only)."""
@@ -115,9 +134,14 @@ class BlobStore:
 
     async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
         """Store verified manifest bytes (the caller checked the digest) with their media type."""
-        await asyncio.to_thread(
-            self._commit_bytes, self.manifest_path(digest), media_type.encode() + b"\n" + body
-        )
+        await asyncio.to_thread(self._write_manifest, digest, media_type.encode() + b"\n" + body)
+
+    def _write_manifest(self, digest: Digest, data: bytes) -> None:
+        final = self.manifest_path(digest)
+        new = not final.exists()
+        self._commit_bytes(final, data)
+        if new:
+            self._stored("manifest", len(data))
 
     def write_small_file(self, final: Path, data: bytes) -> None:
         """Replace a small metadata file atomically (a worker-thread call)."""
@@ -182,7 +206,10 @@ class Spool:
         """fsync and rename the verified spool into the store (a worker-thread call)."""
         os.fsync(self.fd)
         final = self._store.blob_path(self.digest)
+        new = not final.exists()
         _rename_durably(self.path, final)
+        if new:
+            self._store._stored("blob", self.written)
         return final
 
     def discard(self) -> None:

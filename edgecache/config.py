@@ -38,6 +38,7 @@ def default_cache_dir() -> str:
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:5000"
+    metrics_listen: str = ""
 
     @property
     def host(self) -> str:
@@ -290,6 +291,8 @@ def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def validate(config: Config) -> None:
     split_host_port(config.server.listen, "server.listen")
+    if config.server.metrics_listen:
+        split_host_port(config.server.metrics_listen, "server.metrics_listen")
     if config.cache.tag_ttl < 0:
         raise ConfigError("cache.tag_ttl: must be >= 0 seconds")
     if config.cache.max_stale < 0:

@@ -40,6 +40,14 @@ class EdgecacheError(Exception):
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.message)
         self.detail = detail
+        self.negative = False  # answered from a brief negative entry, without asking upstream
+
+    @property
+    def cache_result(self) -> str:
+        """For X-Cache and the metrics: a refusal of ours, a remembered failure, or upstream's word."""
+        if self.negative:
+            return "NEGATIVE"
+        return "PASS" if isinstance(self, ClientError) else "MISS"
 
     def body(self) -> dict[str, list[dict[str, str]]]:
         return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}

@@ -152,7 +152,9 @@ class Flights:
             return flight, False
         if self._negative_ttl > 0 and key in self._mismatched:
             self._metrics.negative_hits.labels(client.name).inc()
-            raise errors.UpstreamDigestMismatch("this blob failed verification moments ago; retry later")
+            refused = errors.UpstreamDigestMismatch("this blob failed verification moments ago; retry later")
+            refused.negative = True
+            raise refused
         self._metrics.fills_started.labels(client.name).inc()
         self._metrics.fills_in_flight.labels(client.name).inc()
         flight = BlobFlight(key, client.upstream_name(repo), self._store.new_spool(digest))
@@ -255,6 +257,7 @@ class Flights:
         self._metrics.fills_failed.labels(flight.key[0], reason).inc()
         if isinstance(error, errors.UpstreamDigestMismatch):
             log.error("digest mismatch from upstream for %s; nothing stored", flight.digest)
+            self._metrics.digest_mismatches.labels(flight.key[0], "blob").inc()
             if self._negative_ttl > 0:
                 self._mismatched[flight.key] = True
         flight.spool.discard()
@@ -277,7 +280,10 @@ class Flights:
         if not task.cancelled():
             task.exception()  # retrieved here: callers that went away must not leave it unread
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Let fills finish (a verified one only has its rename left) for `grace` seconds, then cancel."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 FILL_FAILURE_REASONS = ("upstream", "digest_mismatch", "cancelled", "disk")
 SERVED_SOURCES = ("disk", "fill", "memory")
@@ -17,6 +17,25 @@ UPSTREAM_KINDS = ("manifest", "blob", "tags", "referrers", "token")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
 HEALTH_STATES = ("up", "down", "rate_limited")
 STALE_REASONS = ("down", "error", "rate_limited")
+ROUTES = (
+    "base",
+    "manifest",
+    "blob",
+    "tags",
+    "referrers",
+    "upload",
+    "catalog",
+    "metrics",
+    "health",
+    "stats",
+    "unknown",
+)
+METHODS = ("GET", "HEAD", "other")
+CACHE_RESULTS = ("HIT", "MISS", "JOINED", "REVALIDATED", "STALE", "NEGATIVE", "PASS")
+MISMATCH_KINDS = ("blob", "manifest")
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
+_API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
+_CACHED_ROUTES = ("manifest", "blob")
 
 
 class Metrics:
@@ -106,6 +125,58 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "edgecache_http_requests_total",
+            "Client requests by route, method, status class and cache result",
+            ["route", "method", "status_class", "cache"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "edgecache_http_request_duration_seconds",
+            "Time from request to the last byte sent, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "edgecache_upstream_request_duration_seconds",
+            "Upstream request latency: phase first_byte (response headers) and total (body read)",
+            ["upstream", "kind", "phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fill_readers = Gauge(
+            "edgecache_fill_readers", "Client responses reading from fills in progress now", registry=r
+        )
+        self.digest_mismatches = Counter(
+            "edgecache_digest_mismatches_total",
+            "Upstream content that did not hash to its digest (never stored, never served whole)",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "edgecache_cache_bytes", "Bytes of verified content on disk", ["kind"], registry=r
+        )
+        self.cache_entries = Gauge(
+            "edgecache_cache_entries", "Verified blobs and manifests on disk", ["kind"], registry=r
+        )
+        self.cache_limit_bytes = Gauge(
+            "edgecache_cache_limit_bytes", "The cache's size limit in bytes (0: none configured)", registry=r
+        )
+        # The series dashboards and alerts read exist from start-up (not every combination: a
+        # label set first seen later appears then, and sums over it stay right).
+        for route in _API_ROUTES:
+            self.http_duration.labels(route)
+            for status_class in ("2xx", "4xx", "5xx"):
+                self.http_requests.labels(route, "GET", status_class, "PASS")
+        for route in _CACHED_ROUTES:
+            for method in ("GET", "HEAD"):
+                for cache in CACHE_RESULTS:
+                    self.http_requests.labels(route, method, "2xx", cache)
+                self.http_requests.labels(route, method, "5xx", "MISS")
+        for kind in ("blob", "manifest"):
+            self.cache_bytes.labels(kind)
+            self.cache_entries.labels(kind)
         upstreams = list(upstreams)
         for name in upstreams:
             for kind in UPSTREAM_KINDS:
@@ -117,6 +188,11 @@ class Metrics:
             self.ratelimit_limit.labels(name).set(float("nan"))
             for reason in STALE_REASONS:
                 self.stale_served.labels(name, reason)
+            for kind in MISMATCH_KINDS:
+                self.digest_mismatches.labels(name, kind)
+            for kind in ("manifest", "blob"):
+                for phase in ("first_byte", "total"):
+                    self.upstream_duration.labels(name, kind, phase)
 
             for metric in (
                 self.fills_started,
@@ -136,6 +212,13 @@ class Metrics:
     def set_health(self, upstream: str, state: str) -> None:
         for each in HEALTH_STATES:
             self.upstream_health.labels(upstream, each).set(1 if each == state else 0)
+
+    def observe_request(self, route: str, method: str, status: int, cache: str, seconds: float) -> None:
+        method = method if method in METHODS else "other"
+        route = route if route in ROUTES else "unknown"
+        cache = cache if cache in CACHE_RESULTS else "PASS"
+        self.http_requests.labels(route, method, f"{min(max(status // 100, 1), 5)}xx", cache).inc()
+        self.http_duration.labels(route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

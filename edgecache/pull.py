@@ -146,6 +146,7 @@ class PullService:
             fetched = await client.get_manifest(repo, str(digest))
             if Digest.of(fetched.body, digest.algorithm) != digest:
                 log.error("upstream %s sent a manifest that does not match %s", client.name, digest)
+                self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
                 raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
             manifest = CachedManifest(
                 digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body
@@ -158,7 +159,9 @@ class PullService:
     async def _manifest_by_tag(self, client: UpstreamClient, query: ManifestQuery, tag: Tag) -> Reply:
         key = (client.name, client.upstream_name(query.repo), tag)
         if self._missing_tags is not None and key in self._missing_tags:
-            raise errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
+            refused = errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
+            refused.negative = True
+            raise refused
         known = await self._manifests.tag(key)
         ttl = client.config.tag_ttl(str(tag), self._tag_ttl)
         if known is not None and self._manifests.age(known) < ttl + self._swr:
@@ -251,6 +254,7 @@ class PullService:
         fetched = await client.get_manifest(repo, tag)
         claimed = fetched.digest
         if claimed is not None and Digest.of(fetched.body, claimed.algorithm) != claimed:
+            self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
             raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
         digest = claimed or Digest.of(fetched.body)
         manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)

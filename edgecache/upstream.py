@@ -12,6 +12,7 @@ import base64
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from edgecache.config import UpstreamConfig
 from edgecache.health import UpstreamHealth, parse_ratelimit, parse_retry_after
 from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
+from edgecache.trace import note_upstream_status
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
@@ -176,6 +178,7 @@ class UpstreamClient:
             base_headers["Accept"] = MANIFEST_ACCEPT
         scope = pull_scope(str(upstream_repo))
         self.health.check(self.name)
+        started = time.perf_counter()
         try:
             resp = await self._send(method, url, base_headers, scope, kind)
             if resp.status == 401:
@@ -183,10 +186,13 @@ class UpstreamClient:
                 resp.release()
                 if await self._authenticate(challenge_header, scope):
                     resp = await self._send(method, url, base_headers, scope, kind)
+            timing = self._metrics.upstream_duration
+            timing.labels(self.name, kind, "first_byte").observe(time.perf_counter() - started)
             try:
                 self._check_status(resp, kind, allow_404)
                 try:
                     yield resp
+                    timing.labels(self.name, kind, "total").observe(time.perf_counter() - started)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     # The answer started and then broke off: a caller may resume it with a Range.
                     log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
@@ -207,6 +213,7 @@ class UpstreamClient:
     def _observe(self, resp: aiohttp.ClientResponse, kind: str) -> None:
         """Account for one upstream answer: metrics, rate-limit headers, health."""
         status = resp.status
+        note_upstream_status(status)
         self._metrics.upstream_requests.labels(self.name, kind, f"{status // 100}xx").inc()
         remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
         if remaining is not None:

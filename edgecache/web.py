@@ -8,6 +8,7 @@ aborted before their last byte if the fill fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -17,8 +18,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
+from edgecache.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
 from edgecache.metrics import Metrics
-from edgecache.oci import RepoName, accepted_media_types
+from edgecache.oci import Digest, RepoName, accepted_media_types
 from edgecache.pull import (
     BlobQuery,
     BytesBody,
@@ -29,7 +31,9 @@ from edgecache.pull import (
     SpoolBody,
 )
 from edgecache.routes import Kind, Route, parse_route
+from edgecache.trace import CURRENT, RequestTrace, request_id
 from edgecache.upstream import UpstreamClient
+from edgecache.usage import Usage
 
 log = logging.getLogger(__name__)
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -84,22 +88,76 @@ class Upstreams:
         return "." in component and self._default.config.adds_library_prefix
 
 
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+
+
 class RegistryFront:
-    def __init__(self, pull: PullService, upstreams: Upstreams, metrics: Metrics) -> None:
+    def __init__(
+        self, pull: PullService, upstreams: Upstreams, metrics: Metrics, usage: Usage, readiness: Readiness
+    ) -> None:
         self._pull = pull
         self._upstreams = upstreams
         self._metrics = metrics
+        self._usage = usage
+        self._readiness = readiness
 
-    def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 8190})
+    def build_app(self, *, admin: bool = True, log_format: str = "text") -> web.Application:
+        """The registry API; with `admin`, /metrics and /stats too (else they have their own listener)."""
+        app = self._new_app(log_format)
+        if admin:
+            self._add_admin_routes(app)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
+    def build_admin_app(self, log_format: str = "text") -> web.Application:
+        """The separate metrics listener: /metrics, /stats and the health checks only."""
+        app = self._new_app(log_format)
+        self._add_admin_routes(app)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    def _new_app(self, log_format: str) -> web.Application:
+        app = web.Application(
+            middlewares=[trace_middleware, error_middleware], handler_args={"max_field_size": 8190}
+        )
+        app[METRICS_KEY] = self._metrics
+        app[FORMAT_KEY] = log_format
+        app.on_response_prepare.append(_stamp_response)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/stats", self.stats)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        request[TRACE_KEY].route = "metrics"
+        body = await asyncio.to_thread(self._metrics.render)  # a few ms of CPU: off the event loop
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        request[TRACE_KEY].route = "stats"
+        top = [vars(entry) for entry in self._usage.top(20)]
+        return web.json_response({"top_repositories": top})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        """Alive: the process answers. Nothing else is checked."""
+        request[TRACE_KEY].route = "health"
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        """Ready while the cache can be served (even with an upstream down); the body says more."""
+        request[TRACE_KEY].route = "health"
+        ready, detail = await self._readiness()
+        return web.json_response({"ready": ready, **detail}, status=200 if ready else 503)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
-        if raw_path == "/metrics" and request.method == "GET":
-            return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
         route = parse_route(raw_path)
+        trace: RequestTrace = request[TRACE_KEY]
+        trace.route = route.kind.value
         if request.method not in READ_METHODS:
             raise errors.Unsupported("this mirror is read-only: push and delete are not supported")
         if route.kind is Kind.UPLOAD:
@@ -111,8 +169,15 @@ class RegistryFront:
                 status=200, body=b"{}", content_type="application/json", headers=API_VERSION_HEADER
             )
         client, repo = self._upstreams.choose(request, route.name)
+        trace.upstream = client.name
         reply = await self._dispatch(request, route, client, repo)
-        return await send_reply(request, reply, self._metrics)
+        response = await send_reply(request, reply, self._metrics)
+        if request.method == "GET" and route.kind in (Kind.MANIFEST, Kind.BLOB):
+            pull = route.kind is Kind.MANIFEST and not isinstance(route.reference, Digest)
+            self._usage.record(
+                client.name, str(client.upstream_name(repo)), pull=pull, bytes_served=trace.bytes_sent
+            )
+        return response
 
     async def _dispatch(
         self, request: web.Request, route: Route, client: UpstreamClient, repo: RepoName
@@ -167,10 +232,13 @@ def _listing_params(request: web.Request) -> dict[str, str]:
 async def send_reply(request: web.Request, reply: Reply, metrics: Metrics) -> web.StreamResponse:
     """Send a Reply: bytes, a file range with sendfile, or a fill's spool (aborted on failure)."""
     headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
+    trace: RequestTrace = request[TRACE_KEY]
+    trace.cache = reply.cache
     body = reply.body
     if isinstance(body, BytesBody):
         headers.pop("Content-Length", None)
         metrics.served_bytes.labels("memory").inc(len(body.data))
+        trace.bytes_sent = len(body.data)
         return web.Response(status=reply.status, body=body.data, headers=headers)
     response = web.StreamResponse(status=reply.status, headers=headers)
     try:
@@ -178,6 +246,7 @@ async def send_reply(request: web.Request, reply: Reply, metrics: Metrics) -> we
         if isinstance(body, FileBody):
             await _sendfile(request, body)
             metrics.served_bytes.labels("disk").inc(body.length)
+            trace.bytes_sent = body.length
         elif isinstance(body, SpoolBody):
             await _send_spool(request, body, metrics)
         await response.write_eof()
@@ -197,11 +266,15 @@ async def _send_spool(request: web.Request, body: SpoolBody, metrics: Metrics) -
     """Send a fill's bytes with sendfile as they land in the spool, cutting the connection if it fails."""
     loop = asyncio.get_running_loop()
     served = metrics.served_bytes.labels("fill")
-    with body.flight.open_file() as spool:
+    metrics.fill_readers.inc()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(metrics.fill_readers.dec)
+        spool = cleanup.enter_context(body.flight.open_file())
         try:
             async for offset, length in body.flight.segments(body.start, body.end):
                 sent = await loop.sendfile(_transport(request), spool, offset, length)
                 served.inc(sent)
+                request[TRACE_KEY].bytes_sent += sent
                 if sent != length:
                     raise errors.UpstreamUnavailable("spool shorter than its fill said")
         except errors.EdgecacheError as exc:
@@ -221,10 +294,33 @@ def _transport(request: web.Request) -> asyncio.Transport:
 
 
 @web.middleware
+async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Start this request's trace; the access logger reads it when the response is done."""
+    trace = RequestTrace(request_id(request.headers.get("X-Request-Id")))
+    request[TRACE_KEY] = trace
+    token = CURRENT.set(trace)
+    try:
+        return await handler(request)
+    finally:
+        CURRENT.reset(token)
+
+
+async def _stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response says which request it was and where its answer came from."""
+    trace: RequestTrace | None = request.get(TRACE_KEY)
+    if trace is not None:
+        response.headers["X-Request-Id"] = trace.request_id
+        response.headers.setdefault("X-Cache", trace.cache)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except errors.EdgecacheError as exc:
+        trace: RequestTrace | None = request.get(TRACE_KEY)
+        if trace is not None:
+            trace.cache = exc.cache_result
         return error_response(exc)
     except web.HTTPException as exc:
         # aiohttp's own refusals (bad request line, oversized headers) in the registry's format.

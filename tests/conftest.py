@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgecache.app import Edgecache
+from edgecache.app import RUNNER_OPTIONS, Edgecache
 from edgecache.config import Config, load_config
 from tests.support.images import Image, Index, Pusher, build_image, build_index
 from tests.support.registry import Registry, free_port, start_registry, wait_http
@@ -99,7 +99,7 @@ class Edge:
 
 async def start_edge(config: Config) -> tuple[Edge, TestServer]:
     instance = Edgecache.build(config)
-    server = TestServer(instance.web_app(), host="127.0.0.1")
+    server = TestServer(instance.web_app(), host="127.0.0.1", **RUNNER_OPTIONS)
     await server.start_server()
     http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
     return Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir)), server

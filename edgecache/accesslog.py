@@ -1,0 +1,72 @@
+"""The access log and the per-request metrics, both written when aiohttp finishes a response.
+
+One JSON object per line for log shippers, or a short readable line for a terminal. Fields: time,
+peer, method, path, route, status, bytes, duration, cache result, upstream and its status, request id.
+Headers are never logged, so credentials cannot appear; the path holds only validated names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from edgecache.metrics import Metrics
+from edgecache.trace import RequestTrace
+
+log = logging.getLogger("edgecache.access")
+METRICS_KEY = web.AppKey("edgecache.metrics", Metrics)
+FORMAT_KEY = web.AppKey("edgecache.log_format", str)
+TRACE_KEY = "edgecache.trace"
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        trace: RequestTrace | None = request.get(TRACE_KEY)
+        if trace is None:
+            return
+        app = request.app  # type: ignore[attr-defined]
+        metrics = app.get(METRICS_KEY)
+        duration = time.perf_counter() - trace.started
+        if metrics is not None:
+            metrics.observe_request(trace.route, request.method, response.status, trace.cache, duration)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        sent = trace.bytes_sent or response.body_length
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "peer": request.remote,
+            "method": request.method,
+            "path": request.path,
+            "route": trace.route,
+            "status": response.status,
+            "bytes": sent,
+            "duration_ms": round(duration * 1000, 2),
+            "cache": trace.cache,
+            "upstream": trace.upstream or None,
+            "upstream_status": trace.upstream_status,
+            "request_id": trace.request_id,
+        }
+        if app.get(FORMAT_KEY) == "json":
+            log.info(json.dumps(record, separators=(",", ":")))
+        else:
+            upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
+            log.info(
+                "%s %s %s %d %s %dB %.1fms%s id=%s",
+                request.remote,
+                request.method,
+                request.path,
+                response.status,
+                trace.cache,
+                sent,
+                duration * 1000,
+                upstream,
+                trace.request_id,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return True

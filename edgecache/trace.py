@@ -1,0 +1,41 @@
+"""What one client request did, gathered while it runs: for the access log, metrics and X-Request-Id.
+
+The front puts a RequestTrace in a context variable at the start of each request; code below it
+(the upstream client) notes what it did there without knowing about the front. Tasks started from a
+request (a fill it leads) inherit it, so the leader's trace also shows the fill's upstream status.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+CURRENT: ContextVar[RequestTrace | None] = ContextVar("edgecache_request_trace", default=None)
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(offered: str | None) -> str:
+    """The client's X-Request-Id when it is a safe token (it ends up in logs), else a new one."""
+    if offered and _CLIENT_ID.fullmatch(offered):
+        return offered
+    return secrets.token_hex(8)
+
+
+@dataclass
+class RequestTrace:
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str = "unknown"
+    cache: str = "PASS"
+    upstream: str = ""
+    upstream_status: int | None = None
+    bytes_sent: int = 0
+
+
+def note_upstream_status(status: int) -> None:
+    trace = CURRENT.get()
+    if trace is not None:
+        trace.upstream_status = status
