@@ -51,7 +51,7 @@ class AccessLogger(AbstractAccessLogger):
             "request_id": trace.request_id,
         }
         if app.get(FORMAT_KEY) == "json":
-            log.info(json.dumps(record, separators=(",", ":")))
+            log.info("access", extra={"access": record})
         else:
             upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
             log.info(
@@ -70,3 +70,22 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """Every log line as one JSON object: access records as they are, other records as
+    time, level, logger and message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            return json.dumps(access, separators=(",", ":"))
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))

@@ -27,21 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="access log as JSON lines or readable text (default: text on a terminal, else json)",
+    )
+    stats = sub.add_parser("stats", help="hit ratio, bytes saved and top repositories of a running instance")
+    stats.add_argument(
+        "--url",
+        default="http://127.0.0.1:5000",
+        help="the instance's metrics address (its listen, or metrics_listen when set)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if args.command == "stats":
+        from edgecache.stats import main as stats_main
+
+        return stats_main(args.url)
+    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from edgecache.accesslog import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         config = load_config(
             args.config, listen=args.listen, cache_dir=args.cache_dir, upstreams=args.upstream
         )
         from edgecache.app import serve
 
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, log_format))
     except ConfigError as exc:
         print(f"edgecache: configuration error: {exc}", file=sys.stderr)
         return 2

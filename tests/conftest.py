@@ -99,8 +99,8 @@ class Edge:
 
 async def start_edge(config: Config) -> tuple[Edge, TestServer]:
     instance = Edgecache.build(config)
-    server = TestServer(instance.web_app(), host="127.0.0.1", **RUNNER_OPTIONS)
-    await server.start_server()
+    server = TestServer(instance.web_app(), host="127.0.0.1")
+    await server.start_server(**RUNNER_OPTIONS)
     http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
     return Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir)), server
 

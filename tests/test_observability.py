@@ -1,0 +1,262 @@
+"""What operators see: metrics through real pulls, the access log, health checks, the dashboard and
+alert rules (checked by promtool and by a real Prometheus scraping a real edgecache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Edge, EdgeProcess, Seeded
+from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
+from tests.support.registry import Registry, free_port, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "conf/prometheus/edgecache-rules.yml"
+ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+async def test_request_metrics_follow_real_pulls(edge: Edge, seeded: Seeded) -> None:
+    def requests(route: str, cache: str) -> dict[str, str]:
+        return {"route": route, "method": "GET", "status_class": "2xx", "cache": cache}
+
+    layer = seeded.alpine.layers[0]
+    for _ in range(2):
+        async with edge.http.get("/v2/library/alpine/manifests/latest", headers=ACCEPT) as resp:
+            await resp.read()
+    async with edge.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        await resp.read()
+    async with edge.http.get("/v2/library/alpine/manifests/nope", headers=ACCEPT) as resp:
+        assert resp.status == 404 and resp.headers["X-Cache"] == "MISS"
+        assert re.fullmatch(r"[0-9a-f]{16}", resp.headers["X-Request-Id"])
+    metric = edge.metric
+    assert await metric("edgecache_http_requests_total", **requests("manifest", "MISS")) == 1
+    assert await metric("edgecache_http_requests_total", **requests("manifest", "HIT")) == 1
+    assert await metric("edgecache_http_requests_total", **requests("blob", "MISS")) == 1
+    assert (
+        await metric("edgecache_http_requests_total", route="manifest", status_class="4xx", cache="MISS") == 1
+    )
+    assert await metric("edgecache_http_request_duration_seconds_count", route="manifest") == 3
+    assert (
+        await metric(
+            "edgecache_upstream_requests_total", upstream="docker.io", kind="blob", status_class="2xx"
+        )
+        == 1
+    )
+    assert (
+        await metric(
+            "edgecache_upstream_request_duration_seconds_count",
+            upstream="docker.io",
+            kind="blob",
+            phase="total",
+        )
+        == 1
+    )
+    assert await metric("edgecache_cache_entries", kind="manifest") >= 1
+
+
+def test_access_log_is_json_lines_without_credentials(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "edgecache.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{port}",
+             "--upstream", origin.url, "--cache-dir", str(tmp_path / "cache"), "--log-format", "json"],
+            stderr=log,
+        )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
+        status, headers, _ = http_get(
+            f"http://127.0.0.1:{port}/v2/library/alpine/blobs/{seeded.alpine.config.digest}",
+            {"Authorization": "Basic c2VjcmV0OnBhc3N3b3Jk", "X-Request-Id": "trace-42"},
+        )
+        assert status == 200 and headers["X-Request-Id"] == "trace-42"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("request_id") == "trace-42"]
+    assert len(access) == 1
+    entry = access[0]
+    assert entry["method"] == "GET" and entry["status"] == 200 and entry["route"] == "blob"
+    assert entry["cache"] == "MISS" and entry["upstream"] == "docker.io" and entry["upstream_status"] == 200
+    assert entry["bytes"] == len(seeded.alpine.config.data)
+    assert {"time", "peer", "path", "duration_ms"} <= set(entry)
+    assert "c2VjcmV0OnBhc3N3b3Jk" not in log_path.read_text()
+
+
+def test_health_endpoints(edge_process: EdgeProcess) -> None:
+    status, _, body = http_get(f"{edge_process.url}/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = http_get(f"{edge_process.url}/readyz")
+    assert status == 200
+    assert json.loads(body) == {"ready": True, "cache_writable": True, "upstreams": {"docker.io": "up"}}
+    # A cache that cannot take writes is not ready; the registry health check (/v2/) stays up.
+    tmp = edge_process.cache_dir / "tmp"
+    shutil.rmtree(tmp)
+    tmp.write_text("not a directory")
+    try:
+        status, _, body = http_get(f"{edge_process.url}/readyz")
+        assert status == 503 and json.loads(body)["cache_writable"] is False
+        assert http_get(f"{edge_process.url}/v2/")[0] == 200
+    finally:
+        tmp.unlink()
+        tmp.mkdir()
+
+
+def test_metrics_can_have_their_own_listener(tmp_path: Path, origin: Registry) -> None:
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecache", "serve", "--upstream", origin.url,
+         "--cache-dir", str(tmp_path / "c")],
+        env={**os.environ, "EDGECACHE_SERVER_LISTEN": f"127.0.0.1:{port}",
+             "EDGECACHE_SERVER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc=proc)
+        wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
+        assert b"edgecache_fills_started_total" in http_get(f"http://127.0.0.1:{metrics_port}/metrics")[2]
+        assert http_get(f"http://127.0.0.1:{port}/metrics")[0] == 404  # not on the registry port
+        assert http_get(f"http://127.0.0.1:{metrics_port}/v2/")[0] == 404  # and no registry here
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def exported_names(edge_url: str) -> set[str]:
+    text = http_get(f"{edge_url}/metrics")[2].decode()
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_dashboard_and_rules_only_use_exported_metrics(edge_process: EdgeProcess) -> None:
+    names = exported_names(edge_process.url)
+    dashboard = json.loads((ROOT / "conf/grafana/edgecache-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    queries.append(RULES.read_text())
+    used = {m for q in queries for m in re.findall(r"\bedgecache_[a-z_]+", q)}
+    assert used, "no metric found in the dashboard or rules"
+    assert used <= names, f"not exported: {sorted(used - names)}"
+    panels = {p["title"] for p in dashboard["panels"]}
+    assert {"Hit ratio (requests)", "Hit ratio (bytes)", "Latency percentiles by route"} <= panels
+
+
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed: tests/run installs it"
+    subprocess.run([promtool, "check", "rules", str(RULES)], check=True, capture_output=True)
+    result = subprocess.run(
+        [promtool, "test", "rules", "edgecache-rules.test.yml"],
+        cwd=RULES.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, edge_process: EdgeProcess) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus (Debian package prometheus) is needed: tests/run installs it"
+    port = free_port()
+    shutil.copy(RULES, tmp_path / "rules.yml")
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "rule_files: [rules.yml]\n"
+        "scrape_configs:\n  - job_name: edgecache\n    static_configs:\n"
+        f"      - targets: ['{edge_process.url.removeprefix('http://')}']\n"
+    )
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def prom_query(prometheus: str, expr: str) -> list[dict[str, object]]:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = json.loads(http_get(url)[2])
+    assert body["status"] == "success", body
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def wait_for_value(prometheus: str, expr: str, within: float = 30.0) -> float:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = prom_query(prometheus, expr)
+        if result:
+            return float(result[0]["value"][1])  # type: ignore[index]
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus never answered {expr}")
+
+
+def test_a_real_prometheus_scrapes_edgecache_and_computes_the_hit_ratio(
+    prometheus: str, edge_process: EdgeProcess, seeded: Seeded
+) -> None:
+    wait_for_value(prometheus, 'up{job="edgecache"} == 1')
+    time.sleep(1.5)  # one scrape before the pulls, so the counters' increase is seen
+    blobs = seeded.alpine.blobs
+    for _ in range(4):  # one miss, then three hits of each blob
+        for blob in blobs:
+            assert http_get(f"{edge_process.url}/v2/library/alpine/blobs/{blob.digest}")[0] == 200
+    ratio = wait_for_value(prometheus, "edgecache:hit_ratio:rate5m > 0.5")
+    assert 0.5 < ratio <= 1.0
+    total = wait_for_value(
+        prometheus, 'sum(edgecache_http_requests_total{route="blob", cache="HIT"}) >= ' + str(3 * len(blobs))
+    )
+    assert total == 3 * len(blobs)
+
+
+def test_stats_command_shows_the_picture(edge_process: EdgeProcess, seeded: Seeded) -> None:
+    for _ in range(2):
+        http_get(f"{edge_process.url}/v2/library/alpine/manifests/latest", ACCEPT)
+        for blob in seeded.alpine.blobs:
+            http_get(f"{edge_process.url}/v2/library/alpine/blobs/{blob.digest}")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgecache", "stats", "--url", edge_process.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hit ratio (manifest+blob GETs): 50.0%" in result.stdout
+    assert "docker.io/library/alpine: 2 pulls" in result.stdout
+    assert "upstreams: docker.io up" in result.stdout
+    down = subprocess.run(
+        [sys.executable, "-m", "edgecache", "stats", "--url", f"http://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert down.returncode == 1 and "cannot read" in down.stdout and "Traceback" not in down.stderr
