@@ -20,7 +20,7 @@ from edgecache.trace import RequestTrace
 log = logging.getLogger("edgecache.access")
 METRICS_KEY = web.AppKey("edgecache.metrics", Metrics)
 FORMAT_KEY = web.AppKey("edgecache.log_format", str)
-TRACE_KEY = "edgecache.trace"
+TRACE_KEY = web.RequestKey("edgecache.trace", RequestTrace)
 
 
 class AccessLogger(AbstractAccessLogger):
