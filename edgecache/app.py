@@ -17,7 +17,8 @@ from aiohttp import web
 
 from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
-from edgecache.config import Config
+from edgecache.config import Config, parse_size
+from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
 from edgecache.manifests import ManifestCache
 from edgecache.metrics import Metrics
@@ -38,6 +39,7 @@ class Edgecache:
     lock: CacheDirLock
     store: BlobStore
     metrics: Metrics
+    keeper: CacheKeeper
     flights: Flights
     clients: dict[str, UpstreamClient]
     front: RegistryFront
@@ -51,12 +53,21 @@ class Edgecache:
         lock = CacheDirLock(root)
         lock.acquire()
         metrics = Metrics(u.name for u in config.upstreams)
-        store = BlobStore(root, on_stored=lambda kind, size: _count_stored(metrics, kind, size))
+        store = BlobStore(root)
         store.prepare()
+        keeper = CacheKeeper(
+            store,
+            metrics,
+            max_size=parse_size(config.cache.max_size, "cache.max_size"),
+            high_watermark=config.cache.high_watermark,
+            low_watermark=config.cache.low_watermark,
+            min_free=parse_size(config.cache.min_free, "cache.min_free"),
+        )
         clients = {u.name: UpstreamClient(u, metrics) for u in config.upstreams}
         flights = Flights(
             store,
             metrics,
+            keeper,
             negative_ttl=config.cache.negative_ttl,
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
@@ -65,6 +76,7 @@ class Edgecache:
             ManifestCache(store),
             flights,
             metrics,
+            keeper,
             tag_ttl=config.cache.tag_ttl,
             max_stale=config.cache.max_stale,
             stale_while_revalidate=config.cache.stale_while_revalidate,
@@ -72,16 +84,13 @@ class Edgecache:
         )
         readiness = Readiness(store, clients)
         front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics, Usage(), readiness)
-        return cls(config, lock, store, metrics, flights, clients, front, log_format)
+        return cls(config, lock, store, metrics, keeper, flights, clients, front, log_format)
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
-        sizes = await asyncio.to_thread(self.store.measure)
-        for kind, (entries, size) in sizes.items():
-            self.metrics.cache_entries.labels(kind).set(entries)
-            self.metrics.cache_bytes.labels(kind).set(size)
+        await self.keeper.start()
         for client in self.clients.values():
             await client.start()
 
@@ -89,6 +98,7 @@ class Edgecache:
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
+        await self.keeper.close()
         self.lock.release()
 
     def web_app(self) -> web.Application:
@@ -115,11 +125,6 @@ class Readiness:
         writable = await asyncio.to_thread(_writable, self.store.tmp)
         upstreams = {name: client.health.state for name, client in self.clients.items()}
         return writable, {"cache_writable": writable, "upstreams": upstreams}
-
-
-def _count_stored(metrics: Metrics, kind: str, size: int) -> None:
-    metrics.cache_entries.labels(kind).inc()
-    metrics.cache_bytes.labels(kind).inc(size)
 
 
 def _writable(directory: Path) -> bool:

@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from edgecache.errors import ConfigError, UpstreamDigestMismatch
+from edgecache.errors import ConfigError, DigestInvalid, UpstreamDigestMismatch
 from edgecache.oci import Digest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +37,17 @@ class OpenBlob:
 
     file: IO[bytes]
     size: int
+    _held: list[contextlib.AbstractContextManager[object]] = field(default_factory=list)
+
+    def hold(self, guard: contextlib.AbstractContextManager[object]) -> None:
+        """Keep `guard` entered (e.g. protection from eviction) until the blob is closed."""
+        guard.__enter__()
+        self._held.append(guard)
 
     def close(self) -> None:
         self.file.close()
+        while self._held:
+            self._held.pop().__exit__(None, None, None)
 
 
 class CacheDirLock:
@@ -69,27 +79,38 @@ class CacheDirLock:
 class BlobStore:
     """Disk CAS for blobs and manifests. Paths come only from validated Digest values."""
 
-    def __init__(self, root: Path, on_stored: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self._on_stored = on_stored  # (kind, size) for each new blob or manifest; called from threads
 
-    def measure(self) -> dict[str, tuple[int, int]]:
-        """(entries, bytes) per kind on disk: a start-up walk, in a worker thread."""
-        result: dict[str, tuple[int, int]] = {}
+    def inventory(self) -> dict[str, tuple[str, int]]:
+        """{digest: (kind, size)} of every stored blob and manifest: a start-up walk (worker thread).
+
+        Only names that are digests count; anything else in the store is left alone and logged.
+        """
+        found: dict[str, tuple[str, int]] = {}
         for kind, sub in (("blob", "blobs"), ("manifest", "manifests")):
-            entries = size = 0
-            for dirpath, _dirs, files in os.walk(self.root / sub):
-                for name in files:
-                    with contextlib.suppress(FileNotFoundError):
-                        size += os.stat(os.path.join(dirpath, name)).st_size
-                        entries += 1
-            result[kind] = (entries, size)
-        return result
+            for algorithm_dir in _subdirs(self.root / sub):
+                for prefix_dir in _subdirs(algorithm_dir):
+                    with os.scandir(prefix_dir) as entries:
+                        for entry in entries:
+                            text = f"{algorithm_dir.name}:{entry.name}"
+                            try:
+                                Digest.parse(text)
+                                found[text] = (kind, entry.stat().st_size)
+                            except (DigestInvalid, FileNotFoundError):
+                                log.warning("ignoring %s in the store: not a digest", entry.path)
+        return found
 
-    def _stored(self, kind: str, size: int) -> None:
-        if self._on_stored is not None:
-            self._on_stored(kind, size)
+    def has_file(self, kind: str, digest: Digest) -> bool:
+        return self._path(kind, digest).exists()
+
+    def remove(self, kind: str, digest: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(kind, digest))
+
+    def _path(self, kind: str, digest: Digest) -> Path:
+        return self.blob_path(digest) if kind == "blob" else self.manifest_path(digest)
 
     def prepare(self) -> None:
         """Create the layout and drop spools a previous process left behind (start-up only)."""
@@ -137,11 +158,7 @@ class BlobStore:
         await asyncio.to_thread(self._write_manifest, digest, media_type.encode() + b"\n" + body)
 
     def _write_manifest(self, digest: Digest, data: bytes) -> None:
-        final = self.manifest_path(digest)
-        new = not final.exists()
-        self._commit_bytes(final, data)
-        if new:
-            self._stored("manifest", len(data))
+        self._commit_bytes(self.manifest_path(digest), data)
 
     def write_small_file(self, final: Path, data: bytes) -> None:
         """Replace a small metadata file atomically (a worker-thread call)."""
@@ -206,10 +223,7 @@ class Spool:
         """fsync and rename the verified spool into the store (a worker-thread call)."""
         os.fsync(self.fd)
         final = self._store.blob_path(self.digest)
-        new = not final.exists()
         _rename_durably(self.path, final)
-        if new:
-            self._store._stored("blob", self.written)
         return final
 
     def discard(self) -> None:
@@ -220,6 +234,13 @@ class Spool:
         if not self._closed:
             self._closed = True
             os.close(self.fd)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _rename_durably(source: Path, final: Path) -> None:

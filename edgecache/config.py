@@ -52,6 +52,10 @@ class ServerConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     dir: str = field(default_factory=default_cache_dir)
+    max_size: str = "0"
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    min_free: str = "0"
     tag_ttl: float = 60.0
     stale_while_revalidate: float = 0.0
     max_stale: float = 86400.0
@@ -119,6 +123,21 @@ class Config:
         return next((u for u in self.upstreams if u.name == name), None)
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """`20G`, `500M`, `1.5T`, `20GiB` or plain bytes; binary units (G = 1024³)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _SIZE.fullmatch(str(text).strip())
+    if match is None:
+        raise ConfigError(f"{key}: expected a size such as 20G, 500M or 1048576, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    multiplier = 1024 ** ("kmgtp".index(unit) + 1) if unit else 1
+    return int(number * multiplier)
+
+
 def split_host_port(text: str, key: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
@@ -156,6 +175,8 @@ def _coerce(key: str, value: Any, target: Any) -> Any:
         if any(ttl < 0 for _, ttl in rules):
             raise ConfigError(f"{key}: TTLs must be >= 0 seconds")
         return rules
+    if target is str and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # sizes may be written as plain byte counts
     if isinstance(value, str) and target is not str:
         text = value.strip().lower()
         try:
@@ -293,6 +314,12 @@ def validate(config: Config) -> None:
     split_host_port(config.server.listen, "server.listen")
     if config.server.metrics_listen:
         split_host_port(config.server.metrics_listen, "server.metrics_listen")
+    max_size = parse_size(config.cache.max_size, "cache.max_size")
+    parse_size(config.cache.min_free, "cache.min_free")
+    if not 0 < config.cache.low_watermark < config.cache.high_watermark <= 1:
+        raise ConfigError("cache.low_watermark/high_watermark: need 0 < low < high <= 1")
+    if max_size and max_size < 1024 * 1024:
+        raise ConfigError("cache.max_size: at least 1M (0 means no limit)")
     if config.cache.tag_ttl < 0:
         raise ConfigError("cache.tag_ttl: must be >= 0 seconds")
     if config.cache.max_stale < 0:

@@ -20,6 +20,7 @@ from cachetools import TTLCache
 
 from edgecache import errors
 from edgecache.blobstore import BlobStore, Spool
+from edgecache.eviction import CacheKeeper
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
 from edgecache.upstream import UpstreamClient
@@ -123,6 +124,7 @@ class Flights:
         self,
         store: BlobStore,
         metrics: Metrics,
+        keeper: CacheKeeper,
         *,
         negative_ttl: float = 30.0,
         cancel_abandoned: bool = False,
@@ -130,6 +132,7 @@ class Flights:
     ) -> None:
         self._store = store
         self._metrics = metrics
+        self._keeper = keeper
         self._blobs: dict[tuple[str, Digest], BlobFlight] = {}
         self._calls: dict[Hashable, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,7 +197,11 @@ class Flights:
             # rename into the store happen off their path (joiners still read the spool meanwhile).
             flight.done = True
             flight.notify()
-            await asyncio.to_thread(spool.persist)
+            if await self._keeper.admit(flight.digest, "blob", spool.written):
+                await asyncio.to_thread(spool.persist)
+                await self._keeper.stored(flight.digest, "blob", spool.written, client.name, str(flight.repo))
+            else:
+                spool.discard()  # served through: the readers keep their open descriptors
         except errors.EdgecacheError as exc:
             self._fail(
                 flight,

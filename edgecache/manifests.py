@@ -64,9 +64,10 @@ class ManifestCache:
         self._memory[digest] = manifest
         return manifest
 
-    async def put(self, manifest: CachedManifest) -> None:
-        """Store a manifest whose bytes the caller verified against `manifest.digest`."""
-        if manifest.digest not in self._memory:
+    async def put(self, manifest: CachedManifest, *, persist: bool = True) -> None:
+        """Keep a manifest whose bytes the caller verified against `manifest.digest`: in memory,
+        and on disk unless the cache has no room for it."""
+        if persist and manifest.digest not in self._memory:
             await self._store.write_manifest(manifest.digest, manifest.media_type, manifest.body)
         self._memory[manifest.digest] = manifest
 

@@ -160,6 +160,23 @@ class Metrics:
         self.cache_entries = Gauge(
             "edgecache_cache_entries", "Verified blobs and manifests on disk", ["kind"], registry=r
         )
+        self.evictions = Counter(
+            "edgecache_evictions_total",
+            "Entries evicted, by reason (size: over the high watermark; free_space: below min_free)",
+            ["reason"],
+            registry=r,
+        )
+        self.pinned_bytes = Gauge("edgecache_pinned_bytes", "Bytes of pinned content on disk", registry=r)
+        self.passthrough = Counter(
+            "edgecache_passthrough_total",
+            "Verified content served without being stored: the cache was full of pinned or in-use content",
+            ["kind"],
+            registry=r,
+        )
+        for reason in ("size", "free_space"):
+            self.evictions.labels(reason)
+        for kind in ("blob", "manifest"):
+            self.passthrough.labels(kind)
         self.cache_limit_bytes = Gauge(
             "edgecache_cache_limit_bytes", "The cache's size limit in bytes (0: none configured)", registry=r
         )

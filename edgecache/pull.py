@@ -17,6 +17,7 @@ from cachetools import TTLCache
 
 from edgecache import errors
 from edgecache.blobstore import BlobStore, OpenBlob
+from edgecache.eviction import CacheKeeper
 from edgecache.flights import BlobFlight, Flights
 from edgecache.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
 from edgecache.metrics import Metrics
@@ -108,6 +109,7 @@ class PullService:
         manifests: ManifestCache,
         flights: Flights,
         metrics: Metrics,
+        keeper: CacheKeeper,
         *,
         tag_ttl: float,
         max_stale: float,
@@ -118,6 +120,7 @@ class PullService:
         self._manifests = manifests
         self._flights = flights
         self._metrics = metrics
+        self._keeper = keeper
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
         self._swr = stale_while_revalidate
@@ -140,6 +143,7 @@ class PullService:
     ) -> tuple[CachedManifest, str]:
         cached = await self._manifests.get(digest)
         if cached is not None:
+            self._keeper.touch(digest)
             return cached, "HIT"
 
         async def fetch() -> CachedManifest:
@@ -151,7 +155,7 @@ class PullService:
             manifest = CachedManifest(
                 digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body
             )
-            await self._manifests.put(manifest)
+            await self._store_manifest(client, repo, manifest)
             return manifest
 
         return await self._flights.coalesce(("manifest", client.name, digest), fetch), "MISS"
@@ -168,6 +172,7 @@ class PullService:
             cached = await self._manifests.get(known.digest)
             if cached is not None or (query.head and known.size is not None):
                 if self._manifests.age(known) < ttl:
+                    self._keeper.touch(known.digest)
                     return self._manifest_reply(
                         query, known.digest, known.media_type, cached, known.size, "HIT"
                     )
@@ -208,6 +213,8 @@ class PullService:
             warning = STALE_WARNING
         if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
+        if cached is not None and self._keeper.is_pinned_tag(client.name, str(key[1]), str(tag)):
+            await self._keeper.pin_manifest(cached.digest, cached.body)
         reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
         if warning:
             reply.headers["Warning"] = warning
@@ -258,9 +265,20 @@ class PullService:
             raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
         digest = claimed or Digest.of(fetched.body)
         manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
-        await self._manifests.put(manifest)
+        await self._store_manifest(client, repo, manifest)
         entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
         return entry, manifest, "MISS"
+
+    async def _store_manifest(self, client: UpstreamClient, repo: RepoName, manifest: CachedManifest) -> None:
+        """Keep a verified manifest (when the cache has room) and extend pins to what it references."""
+        stored = await self._keeper.admit(manifest.digest, "manifest", len(manifest.body))
+        await self._manifests.put(manifest, persist=stored)
+        if stored:
+            await self._keeper.stored(
+                manifest.digest, "manifest", len(manifest.body), client.name, str(client.upstream_name(repo))
+            )
+        if self._keeper.is_pinned(manifest.digest):
+            await self._keeper.pin_manifest(manifest.digest, manifest.body)
 
     async def _stale(self, entry: TagEntry | None) -> tuple[TagEntry, CachedManifest] | None:
         if entry is None or self._manifests.age(entry) > self._max_stale:
@@ -311,7 +329,17 @@ class PullService:
         if query.head:
             return await self._blob_head(client, query, headers)
         opened = await self._store.open_blob(digest)
+        expected = self._keeper.expected_size(digest)
+        if opened is not None and expected is not None and opened.size != expected:
+            log.error(
+                "cached %s has %d bytes, not %d: dropped, fetching again", digest, opened.size, expected
+            )
+            opened.close()
+            await self._keeper.forget(digest)
+            opened = None
         if opened is not None:
+            self._keeper.touch(digest)
+            opened.hold(self._keeper.reading(digest))
             try:
                 if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
                     opened.close()
@@ -342,6 +370,8 @@ class PullService:
 
     async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
         size = await self._store.has_blob(query.digest)
+        if size is not None:
+            self._keeper.touch(query.digest)
         result = "HIT"
         if size is None:
             flight = self._flights.running(client.name, query.digest)

@@ -1,0 +1,269 @@
+"""Keeping the cache within its size: LRU accounting, eviction, pins, and the index kept in step.
+
+Hits are counted in memory and written to the index in batches every few seconds (no SQLite write
+per request). Before a verified blob or manifest is renamed into the store, `admit` makes room for
+it by evicting the least recently used unpinned entries that nobody is reading; when even that is
+not enough (pinned content fills the limit), the content is served through without being stored.
+So the verified content on disk stays at or below `max_size`; spools of fills in flight come on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from edgecache.blobstore import BlobStore
+from edgecache.index import CacheIndex, Pin
+from edgecache.metrics import Metrics
+from edgecache.oci import Digest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FLUSH_SECONDS = 2.0
+EVICT_BATCH = 256
+
+
+class CacheKeeper:
+    def __init__(
+        self,
+        store: BlobStore,
+        metrics: Metrics,
+        *,
+        max_size: int,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.90,
+        min_free: int = 0,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.max_size = max_size
+        self._high = high_watermark
+        self._low = low_watermark
+        self._min_free = min_free
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgecache-index")
+        self._index: CacheIndex | None = None
+        self._sizes: dict[str, tuple[str, int]] = {}  # digest → (kind, size) of what is stored
+        self._touched: dict[str, tuple[float, int]] = {}
+        self._in_use: dict[str, int] = {}
+        self._pins: list[Pin] = []
+        self._pinned: set[str] = set()
+        self._lock = asyncio.Lock()  # one admission or eviction at a time
+        self._task: asyncio.Task[None] | None = None
+        self._seen_version = -1
+        metrics.cache_limit_bytes.set(max_size)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def index(self) -> CacheIndex:
+        assert self._index is not None, "CacheKeeper.start() was not awaited"
+        return self._index
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open (or rebuild) the index and make it agree with the disk, then keep it in step."""
+        started = time.perf_counter()
+        self._index = await self._run(CacheIndex, self._store.root / "index.db")
+        on_disk = await asyncio.to_thread(self._store.inventory)
+        added, dropped = await self._run(self.index.reconcile, on_disk)
+        if added or dropped:
+            log.info("cache index reconciled with the store: %d added, %d dropped", added, dropped)
+        self._sizes = dict(on_disk)
+        self._seen_version = await self._run(self.index.data_version)
+        await self._reload_pins()
+        self._publish()
+        log.info("cache index ready: %d entries in %.2fs", len(self._sizes), time.perf_counter() - started)
+        await self._evict_if_needed()
+        self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._index is not None:
+            await self._flush()
+            await self._run(self.index.close)
+        self._executor.shutdown(wait=True)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self._flush()
+                await self._pick_up_outside_changes()
+                await self._evict_if_needed()
+            except Exception:  # keep housekeeping alive; the next round retries
+                log.exception("cache housekeeping failed")
+
+    async def _flush(self) -> None:
+        if not self._touched:
+            return
+        batch, self._touched = self._touched, {}
+        await self._run(self.index.touch, [(d, when, n) for d, (when, n) in batch.items()])
+
+    async def _pick_up_outside_changes(self) -> None:
+        """`edgecache prune` and `pin` may run beside the server: when another process changed the
+        index (SQLite's data_version tells, for free), re-read pins and what is stored."""
+        version = await self._run(self.index.data_version)
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        await self._reload_pins()
+        entries = await self._run(self.index.all_entries)
+        self._sizes = {e.digest: (e.kind, e.size) for e in entries}
+        self._publish()
+
+    async def _reload_pins(self) -> None:
+        self._pins = await self._run(self.index.pins)
+        pinned = await self._run(self.index.pinned_digests)
+        self._pinned = pinned
+        self._metrics.pinned_bytes.set(sum(s for d, (_, s) in self._sizes.items() if d in pinned))
+
+    # -- per request ---------------------------------------------------------------------------
+
+    def touch(self, digest: Digest) -> None:
+        key = str(digest)
+        _, count = self._touched.get(key, (0.0, 0))
+        self._touched[key] = (time.time(), count + 1)
+
+    def expected_size(self, digest: Digest) -> int | None:
+        entry = self._sizes.get(str(digest))
+        return entry[1] if entry else None
+
+    @contextlib.contextmanager
+    def reading(self, digest: Digest) -> Iterator[None]:
+        """While a response reads a stored file, eviction leaves it alone."""
+        key = str(digest)
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_use[key] -= 1
+            if not self._in_use[key]:
+                del self._in_use[key]
+
+    # -- admission and eviction ----------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return sum(size for _, size in self._sizes.values())
+
+    async def admit(self, digest: Digest, kind: str, size: int) -> bool:
+        """Make room for `size` bytes about to be stored; False: store nothing, serve it through."""
+        if not self.max_size:
+            return True
+        async with self._lock:
+            need = self.used + size - self.max_size
+            if need > 0:
+                await self._evict(need)
+            if self.used + size > self.max_size:
+                self._metrics.passthrough.labels(kind).inc()
+                log.warning("cache full of pinned or in-use content: serving %s without storing it", digest)
+                return False
+            return True
+
+    async def stored(self, digest: Digest, kind: str, size: int, upstream: str, repository: str) -> None:
+        key = str(digest)
+        if key in self._sizes:
+            return
+        self._sizes[key] = (kind, size)
+        await self._run(self.index.add, key, kind, size, upstream, repository)
+        self._metrics.cache_entries.labels(kind).inc()
+        self._metrics.cache_bytes.labels(kind).inc(size)
+
+    async def forget(self, digest: Digest) -> None:
+        """A stored file turned out wrong (size mismatch): drop it so the next request refetches."""
+        key = str(digest)
+        entry = self._sizes.pop(key, None)
+        if entry is not None:
+            await asyncio.to_thread(self._store.remove, entry[0], digest)
+            await self._run(self.index.remove, [key])
+            self._publish()
+
+    async def _evict_if_needed(self) -> None:
+        over = self.used - int(self.max_size * self._high) if self.max_size else 0
+        short = self._min_free - await asyncio.to_thread(self._free_bytes) if self._min_free else 0
+        if over > 0 or short > 0:
+            target = self.used - int(self.max_size * self._low) if self.max_size else 0
+            async with self._lock:
+                await self._evict(max(target, short), reason="size" if over > 0 else "free_space")
+
+    def _free_bytes(self) -> int:
+        return shutil.disk_usage(self._store.root).free
+
+    async def _evict(self, amount: int, reason: str = "size") -> int:
+        """Evict at least `amount` bytes, coldest first, skipping pinned and in-use entries."""
+        freed = 0
+        while freed < amount:
+            await self._flush()  # the latest hits count before choosing victims
+            candidates = await self._run(self.index.coldest, EVICT_BATCH + len(self._in_use))
+            victims = [e for e in candidates if e.digest not in self._in_use and e.digest not in self._pinned]
+            if not victims:
+                break
+            chosen = []
+            for entry in victims:
+                if freed >= amount:
+                    break
+                chosen.append(entry)
+                freed += entry.size
+            await asyncio.to_thread(self._delete, [(e.kind, e.digest) for e in chosen])
+            await self._run(self.index.remove, [e.digest for e in chosen])
+            for entry in chosen:
+                self._sizes.pop(entry.digest, None)
+                self._metrics.evictions.labels(reason).inc()
+            log.info("evicted %d entries (%d bytes, %s)", len(chosen), sum(e.size for e in chosen), reason)
+        self._publish()
+        return freed
+
+    def _delete(self, items: list[tuple[str, str]]) -> None:
+        for kind, digest in items:
+            self._store.remove(kind, Digest.parse(digest))
+
+    def _publish(self) -> None:
+        for kind in ("blob", "manifest"):
+            sizes = [s for k, s in self._sizes.values() if k == kind]
+            self._metrics.cache_entries.labels(kind).set(len(sizes))
+            self._metrics.cache_bytes.labels(kind).set(sum(sizes))
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def is_pinned_tag(self, upstream: str, repository: str, tag: str) -> bool:
+        return any(pin.matches(upstream, repository, tag) for pin in self._pins)
+
+    def is_pinned(self, digest: Digest) -> bool:
+        return str(digest) in self._pinned
+
+    async def pin_manifest(self, digest: Digest, body: bytes) -> None:
+        """Pin a manifest and everything it references (index children, config, layers)."""
+        digests = {str(digest), *referenced_digests(body)}
+        new = digests - self._pinned
+        if new:
+            self._pinned |= new
+            await self._run(self.index.pin_digests, sorted(new))
+
+
+def referenced_digests(body: bytes) -> list[str]:
+    """Digests a manifest or index points at: its config, layers, and child manifests."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    found: list[str] = []
+    descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            with contextlib.suppress(Exception):
+                found.append(str(Digest.parse(descriptor["digest"])))
+    return found

@@ -1,0 +1,225 @@
+"""The cache index (SQLite, `<root>/index.db`): what is stored, how big, when last used, what is pinned.
+
+It makes eviction cheap: the coldest entries come from an index on last access, never from a scan of
+the disk. It survives restarts and crashes (WAL journal; every change is one transaction), and when it
+is lost or corrupt it is rebuilt from the store at start. The disk is the truth: `reconcile` makes the
+index agree with it. All calls are blocking: the server runs them on one worker thread (`IndexWorker`),
+the CLI directly; SQLite's locking lets both work on one cache at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    digest TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,              -- blob | manifest
+    size INTEGER NOT NULL,
+    last_access REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    upstream TEXT NOT NULL DEFAULT '',
+    repository TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS entries_by_access ON entries (last_access);
+CREATE TABLE IF NOT EXISTS pins (
+    upstream TEXT NOT NULL,
+    repository TEXT NOT NULL,        -- glob pattern
+    tag TEXT NOT NULL,               -- glob pattern
+    PRIMARY KEY (upstream, repository, tag)
+);
+CREATE TABLE IF NOT EXISTS pinned (
+    digest TEXT PRIMARY KEY          -- reachable from a pinned image; may not be stored yet
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    digest: str
+    kind: str
+    size: int
+    last_access: float
+    hits: int
+    upstream: str
+    repository: str
+
+
+@dataclass(frozen=True)
+class Pin:
+    upstream: str
+    repository: str
+    tag: str
+
+    def matches(self, upstream: str, repository: str, tag: str) -> bool:
+        return (
+            upstream == self.upstream
+            and fnmatch.fnmatchcase(repository, self.repository)
+            and fnmatch.fnmatchcase(tag, self.tag)
+        )
+
+    def __str__(self) -> str:
+        return f"{self.upstream}/{self.repository}:{self.tag}"
+
+
+class CacheIndex:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = self._connect()
+            db.execute("SELECT count(*) FROM entries").fetchone()
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            return db
+        except sqlite3.DatabaseError as exc:
+            log.error("cache index %s is unreadable (%s); rebuilding it from the store", self.path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.path}{suffix}")
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- entries -------------------------------------------------------------------------------
+
+    def add(self, digest: str, kind: str, size: int, upstream: str = "", repository: str = "") -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO entries (digest, kind, size, last_access, upstream, repository) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET size = excluded.size, "
+                "last_access = excluded.last_access",
+                (digest, kind, size, time.time(), upstream, repository),
+            )
+
+    def touch(self, accesses: Iterable[tuple[str, float, int]]) -> None:
+        """Record hits in one transaction: (digest, time, count) batched by the caller."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE entries SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ?",
+                [(when, count, digest) for digest, when, count in accesses],
+            )
+
+    def remove(self, digests: Iterable[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in digests])
+
+    def get(self, digest: str) -> Entry | None:
+        row = self._db.execute("SELECT * FROM entries WHERE digest = ?", (digest,)).fetchone()
+        return Entry(*row) if row else None
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) per kind."""
+        rows = self._db.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM entries GROUP BY kind")
+        return {kind: (count, size) for kind, count, size in rows}
+
+    def pinned_bytes(self) -> int:
+        row = self._db.execute(
+            "SELECT coalesce(sum(size), 0) FROM entries WHERE digest IN (SELECT digest FROM pinned)"
+        ).fetchone()
+        return int(row[0])
+
+    def coldest(self, limit: int) -> list[Entry]:
+        """Least recently used first, pinned content left out."""
+        rows = self._db.execute(
+            "SELECT * FROM entries WHERE digest NOT IN (SELECT digest FROM pinned) "
+            "ORDER BY last_access LIMIT ?",
+            (limit,),
+        )
+        return [Entry(*row) for row in rows]
+
+    def largest_repositories(self, limit: int) -> list[tuple[str, str, int, int, int]]:
+        """(upstream, repository, entries, bytes, hits), biggest first."""
+        rows = self._db.execute(
+            "SELECT upstream, repository, count(*), sum(size), sum(hits) FROM entries "
+            "GROUP BY upstream, repository ORDER BY sum(size) DESC LIMIT ?",
+            (limit,),
+        )
+        return [tuple(row) for row in rows]
+
+    def all_entries(self) -> list[Entry]:
+        return [Entry(*row) for row in self._db.execute("SELECT * FROM entries ORDER BY digest")]
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def add_pin(self, pin: Pin) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", (pin.upstream, pin.repository, pin.tag))
+
+    def remove_pin(self, pin: Pin) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM pins WHERE upstream = ? AND repository = ? AND tag = ?",
+                (pin.upstream, pin.repository, pin.tag),
+            )
+            return cursor.rowcount > 0
+
+    def pins(self) -> list[Pin]:
+        return [Pin(*row) for row in self._db.execute("SELECT * FROM pins ORDER BY 1, 2, 3")]
+
+    def pin_digests(self, digests: Iterable[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO pinned VALUES (?)", [(d,) for d in digests])
+
+    def set_pinned(self, digests: Iterable[str]) -> None:
+        """Replace the whole pinned set (after pins changed and were walked again)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM pinned")
+            db.executemany("INSERT OR IGNORE INTO pinned VALUES (?)", [(d,) for d in digests])
+
+    def pinned_digests(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT digest FROM pinned")}
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (the CLI beside the server) commits a change."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def is_pinned(self, digest: str) -> bool:
+        return self._db.execute("SELECT 1 FROM pinned WHERE digest = ?", (digest,)).fetchone() is not None
+
+    # -- agreement with the disk ---------------------------------------------------------------
+
+    def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[int, int]:
+        """Make the index list exactly what is on disk ({digest: (kind, size)}); (added, dropped)."""
+        indexed = {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
+        missing = [d for d in indexed if d not in on_disk]
+        changed = [(d, k, s) for d, (k, s) in on_disk.items() if indexed.get(d) != (k, s)]
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in missing])
+            db.executemany(
+                "INSERT INTO entries (digest, kind, size, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (digest) DO UPDATE SET kind = excluded.kind, size = excluded.size",
+                [(d, k, s, now) for d, k, s in changed],
+            )
+        return len(changed), len(missing)
