@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default upstream URL, or a named upstream NAME=URL (repeatable)",
     )
     serve.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+    serve.add_argument("--max-size", metavar="SIZE", help="cache size limit, e.g. 20G (default: none)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--log-format",
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         config = load_config(
-            args.config, listen=args.listen, cache_dir=args.cache_dir, upstreams=args.upstream
+            args.config,
+            listen=args.listen,
+            cache_dir=args.cache_dir,
+            upstreams=args.upstream,
+            max_size=args.max_size,
         )
         from edgecache.app import serve
 

@@ -219,6 +219,7 @@ def load_config(
     listen: str | None = None,
     cache_dir: str | None = None,
     upstreams: list[str] | None = None,
+    max_size: str | None = None,
 ) -> Config:
     """Build the effective configuration; raises ConfigError naming the offending key."""
     doc: dict[str, Any] = {}
@@ -266,6 +267,8 @@ def load_config(
         server["listen"] = listen
     if cache_dir is not None:
         cache["dir"] = cache_dir
+    if max_size is not None:
+        cache["max_size"] = max_size
 
     built_upstreams = [
         _build(UpstreamConfig, f"upstream[{i}]", table) for i, table in enumerate(upstream_tables)
