@@ -39,7 +39,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="http://127.0.0.1:5000",
         help="the instance's metrics address (its listen, or metrics_listen when set)",
     )
+    for name, text in (
+        ("du", "size, entries, pinned bytes and the largest repositories of a cache"),
+        ("prune", "evict least recently used entries until the cache is at most --to SIZE"),
+        ("verify", "re-hash the store; quarantine what does not match its digest"),
+        ("pin", "pin images (never evicted): pin add|rm REF, pin ls"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument(
+            "--cache-dir", metavar="DIR", help="the cache directory (default: the configured one)"
+        )
+        command.add_argument("--config", metavar="FILE", help="read cache.dir from this configuration")
+        if name == "prune":
+            command.add_argument("--to", metavar="SIZE", required=True, help="target size, e.g. 10G")
+        if name == "verify":
+            command.add_argument("--sample", type=int, metavar="N", help="check N random entries only")
+        if name == "pin":
+            command.add_argument("action", choices=["add", "rm", "ls"])
+            command.add_argument("ref", nargs="?", help="[registry/]repository[:tag], globs allowed")
     return parser
+
+
+def run_maintenance(args: argparse.Namespace) -> int:
+    from edgecache import maintenance
+    from edgecache.config import parse_size
+
+    cache_dir = load_config(args.config, cache_dir=args.cache_dir).cache.dir
+    if args.command == "du":
+        return maintenance.du(cache_dir)
+    if args.command == "prune":
+        return maintenance.prune(cache_dir, parse_size(args.to, "--to"))
+    if args.command == "verify":
+        return maintenance.verify(cache_dir, args.sample, progress=sys.stderr.isatty())
+    if args.action != "ls" and not args.ref:
+        raise ConfigError(f"pin {args.action}: a reference is needed, e.g. docker.io/library/alpine:3.19")
+    return maintenance.pin(cache_dir, args.action, args.ref)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         from edgecache.stats import main as stats_main
 
         return stats_main(args.url)
+    if args.command in ("du", "prune", "verify", "pin"):
+        try:
+            return run_maintenance(args)
+        except ConfigError as exc:
+            print(f"edgecache {args.command}: {exc}", file=sys.stderr)
+            return 2
     log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
     handler = logging.StreamHandler()
     if log_format == "json":

@@ -204,6 +204,7 @@ class CacheKeeper:
     async def _evict(self, amount: int, reason: str = "size") -> int:
         """Evict at least `amount` bytes, coldest first, skipping pinned and in-use entries."""
         freed = 0
+        await self._pick_up_outside_changes()  # pins or prunes made beside the server count now
         while freed < amount:
             await self._flush()  # the latest hits count before choosing victims
             candidates = await self._run(self.index.coldest, EVICT_BATCH + len(self._in_use))
@@ -237,7 +238,9 @@ class CacheKeeper:
 
     # -- pins ----------------------------------------------------------------------------------
 
-    def is_pinned_tag(self, upstream: str, repository: str, tag: str) -> bool:
+    async def is_pinned_tag(self, upstream: str, repository: str, tag: str) -> bool:
+        """Asked when a tag was just confirmed upstream, so a pin added a moment ago counts."""
+        await self._pick_up_outside_changes()
         return any(pin.matches(upstream, repository, tag) for pin in self._pins)
 
     def is_pinned(self, digest: Digest) -> bool:

@@ -287,6 +287,11 @@ class Flights:
         if not task.cancelled():
             task.exception()  # retrieved here: callers that went away must not leave it unread
 
+    async def settled(self) -> None:
+        """Wait until every fill started so far has ended (stored or failed)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def close(self, grace: float = 10.0) -> None:
         """Let fills finish (a verified one only has its rename left) for `grace` seconds, then cancel."""
         if self._tasks:

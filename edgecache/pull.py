@@ -213,7 +213,7 @@ class PullService:
             warning = STALE_WARNING
         if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
-        if cached is not None and self._keeper.is_pinned_tag(client.name, str(key[1]), str(tag)):
+        if cached is not None and await self._keeper.is_pinned_tag(client.name, str(key[1]), str(tag)):
             await self._keeper.pin_manifest(cached.digest, cached.body)
         reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
         if warning:

@@ -179,27 +179,37 @@ class UpstreamClient:
         scope = pull_scope(str(upstream_repo))
         self.health.check(self.name)
         started = time.perf_counter()
+        resp = await self._answer(method, url, base_headers, scope, kind, allow_404)
+        timing = self._metrics.upstream_duration
+        timing.labels(self.name, kind, "first_byte").observe(time.perf_counter() - started)
         try:
-            resp = await self._send(method, url, base_headers, scope, kind)
+            yield resp
+            timing.labels(self.name, kind, "total").observe(time.perf_counter() - started)
+        except (aiohttp.ClientError, TimeoutError) as exc:  # not OSError: that is the caller's disk
+            # The answer started and then broke off: a caller may resume it with a Range.
+            log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
+            self._health_changed(self.health.failed)
+            raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
+        finally:
+            resp.release()
+
+    async def _answer(
+        self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str, allow_404: bool
+    ) -> aiohttp.ClientResponse:
+        """Send with auth and redirects until an answer we can use; library errors mapped here."""
+        try:
+            resp = await self._send(method, url, headers, scope, kind)
             if resp.status == 401:
                 challenge_header = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
                 if await self._authenticate(challenge_header, scope):
-                    resp = await self._send(method, url, base_headers, scope, kind)
-            timing = self._metrics.upstream_duration
-            timing.labels(self.name, kind, "first_byte").observe(time.perf_counter() - started)
+                    resp = await self._send(method, url, headers, scope, kind)
             try:
                 self._check_status(resp, kind, allow_404)
-                try:
-                    yield resp
-                    timing.labels(self.name, kind, "total").observe(time.perf_counter() - started)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    # The answer started and then broke off: a caller may resume it with a Range.
-                    log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
-                    self._health_changed(self.health.failed)
-                    raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
-            finally:
+            except BaseException:
                 resp.release()
+                raise
+            return resp
         except errors.EdgecacheError:
             raise
         except TimeoutError:

@@ -1,0 +1,326 @@
+"""A cache that never outgrows its disk and survives anything: LRU eviction, pins, pass-through,
+kill -9, a lost index, a full disk, corrupt files, and the operator commands. Real disk, real origin."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from edgecache.index import CacheIndex
+from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.support.faults import FaultProxy
+from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
+from tests.support.registry import Registry, free_port, wait_http
+
+MiB = 1024 * 1024
+ACCEPT = {"Accept": DOCKER_MANIFEST}
+
+
+@pytest.fixture(scope="module")
+def churn(origin: Registry) -> list[Image]:
+    """Eight images whose last layer is 1 MiB of incompressible bytes."""
+    images = [build_image(f"churn-{i}", random_bytes=MiB) for i in range(8)]
+    pusher = Pusher(origin.url)
+    for i, image in enumerate(images):
+        pusher.push_image(f"churn/img{i}", "v1", image)
+    return images
+
+
+def blob_path(cache: Path, digest: str) -> Path:
+    hex_ = digest.split(":", 1)[1]
+    return cache / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+def stored_bytes(cache: Path) -> int:
+    return sum(
+        p.stat().st_size for sub in ("blobs", "manifests") for p in (cache / sub).rglob("*") if p.is_file()
+    )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgecache", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def get_blob(edge: Edge, repo: str, digest: str) -> tuple[str, bytes]:
+    """GET a blob, then wait for its fill (if any) to be stored, so the disk can be checked."""
+    async with edge.http.get(f"/v2/{repo}/blobs/{digest}") as resp:
+        assert resp.status == 200
+        result = resp.headers["X-Cache"], await resp.read()
+    await edge.instance.flights.settled()
+    return result
+
+
+@pytest.fixture
+async def small_edge(tmp_path: Path, origin: Registry, churn: list[Image]) -> AsyncIterator[Edge]:
+    edge, server = await start_edge(edge_config(tmp_path / "cache", origin.url, max_size=str(int(4.5 * MiB))))
+    yield edge
+    await edge.http.close()
+    await server.close()
+
+
+async def test_least_recently_used_goes_first_and_the_limit_holds(
+    small_edge: Edge, churn: list[Image]
+) -> None:
+    layers = [image.layers[-1] for image in churn]
+    limit = int(4.5 * MiB)
+    for i in range(4):
+        await get_blob(small_edge, f"churn/img{i}", layers[i].digest)
+        assert stored_bytes(small_edge.cache_dir) <= limit
+    assert await get_blob(small_edge, "churn/img0", layers[0].digest) == (
+        "HIT",
+        layers[0].data,
+    )  # 0 is hot now
+    await get_blob(small_edge, "churn/img4", layers[4].digest)  # needs room: the coldest (1) goes
+    present = [blob_path(small_edge.cache_dir, layer.digest).exists() for layer in layers[:5]]
+    assert present == [True, False, True, True, True]
+    assert stored_bytes(small_edge.cache_dir) <= limit
+    index = CacheIndex(small_edge.cache_dir / "index.db")
+    assert {e.digest for e in index.all_entries()} == {layers[i].digest for i in (0, 2, 3, 4)}
+    index.close()
+    assert await small_edge.metric("edgecache_evictions_total", reason="size") == 1
+    # evicted content is simply fetched again
+    assert await get_blob(small_edge, "churn/img1", layers[1].digest) == ("MISS", layers[1].data)
+
+
+async def test_churn_never_exceeds_the_limit_and_pinned_images_survive(
+    tmp_path: Path, origin: Registry, churn: list[Image]
+) -> None:
+    limit = 4 * MiB
+    config = edge_config(tmp_path / "cache", origin.url, max_size=str(limit))
+    edge, server = await start_edge(config)
+    pinned = churn[0]
+    try:
+        async with edge.http.get("/v2/churn/img0/manifests/v1", headers=ACCEPT) as resp:
+            assert resp.status == 200
+        for blob in pinned.blobs:
+            await get_blob(edge, "churn/img0", blob.digest)
+        result = cli("pin", "add", "docker.io/churn/img0:v1", "--cache-dir", str(edge.cache_dir))
+        assert result.returncode == 0, result.stderr
+        assert "3 cached entries are now pinned" in result.stdout  # manifest, config, layer
+        for _round in range(2):  # a working set several times the limit
+            for i, image in enumerate(churn[1:], 1):
+                await get_blob(edge, f"churn/img{i}", image.layers[-1].digest)
+                assert stored_bytes(edge.cache_dir) <= limit
+        for blob in pinned.blobs:
+            assert blob_path(edge.cache_dir, blob.digest).read_bytes() == blob.data
+        assert await edge.metric("edgecache_pinned_bytes") > MiB
+        listing = cli("pin", "ls", "--cache-dir", str(edge.cache_dir))
+        assert listing.stdout.strip() == "docker.io/churn/img0:v1"
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_when_pinned_content_fills_the_cache_misses_pass_through(
+    tmp_path: Path, origin: Registry, churn: list[Image]
+) -> None:
+    config = edge_config(tmp_path / "cache", origin.url, max_size=str(int(1.5 * MiB)))
+    edge, server = await start_edge(config)
+    try:
+        await get_blob(edge, "churn/img0", churn[0].layers[-1].digest)
+        assert cli("pin", "add", "churn/*", "--cache-dir", str(edge.cache_dir)).returncode == 0
+        async with edge.http.get("/v2/churn/img0/manifests/v1", headers=ACCEPT) as resp:
+            await resp.read()  # the pinned tag's manifest and what it references are now pinned
+        big = churn[1].layers[-1]
+        for _ in range(2):
+            cache, body = await get_blob(edge, "churn/img1", big.digest)
+            assert body == big.data and cache == "MISS"  # verified and served, never stored
+        assert not blob_path(edge.cache_dir, big.digest).exists()
+        assert blob_path(edge.cache_dir, churn[0].layers[-1].digest).exists()
+        assert await edge.metric("edgecache_passthrough_total", kind="blob") == 2
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+async def test_a_cached_file_of_the_wrong_size_is_fetched_again(small_edge: Edge, churn: list[Image]) -> None:
+    layer = churn[5].layers[-1]
+    await get_blob(small_edge, "churn/img5", layer.digest)
+    path = blob_path(small_edge.cache_dir, layer.digest)
+    await asyncio.sleep(0.1)
+    path.write_bytes(layer.data[:1000])  # truncated behind edgecache's back
+    assert await get_blob(small_edge, "churn/img5", layer.digest) == ("MISS", layer.data)
+    await asyncio.sleep(0.2)
+    assert path.read_bytes() == layer.data
+
+
+@pytest.fixture
+def served_cache(tmp_path: Path, origin: Registry, churn: list[Image]) -> Iterator[tuple[str, Path]]:
+    """A real `edgecache serve` process that has cached two images."""
+    port, cache = free_port(), tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{port}",
+         "--upstream", origin.url, "--cache-dir", str(cache), "--log-level", "warning"],
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v2/", proc=proc)
+    import urllib.request
+
+    for i in (2, 3):
+        for blob in churn[i].blobs:
+            with urllib.request.urlopen(f"{url}/v2/churn/img{i}/blobs/{blob.digest}") as resp:
+                resp.read()
+    yield url, cache
+    proc.terminate()
+    proc.wait(15)
+
+
+def test_operator_commands_beside_a_running_server(
+    served_cache: tuple[str, Path], churn: list[Image]
+) -> None:
+    url, cache = served_cache
+    du = cli("du", "--cache-dir", str(cache))
+    assert du.returncode == 0
+    assert "docker.io/churn/img2" in du.stdout and "4 entries" in du.stdout
+    layer = churn[2].layers[-1]
+    path = blob_path(cache, layer.digest)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(data))
+    verify = cli("verify", "--cache-dir", str(cache))
+    assert verify.returncode == 1
+    assert "verified 4 entries" in verify.stdout and "1 quarantined" in verify.stdout
+    assert not path.exists() and (cache / "quarantine" / layer.digest.replace(":", "-")).exists()
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v2/churn/img2/blobs/{layer.digest}") as resp:
+        assert resp.read() == layer.data  # fetched again, good this time
+    for _ in range(500):  # stored just after the response
+        if path.exists():
+            break
+        time.sleep(0.01)
+    prune = cli("prune", "--to", "1M", "--cache-dir", str(cache))
+    assert prune.returncode == 0, prune.stderr
+    assert stored_bytes(cache) <= MiB
+    assert cli("prune", "--to", "1M", "--cache-dir", str(cache / "nope")).returncode == 2
+
+
+def test_index_lost_or_corrupt_is_rebuilt_from_the_store(
+    tmp_path: Path, origin: Registry, churn: list[Image]
+) -> None:
+    cache = tmp_path / "cache"
+
+    async def pull_and_stop() -> None:
+        edge, server = await start_edge(edge_config(cache, origin.url))
+        try:
+            for blob in churn[6].blobs:
+                await get_blob(edge, "churn/img6", blob.digest)
+            await asyncio.sleep(0.2)
+        finally:
+            await edge.http.close()
+            await server.close()
+
+    asyncio.run(pull_and_stop())
+    for damage in ("delete", "garbage"):
+        for suffix in ("", "-wal", "-shm"):
+            target = Path(f"{cache / 'index.db'}{suffix}")
+            if damage == "delete" or suffix == "":
+                target.unlink(missing_ok=True)
+            if damage == "garbage" and suffix == "":
+                target.write_bytes(b"this is not a database" * 100)
+
+        async def restart_and_check() -> None:
+            edge, server = await start_edge(edge_config(cache, origin.url))
+            try:
+                entries = {e.digest: e.size for e in CacheIndex(cache / "index.db").all_entries()}
+                assert entries == {b.digest: len(b.data) for b in churn[6].blobs}
+                for blob in churn[6].blobs:
+                    assert await get_blob(edge, "churn/img6", blob.digest) == ("HIT", blob.data)
+            finally:
+                await edge.http.close()
+                await server.close()
+
+        asyncio.run(restart_and_check())
+
+
+async def test_kill_9_mid_fill_leaves_nothing_unverified(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    proxy = await FaultProxy(origin.url).start()
+    proxy.rules.throttle = 0.005  # the 24 MiB layer takes seconds: time to kill it mid-way
+    port, cache = free_port(), tmp_path / "cache"
+    command = [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{port}",
+               "--upstream", proxy.url, "--cache-dir", str(cache), "--log-level", "warning"]  # fmt: skip
+    layer = seeded.big.layers[-1]
+    proc = await asyncio.create_subprocess_exec(*command)
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/v2/")
+        blob_url = f"http://127.0.0.1:{port}/v2/library/big/blobs/{layer.digest}"
+        async with aiohttp.ClientSession() as http, http.get(blob_url) as resp:
+            await resp.content.readexactly(4 * MiB)  # the fill is well under way
+            assert any((cache / "tmp").iterdir())
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        assert not blob_path(cache, layer.digest).exists()
+        proxy.rules.throttle = 0
+        proc = await asyncio.create_subprocess_exec(*command)
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/v2/")
+        assert not any((cache / "tmp").iterdir())  # leftover spools removed at start
+        index = CacheIndex(cache / "index.db")
+        on_disk = {
+            str(p.parent.parent.name) + ":" + p.name for p in (cache / "blobs").rglob("*") if p.is_file()
+        }
+        assert {e.digest for e in index.all_entries() if e.kind == "blob"} == on_disk
+        index.close()
+        async with aiohttp.ClientSession() as http, http.get(blob_url) as resp:
+            assert await resp.read() == layer.data
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await proxy.stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MiB file system for the cache (tmpfs, mounted as root)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}): ENOSPC not testable")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_disk_full_during_a_fill_is_clean(
+    tiny_disk: Path, origin: Registry, churn: list[Image], seeded: Seeded
+) -> None:
+    edge, server = await start_edge(edge_config(tiny_disk / "cache", origin.url))
+    try:
+        small = churn[7].layers[-1]
+        assert await get_blob(edge, "churn/img7", small.digest) == ("MISS", small.data)
+        big = seeded.big.layers[-1]  # 24 MiB into 3 MiB: ENOSPC mid-fill
+        async with edge.http.get(f"/v2/library/big/blobs/{big.digest}") as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        await asyncio.sleep(0.2)
+        assert not blob_path(tiny_disk / "cache", big.digest).exists()
+        assert not any((tiny_disk / "cache" / "tmp").iterdir())
+        assert await get_blob(edge, "churn/img7", small.digest) == ("HIT", small.data)  # hits keep working
+        assert await edge.metric("edgecache_fills_failed_total", upstream="docker.io", reason="disk") == 1
+    finally:
+        await edge.http.close()
+        await server.close()
+
+
+def test_pin_references_are_checked() -> None:
+    from edgecache.maintenance import parse_pin
+
+    assert str(parse_pin("alpine:3.19")) == "docker.io/library/alpine:3.19"
+    assert str(parse_pin("ghcr.io/owner/app")) == "ghcr.io/owner/app:*"
+    assert str(parse_pin("registry.corp:5000/team/*:v*")) == "registry.corp:5000/team/*:v*"
+    result = cli("pin", "add", "Bad/Name:x", "--cache-dir", "/nonexistent")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
