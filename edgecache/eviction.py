@@ -159,14 +159,20 @@ class CacheKeeper:
         return sum(size for _, size in self._sizes.values())
 
     async def admit(self, digest: Digest, kind: str, size: int) -> bool:
-        """Make room for `size` bytes about to be stored; False: store nothing, serve it through."""
-        if not self.max_size:
+        """Make room for `size` bytes about to be stored; False: store nothing, serve it through.
+
+        Room means both: within max_size, and min_free left on the file system afterwards. (The
+        bytes are already on that file system in the spool; the rename adds nothing to it.)
+        """
+        if not self.max_size and not self._min_free:
             return True
         async with self._lock:
-            need = self.used + size - self.max_size
-            if need > 0:
-                await self._evict(need)
-            if self.used + size > self.max_size:
+            need = self.used + size - self.max_size if self.max_size else 0
+            short = self._min_free - await asyncio.to_thread(self._free_bytes) if self._min_free else 0
+            if need > 0 or short > 0:
+                await self._evict(max(need, short), reason="size" if need >= short else "free_space")
+            over = self.max_size and self.used + size > self.max_size
+            if over or (self._min_free and await asyncio.to_thread(self._free_bytes) < self._min_free):
                 self._metrics.passthrough.labels(kind).inc()
                 log.warning("cache full of pinned or in-use content: serving %s without storing it", digest)
                 return False

@@ -4,6 +4,7 @@ kill -9, a lost index, a full disk, corrupt files, and the operator commands. Re
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -243,8 +244,9 @@ def test_index_lost_or_corrupt_is_rebuilt_from_the_store(
         asyncio.run(restart_and_check())
 
 
+@pytest.mark.parametrize("read_before_kill", [1 * MiB, 12 * MiB, 23 * MiB])
 async def test_kill_9_mid_fill_leaves_nothing_unverified(
-    tmp_path: Path, origin: Registry, seeded: Seeded
+    tmp_path: Path, origin: Registry, seeded: Seeded, read_before_kill: int
 ) -> None:
     proxy = await FaultProxy(origin.url).start()
     proxy.rules.throttle = 0.005  # the 24 MiB layer takes seconds: time to kill it mid-way
@@ -257,7 +259,7 @@ async def test_kill_9_mid_fill_leaves_nothing_unverified(
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/v2/")
         blob_url = f"http://127.0.0.1:{port}/v2/library/big/blobs/{layer.digest}"
         async with aiohttp.ClientSession() as http, http.get(blob_url) as resp:
-            await resp.content.readexactly(4 * MiB)  # the fill is well under way
+            await resp.content.readexactly(read_before_kill)  # the fill is under way
             assert any((cache / "tmp").iterdir())
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
@@ -293,6 +295,27 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}): ENOSPC not testable")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_min_free_space_is_kept_by_evicting(
+    tiny_disk: Path, origin: Registry, churn: list[Image]
+) -> None:
+    # 3 MiB file system, at least 1.5 MiB kept free: room for one 1 MiB layer at a time.
+    edge, server = await start_edge(edge_config(tiny_disk / "cache", origin.url, min_free="1536K"))
+    try:
+        layers = [image.layers[-1] for image in churn[:3]]
+        for i, layer in enumerate(layers):
+            assert (await get_blob(edge, f"churn/img{i}", layer.digest))[1] == layer.data
+            assert shutil.disk_usage(tiny_disk).free >= 1536 * 1024
+        assert [blob_path(tiny_disk / "cache", layer.digest).exists() for layer in layers] == [
+            False,
+            False,
+            True,
+        ]
+        assert await edge.metric("edgecache_evictions_total", reason="free_space") == 2
+    finally:
+        await edge.http.close()
+        await server.close()
 
 
 async def test_disk_full_during_a_fill_is_clean(
