@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from edgecache import sdnotify
 from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
 from edgecache.config import Config, parse_size
+from edgecache.errors import ConfigError
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
 from edgecache.manifests import ManifestCache
@@ -101,6 +102,23 @@ class Edgecache:
         await self.keeper.close()
         self.lock.release()
 
+    def apply(self, new: Config) -> None:
+        """Take what can change at run time from a reloaded configuration: upstream credentials,
+        timeouts, tag TTL rules and health thresholds; cache TTLs, size limits and watermarks."""
+        for upstream in new.upstreams:
+            client = self.clients.get(upstream.name)
+            if client is not None and client.config.url == upstream.url:
+                client.reconfigure(upstream)
+        self.front.pull.reconfigure(new.cache)
+        self.keeper.reconfigure(
+            max_size=parse_size(new.cache.max_size, "cache.max_size"),
+            high_watermark=new.cache.high_watermark,
+            low_watermark=new.cache.low_watermark,
+            min_free=parse_size(new.cache.min_free, "cache.min_free"),
+        )
+        kept = restart_needed(self.config, new)
+        self.config = new if not kept else self.config
+
     def web_app(self) -> web.Application:
         app = self.front.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
 
@@ -135,8 +153,25 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-async def serve(config: Config, log_format: str = "text") -> None:
-    """Run until SIGINT/SIGTERM; then stop accepting, finish what is in flight, release the cache."""
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What a reload cannot change: listeners, the cache directory, the set of upstreams and their URLs."""
+    changed = []
+    if old.server != new.server:
+        changed.append("server (listeners)")
+    if old.cache.dir != new.cache.dir:
+        changed.append("cache.dir")
+    if old.default_upstream != new.default_upstream:
+        changed.append("default_upstream")
+    old_urls = {u.name: (u.url, u.ca_bundle, u.max_connections) for u in old.upstreams}
+    new_urls = {u.name: (u.url, u.ca_bundle, u.max_connections) for u in new.upstreams}
+    if old_urls != new_urls:
+        changed.append("upstream names, urls, ca_bundle or max_connections")
+    return changed
+
+
+async def serve(config: Config, log_format: str = "text", reload: Callable[[], Config] | None = None) -> None:
+    """Run until SIGINT/SIGTERM: then stop accepting, let responses in flight finish (10 s at most),
+    and release the cache. SIGHUP re-reads the configuration (`reload`) and applies what it can."""
     instance = Edgecache.build(config, log_format)
     runners = [web.AppRunner(instance.web_app(), **RUNNER_OPTIONS)]
     listens = [config.server.listen]
@@ -159,10 +194,29 @@ async def serve(config: Config, log_format: str = "text") -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(instance, reload)))
+        sdnotify.notify("READY=1", f"STATUS=serving on {config.server.listen}")
         await stop.wait()
-        log.info("edgecache stopping")
+        sdnotify.notify("STOPPING=1")
+        log.info("edgecache stopping: no new connections; finishing responses in flight")
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        log.info("edgecache stopped")
+
+
+async def _reload(instance: Edgecache, load: Callable[[], Config]) -> None:
+    sdnotify.reloading()
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("reload refused, configuration unchanged: %s", exc)
+        sdnotify.notify("READY=1", "STATUS=reload refused: see the log")
+        return
+    for what in restart_needed(instance.config, new):
+        log.warning("reload: %s changed; that takes a restart (kept as it was)", what)
+    instance.apply(new)
+    log.info("configuration reloaded")
+    sdnotify.notify("READY=1", f"STATUS=serving on {instance.config.server.listen} (reloaded)")

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from edgecache.config import load_config
+from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
 
 
@@ -98,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
-        config = load_config(
-            args.config,
-            listen=args.listen,
-            cache_dir=args.cache_dir,
-            upstreams=args.upstream,
-            max_size=args.max_size,
-        )
+
+        def load() -> Config:
+            return load_config(
+                args.config,
+                listen=args.listen,
+                cache_dir=args.cache_dir,
+                upstreams=args.upstream,
+                max_size=args.max_size,
+            )
+
+        config = load()
         from edgecache.app import serve
 
-        asyncio.run(serve(config, log_format))
+        asyncio.run(serve(config, log_format, reload=load))
     except ConfigError as exc:
         print(f"edgecache: configuration error: {exc}", file=sys.stderr)
         return 2

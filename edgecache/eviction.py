@@ -59,6 +59,14 @@ class CacheKeeper:
         self._seen_version = -1
         metrics.cache_limit_bytes.set(max_size)
 
+    def reconfigure(
+        self, *, max_size: int, high_watermark: float, low_watermark: float, min_free: int
+    ) -> None:
+        """New limits apply from the next admission or housekeeping round (every few seconds)."""
+        self.max_size = max_size
+        self._high, self._low, self._min_free = high_watermark, low_watermark, min_free
+        self._metrics.cache_limit_bytes.set(max_size)
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 

@@ -27,6 +27,9 @@ class UpstreamHealth:
         self._down_until = 0.0
         self._limited_until = 0.0
 
+    def reconfigure(self, down_after: int, down_for: float) -> None:
+        self._down_after, self._down_for = down_after, down_for
+
     @property
     def state(self) -> str:
         now = self._clock()

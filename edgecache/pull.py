@@ -17,6 +17,7 @@ from cachetools import TTLCache
 
 from edgecache import errors
 from edgecache.blobstore import BlobStore, OpenBlob
+from edgecache.config import CacheConfig
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import BlobFlight, Flights
 from edgecache.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
@@ -129,6 +130,12 @@ class PullService:
         self._missing_tags: TTLCache[TagKey, bool] | None = (
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
         )
+
+    def reconfigure(self, cache: CacheConfig) -> None:
+        """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
+        self._tag_ttl = cache.tag_ttl
+        self._max_stale = cache.max_stale
+        self._swr = cache.stale_while_revalidate
 
     # -- manifests -----------------------------------------------------------------------------
 

@@ -92,9 +92,25 @@ class UpstreamClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,  # only configured upstreams are contacted: no proxy from the environment
         )
-        if self.config.username:
-            creds = f"{self.config.username}:{self.config.password()}".encode()
-            self._basic = "Basic " + base64.b64encode(creds).decode()
+        self._basic = self._basic_credentials()
+
+    def reconfigure(self, config: UpstreamConfig) -> None:
+        """Apply a reloaded configuration of this upstream (same URL): credentials are read again and
+        cached tokens dropped; TTL rules, timeouts and health thresholds apply to the next request."""
+        self.config = config
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self._basic = self._basic_credentials()
+        self._uses_basic = False
+        self._tokens = TokenCache()
+        self.health.reconfigure(config.down_after, config.down_for)
+
+    def _basic_credentials(self) -> str | None:
+        if not self.config.username:
+            return None
+        creds = f"{self.config.username}:{self.config.password()}".encode()
+        return "Basic " + base64.b64encode(creds).decode()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -263,7 +279,9 @@ class UpstreamClient:
                 auth = self._authorization(scope)
                 if auth:
                     request_headers["Authorization"] = auth
-            resp = await self.session.request(method, url, headers=request_headers, allow_redirects=False)
+            resp = await self.session.request(
+                method, url, headers=request_headers, allow_redirects=False, timeout=self._timeout
+            )
             self._observe(resp, kind)
             if resp.status not in REDIRECT_STATUSES:
                 return resp
@@ -323,7 +341,7 @@ class UpstreamClient:
             raise errors.UpstreamDenied("upstream token realm is not trusted")
         headers = {"Authorization": self._basic} if self._basic else {}
         async with self.session.get(
-            URL(realm).update_query(query), headers=headers, allow_redirects=False
+            URL(realm).update_query(query), headers=headers, allow_redirects=False, timeout=self._timeout
         ) as resp:
             self._observe(resp, "token")
             if resp.status in (401, 403):

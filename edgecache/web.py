@@ -95,7 +95,7 @@ class RegistryFront:
     def __init__(
         self, pull: PullService, upstreams: Upstreams, metrics: Metrics, usage: Usage, readiness: Readiness
     ) -> None:
-        self._pull = pull
+        self.pull = pull
         self._upstreams = upstreams
         self._metrics = metrics
         self._usage = usage
@@ -192,7 +192,7 @@ class RegistryFront:
                 head,
                 request.headers.get("If-None-Match"),
             )
-            return await self._pull.manifest(client, query)
+            return await self.pull.manifest(client, query)
         if route.kind is Kind.BLOB:
             assert route.digest is not None
             blob_query = BlobQuery(
@@ -202,16 +202,16 @@ class RegistryFront:
                 request.headers.get("Range"),
                 request.headers.get("If-None-Match"),
             )
-            return await self._pull.blob(client, blob_query)
+            return await self.pull.blob(client, blob_query)
         if route.kind is Kind.TAGS:
             # The pagination Link keeps the name as the client wrote it (registry prefix included).
             link_name = route.name if route.name.endswith(str(repo)) else str(repo)
-            return await self._pull.tags_list(
+            return await self.pull.tags_list(
                 client, repo, _listing_params(request), link_name, request.query.get("ns")
             )
         assert route.digest is not None
         params = {k: v for k, v in request.query.items() if k == "artifactType"}
-        return await self._pull.referrers(client, repo, route.digest, params)
+        return await self.pull.referrers(client, repo, route.digest, params)
 
 
 def _listing_params(request: web.Request) -> dict[str, str]:
