@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
@@ -38,6 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         default="http://127.0.0.1:5000",
         help="the instance's metrics address (its listen, or metrics_listen when set)",
+    )
+    warm = sub.add_parser("warm", help="pull images into the cache ahead of the clients")
+    warm.add_argument("refs", nargs="*", metavar="REF", help="[registry/]repository[:tag|@digest]")
+    warm.add_argument("--file", metavar="FILE", help="more references, one per line (# comments)")
+    warm.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH",
+        help="platforms of indexes to pull (default: linux/amd64; all)",
+    )
+    warm.add_argument("--concurrency", type=int, default=4, help="requests at once (default 4)")
+    warm.add_argument("--url", help="a running edgecache to warm through (default: open the cache directory)")
+    warm.add_argument(
+        "--cache-dir", metavar="DIR", help="the cache directory (when not warming through --url)"
+    )
+    warm.add_argument("--config", metavar="FILE", help="the configuration (cache directory, upstreams)")
+    warm.add_argument("--upstream", metavar="URL|NAME=URL", action="append", help="as for serve")
+    warm.add_argument(
+        "--pin", action="store_true", help="also pin what was warmed (needs the cache directory)"
     )
     for name, text in (
         ("du", "size, entries, pinned bytes and the largest repositories of a cache"),
@@ -76,12 +96,59 @@ def run_maintenance(args: argparse.Namespace) -> int:
     return maintenance.pin(cache_dir, args.action, args.ref)
 
 
+def run_warm(args: argparse.Namespace) -> int:
+    from edgecache import maintenance, warm
+
+    texts = list(args.refs)
+    if args.file:
+        try:
+            lines = Path(args.file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--file {args.file}: {exc.strerror}") from None
+        texts += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if not texts:
+        raise ConfigError("nothing to warm: give image references or --file")
+    refs = [warm.parse_ref(text) for text in texts]
+    config = load_config(args.config, cache_dir=args.cache_dir, upstreams=args.upstream)
+    if args.pin and args.url and not args.cache_dir and not args.config:
+        raise ConfigError("--pin with --url also needs --cache-dir (or --config) of that instance")
+    summary = asyncio.run(
+        warm.run(
+            refs,
+            url=args.url,
+            config=config,
+            platforms=args.platform or ["linux/amd64"],
+            concurrency=args.concurrency,
+        )
+    )
+    fetched, cached = maintenance.human(summary.fetched_bytes), maintenance.human(summary.cached_bytes)
+    print(
+        f"warmed {summary.images}/{len(refs)} images: {summary.blobs} blobs, "
+        f"{fetched} fetched, {cached} already cached"
+    )
+    for failure in summary.failures:
+        print(f"edgecache warm: {failure}", file=sys.stderr)
+    if args.pin:
+        for ref in refs:
+            if ":" in ref.reference:
+                print(f"edgecache warm: {ref} not pinned: pins name tags, not digests", file=sys.stderr)
+            else:
+                maintenance.pin(config.cache.dir, "add", str(ref))
+    return 1 if summary.failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stats":
         from edgecache.stats import main as stats_main
 
         return stats_main(args.url)
+    if args.command == "warm":
+        try:
+            return run_warm(args)
+        except ConfigError as exc:
+            print(f"edgecache warm: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("du", "prune", "verify", "pin"):
         try:
             return run_maintenance(args)

@@ -80,6 +80,7 @@ class UpstreamConfig:
     tag_ttls: TtlRules = ()
     down_after: int = 3
     down_for: float = 30.0
+    parent: bool = False
 
     @property
     def adds_library_prefix(self) -> bool:

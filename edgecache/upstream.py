@@ -187,8 +187,12 @@ class UpstreamClient:
         """One registry request with auth and redirects; yields a 2xx response (or 404 if allowed)."""
         upstream_repo = self.upstream_name(repo)
         url = URL(f"{self.base_url}/v2/{upstream_repo}/{path}", encoded=True)
-        if params:
-            url = url.with_query(params)
+        query = dict(params or {})
+        if self.config.parent:
+            # A parent edgecache tier: tell it which registry we mean, as containerd tells us.
+            query["ns"] = self.name
+        if query:
+            url = url.with_query(query)
         base_headers = dict(headers or {})
         if kind == "manifest":
             base_headers["Accept"] = MANIFEST_ACCEPT
