@@ -35,7 +35,10 @@ class AccessLogger(AbstractAccessLogger):
             metrics.observe_request(trace.route, request.method, response.status, trace.cache, duration)
         if not log.isEnabledFor(logging.INFO):
             return
-        sent = trace.bytes_sent or response.body_length
+        # Body bytes only (aiohttp's own count includes the headers); sendfile bodies were counted
+        # by the front, since they never pass through aiohttp's writer.
+        body = 0 if request.method == "HEAD" else response.content_length or 0
+        sent = trace.bytes_sent or body
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "peer": request.remote,

@@ -7,6 +7,7 @@ all their state in their own temp dirs; a proxy at a dead address stops them fal
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.support.images import Image
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.clients
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,11 @@ def test_dockerd_pulls_through_registry_mirrors_and_repulls_from_cache(
     edge_process: EdgeProcess, dockerd: Dockerd, seeded: Seeded, origin: Registry
 ) -> None:
     image = seeded.alpine
-    dockerd.set_registry_mirrors([edge_process.url])
+    # The shipped docs/examples/daemon.json, pointed at this test's edgecache.
+    daemon_json = json.loads(
+        (ROOT / "docs/examples/daemon.json").read_text().replace("http://edge.dc1:5000", edge_process.url)
+    )
+    dockerd.set_registry_mirrors(daemon_json["registry-mirrors"])
     dockerd.pull("alpine:latest")  # dockerd asks the mirror for library/alpine
     assert f"alpine@{image.manifest.digest}" in dockerd.repo_digests("alpine:latest")
     assert dockerd.image_id("alpine:latest") == image.config.digest

@@ -17,15 +17,16 @@ import pytest
 from tests.conftest import Seeded
 from tests.support.clients import (
     Containerd,
+    client_env,
     require_clients,
     require_root,
     skopeo_inspect_raw,
-    write_hosts_toml,
 )
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port, start_registry, wait_http
 
 ACCEPT = f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,36 @@ def test_unconfigured_registries_are_refused_without_contacting_anyone(
     assert len(origin.access_log()) + len(ghcr[0].access_log()) == seen
 
 
+def example(name: str, mirror_url: str) -> str:
+    """A file from docs/examples as shipped, pointed at this test's edgecache."""
+    text = (ROOT / "docs/examples" / name).read_text()
+    assert "edge.dc1:5000" in text
+    return text.replace("http://edge.dc1:5000", mirror_url).replace(
+        "edge.dc1:5000", mirror_url.removeprefix("http://")
+    )
+
+
+def test_podman_registries_conf_routes_by_prefix(
+    multi_edge: MultiEdge, seeded: Seeded, ghcr: tuple[Registry, Image], tmp_path: Path
+) -> None:
+    """skopeo reads registries.conf like podman and CRI-O: the shipped example, pointed here."""
+    conf = tmp_path / "registries.conf"
+    conf.write_text(example("registries.conf", multi_edge.url))
+    env = client_env()
+    for ref, manifest in (
+        ("docker.io/library/alpine:latest", seeded.alpine.manifest.data),
+        ("ghcr.io/owner/app:1.0", ghcr[1].manifest.data),
+    ):
+        result = subprocess.run(
+            ["skopeo", "--registries-conf", str(conf), "inspect", "--raw", f"docker://{ref}"],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == manifest
+
+
 def test_skopeo_through_a_path_prefix(multi_edge: MultiEdge, ghcr: tuple[Registry, Image]) -> None:
     host = multi_edge.url.removeprefix("http://")
     assert skopeo_inspect_raw(f"{host}/ghcr.io/owner/app:1.0") == ghcr[1].manifest.data
@@ -129,7 +160,8 @@ def test_containerd_with_one_default_hosts_toml_pulls_from_both(
     require_root()
     require_clients()
     hosts_dir = tmp_path / "certs.d"
-    write_hosts_toml(hosts_dir, multi_edge.url, "_default")
+    (hosts_dir / "_default").mkdir(parents=True)
+    (hosts_dir / "_default/hosts.toml").write_text(example("containerd/_default/hosts.toml", multi_edge.url))
     with Containerd() as containerd:
         for ref, image in (
             ("docker.io/library/alpine:latest", seeded.alpine),

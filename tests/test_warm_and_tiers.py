@@ -63,8 +63,11 @@ def two_tiers(origin: Registry, seeded: Seeded, tmp_path: Path) -> Iterator[tupl
     procs = []
     parent_port, edge_port = free_port(), free_port()
     parent = f"http://127.0.0.1:{parent_port}"
-    config = tmp_path / "edge.toml"
-    config.write_text(f'[[upstream]]\nname = "docker.io"\nurl = "{parent}"\nparent = true\n')
+    config = tmp_path / "edge.toml"  # the shipped example, pointed at this test's parent
+    example = (
+        Path(__file__).resolve().parent.parent / "docs/examples/edgecache-edge-with-parent.toml"
+    ).read_text()
+    config.write_text(example.replace("http://edge.region1:5000", parent))
     commands = [
         [
             "--listen",

@@ -169,7 +169,7 @@ def _run(
 BLACKHOLE_PROXY = "http://127.0.0.1:9"
 
 
-def _client_env(**extra: str) -> dict[str, str]:
+def client_env(**extra: str) -> dict[str, str]:
     """Environment for clients/daemons: loopback direct, everything else into a dead proxy.
 
     Why: dockerd falls back to registry-1.docker.io whenever a mirror fails, and containerd falls
@@ -247,7 +247,7 @@ def skopeo_copy_all(
         f"--src-tls-verify={'true' if tls_verify else 'false'}", "--src-no-creds",
         src, dest,
     ]  # fmt: skip
-    _run(cmd, timeout=timeout, env=_client_env(REGISTRIES_CONFIG_PATH=os.devnull))
+    _run(cmd, timeout=timeout, env=client_env(REGISTRIES_CONFIG_PATH=os.devnull))
     return read_copied_image(dest_dir, layout)
 
 
@@ -288,7 +288,7 @@ def skopeo_inspect_raw(ref: str, *, tls_verify: bool = False, timeout: float = 6
         cmd,
         capture_output=True,
         timeout=timeout,
-        env=_client_env(REGISTRIES_CONFIG_PATH=os.devnull),
+        env=client_env(REGISTRIES_CONFIG_PATH=os.devnull),
         check=False,
     )
     if proc.returncode != 0:
@@ -370,7 +370,7 @@ class _Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=_client_env(),
+                env=client_env(),
                 start_new_session=True,  # ^C in the test terminal must not kill it mid-cleanup
             )
         if not self._atexit_registered:
@@ -559,7 +559,7 @@ disabled_plugins = [{disabled}]
     def ctr(self, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
         """Run `ctr --address SOCK --namespace NS ARGS...` against this containerd."""
         cmd = [self.ctr_bin, "--address", str(self.address), "--namespace", self.namespace, *args]
-        return _run(cmd, timeout=timeout, env=_client_env(), log=self.log_path)
+        return _run(cmd, timeout=timeout, env=client_env(), log=self.log_path)
 
     def pull(
         self,
@@ -714,7 +714,7 @@ class Dockerd(_Daemon):
             [self.docker_bin, "-H", self.host, "version", "--format", "{{.Server.Version}}"],
             capture_output=True,
             timeout=10,
-            env=_client_env(DOCKER_CONFIG=str(self.cli_config_dir)),
+            env=client_env(DOCKER_CONFIG=str(self.cli_config_dir)),
             check=False,
         )
         return proc.returncode == 0
@@ -722,7 +722,7 @@ class Dockerd(_Daemon):
     def docker(self, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
         """Run `docker -H unix://SOCK ARGS...` with a private CLI config dir (no ~/.docker)."""
         cmd = [self.docker_bin, "-H", self.host, *args]
-        env = _client_env(DOCKER_CONFIG=str(self.cli_config_dir))
+        env = client_env(DOCKER_CONFIG=str(self.cli_config_dir))
         return _run(cmd, timeout=timeout, env=env, log=self.log_path)
 
     def pull(self, ref: str, *, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
