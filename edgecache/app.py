@@ -17,13 +17,14 @@ from aiohttp import web
 from edgecache import sdnotify
 from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
-from edgecache.config import Config, parse_size
+from edgecache.config import Config
 from edgecache.errors import ConfigError
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
 from edgecache.manifests import ManifestCache
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
+from edgecache.sizes import parse_size
 from edgecache.upstream import UpstreamClient
 from edgecache.usage import Usage
 from edgecache.web import RegistryFront, Upstreams

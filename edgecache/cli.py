@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_maintenance(args: argparse.Namespace) -> int:
     from edgecache import maintenance
-    from edgecache.config import parse_size
+    from edgecache.sizes import parse_size
 
     cache_dir = load_config(args.config, cache_dir=args.cache_dir).cache.dir
     if args.command == "du":
@@ -98,6 +98,7 @@ def run_maintenance(args: argparse.Namespace) -> int:
 
 def run_warm(args: argparse.Namespace) -> int:
     from edgecache import maintenance, warm
+    from edgecache.sizes import human_size
 
     texts = list(args.refs)
     if args.file:
@@ -121,7 +122,7 @@ def run_warm(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
         )
     )
-    fetched, cached = maintenance.human(summary.fetched_bytes), maintenance.human(summary.cached_bytes)
+    fetched, cached = human_size(summary.fetched_bytes), human_size(summary.cached_bytes)
     print(
         f"warmed {summary.images}/{len(refs)} images: {summary.blobs} blobs, "
         f"{fetched} fetched, {cached} already cached"

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgecache.errors import ConfigError
+from edgecache.sizes import parse_size
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 _UPSTREAM_NAME = re.compile(
@@ -122,21 +123,6 @@ class Config:
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
-
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
-
-
-def parse_size(text: str | int, key: str) -> int:
-    """`20G`, `500M`, `1.5T`, `20GiB` or plain bytes; binary units (G = 1024³)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    match = _SIZE.fullmatch(str(text).strip())
-    if match is None:
-        raise ConfigError(f"{key}: expected a size such as 20G, 500M or 1048576, got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    multiplier = 1024 ** ("kmgtp".index(unit) + 1) if unit else 1
-    return int(number * multiplier)
 
 
 def split_host_port(text: str, key: str) -> tuple[str, int]:

@@ -16,7 +16,8 @@ from edgecache.blobstore import BlobStore
 from edgecache.errors import ConfigError, DigestInvalid, NameInvalid, TagInvalid
 from edgecache.eviction import referenced_digests
 from edgecache.index import CacheIndex, Pin
-from edgecache.oci import Digest, RepoName, Tag
+from edgecache.oci import Digest, RepoName, Tag, split_image_name
+from edgecache.sizes import human_size
 
 HASH_CHUNK = 1024 * 1024
 
@@ -32,27 +33,19 @@ def _open(cache_dir: str) -> tuple[BlobStore, CacheIndex]:
     return store, index
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def du(cache_dir: str, top: int = 10) -> int:
     _store, index = _open(cache_dir)
     totals = index.totals()
     entries = sum(count for count, _ in totals.values())
     size = sum(nbytes for _, nbytes in totals.values())
-    print(f"{human(size)} in {entries} entries")
+    print(f"{human_size(size)} in {entries} entries")
     for kind, (count, nbytes) in sorted(totals.items()):
-        print(f"  {kind}s: {count}, {human(nbytes)}")
-    print(f"  pinned: {human(index.pinned_bytes())}")
+        print(f"  {kind}s: {count}, {human_size(nbytes)}")
+    print(f"  pinned: {human_size(index.pinned_bytes())}")
     print("largest repositories (size, entries, hits):")
     for upstream, repository, count, nbytes, hits in index.largest_repositories(top):
         name = f"{upstream}/{repository}" if upstream else "(unknown: found on disk)"
-        print(f"  {name}: {human(nbytes)}, {count} entries, {hits} hits")
+        print(f"  {name}: {human_size(nbytes)}, {count} entries, {hits} hits")
     return 0
 
 
@@ -76,9 +69,12 @@ def prune(cache_dir: str, to_size: int) -> int:
         index.remove(e.digest for e in chosen)
         removed += len(chosen)
     left = used - freed
-    print(f"pruned {removed} entries ({human(freed)}); {human(left)} left")
+    print(f"pruned {removed} entries ({human_size(freed)}); {human_size(left)} left")
     if left > to_size:
-        print(f"edgecache prune: the rest is pinned ({human(index.pinned_bytes())} pinned)", file=sys.stderr)
+        print(
+            f"edgecache prune: the rest is pinned ({human_size(index.pinned_bytes())} pinned)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -108,7 +104,7 @@ def verify(cache_dir: str, sample: int | None = None, progress: bool = True) -> 
             _progress(n, len(items), done_bytes, total_bytes, started)
     if progress:
         print(file=sys.stderr)
-    print(f"verified {len(items)} entries ({human(done_bytes)}): {bad} quarantined")
+    print(f"verified {len(items)} entries ({human_size(done_bytes)}): {bad} quarantined")
     return 1 if bad else 0
 
 
@@ -130,7 +126,9 @@ def _progress(n: int, total: int, done: int, total_bytes: int, started: float) -
     filled = int(width * done / total_bytes)
     rate = done / max(time.monotonic() - started, 1e-6)
     bar = "#" * filled + "-" * (width - filled)
-    print(f"\r[{bar}] {n}/{total} {human(done)} {human(rate)}/s", end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{bar}] {n}/{total} {human_size(done)} {human_size(rate)}/s", end="", file=sys.stderr, flush=True
+    )
 
 
 # -- pins --------------------------------------------------------------------------------------
@@ -143,13 +141,7 @@ def parse_pin(text: str) -> Pin:
     single-component Docker Hub name means `library/<name>`. No tag means every tag.
     """
     name, _, tag = text.rpartition(":") if ":" in text.rsplit("/", 1)[-1] else (text, "", "*")
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        upstream, repository = first, rest
-    else:
-        upstream, repository = "docker.io", name
-    if upstream == "docker.io" and "/" not in repository:
-        repository = f"library/{repository}"
+    upstream, repository = split_image_name(name)
     try:
         RepoName.parse(repository.replace("*", "x").replace("?", "x"))
         if tag != "*":

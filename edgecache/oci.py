@@ -100,6 +100,17 @@ class Tag:
 
 
 Reference = Tag | Digest
+DOCKER_HUB = "docker.io"
+
+
+def split_image_name(name: str) -> tuple[str, str]:
+    """(registry, repository) of an image name, the way docker reads it: a first component with a
+    dot, a colon or `localhost` is a registry, anything else is on Docker Hub, where single-component
+    names live under `library/`. The repository is not validated here."""
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return DOCKER_HUB, name if "/" in name else f"library/{name}"
 
 
 def parse_reference(text: str) -> Reference:

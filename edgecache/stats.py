@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgecache.sizes import human_size
+
 
 @dataclass
 class Snapshot:
@@ -66,9 +68,10 @@ def render(snapshot: Snapshot) -> str:
         f"hit ratio (manifest+blob GETs): {'n/a' if ratio is None else f'{ratio:.1%}'}",
         "requests by cache result: "
         + (", ".join(f"{k} {v:.0f}" for k, v in sorted(snapshot.requests_by_cache.items())) or "none yet"),
-        f"bytes served: {_size(sum(snapshot.served_bytes.values()))} "
-        f"({', '.join(f'{k} {_size(v)}' for k, v in sorted(snapshot.served_bytes.items()))})",
-        f"bytes from upstream: {_size(snapshot.upstream_bytes)}; saved: {_size(snapshot.bytes_saved)}",
+        f"bytes served: {human_size(sum(snapshot.served_bytes.values()))} "
+        f"({', '.join(f'{k} {human_size(v)}' for k, v in sorted(snapshot.served_bytes.items()))})",
+        f"bytes from upstream: {human_size(snapshot.upstream_bytes)}; "
+        f"saved: {human_size(snapshot.bytes_saved)}",
         f"fills in flight: {snapshot.fills_in_flight:.0f}",
         "upstreams: "
         + ", ".join(f"{name} {state}" for name, state in sorted(snapshot.upstream_states.items())),
@@ -78,19 +81,11 @@ def render(snapshot: Snapshot) -> str:
     for entry in snapshot.top[:10]:
         lines.append(
             f"  {entry['upstream']}/{entry['repository']}: {entry['pulls']} pulls, "
-            f"{_size(float(entry['bytes_served']))}"  # type: ignore[arg-type]
+            f"{human_size(float(entry['bytes_served']))}"  # type: ignore[arg-type]
         )
     if not snapshot.top:
         lines.append("  (none yet)")
     return "\n".join(lines)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def main(url: str) -> int:

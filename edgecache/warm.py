@@ -18,7 +18,7 @@ import aiohttp
 
 from edgecache.config import Config
 from edgecache.errors import ConfigError, DigestInvalid, NameInvalid, TagInvalid
-from edgecache.oci import MANIFEST_MEDIA_TYPES, Digest, RepoName, parse_reference
+from edgecache.oci import MANIFEST_MEDIA_TYPES, Digest, RepoName, parse_reference, split_image_name
 
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 INDEX_TYPES = (
@@ -45,13 +45,7 @@ def parse_ref(text: str) -> ImageRef:
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         name, _, tag = name.rpartition(":")
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        registry, repository = first, rest
-    else:
-        registry, repository = "docker.io", name
-    if registry == "docker.io" and "/" not in repository:
-        repository = f"library/{repository}"
+    registry, repository = split_image_name(name)
     reference = digest if at else (tag or "latest")
     try:
         RepoName.parse(repository)
