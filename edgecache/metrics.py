@@ -8,6 +8,7 @@ or user, so the number of series is bounded. Every series exists at zero from st
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -41,6 +42,7 @@ _CACHED_ROUTES = ("manifest", "blob")
 class Metrics:
     def __init__(self, upstreams: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
         r = self.registry
         self.fills_started = Counter(
             "edgecache_fills_started_total",
@@ -231,11 +233,23 @@ class Metrics:
             self.upstream_health.labels(upstream, each).set(1 if each == state else 0)
 
     def observe_request(self, route: str, method: str, status: int, cache: str, seconds: float) -> None:
-        method = method if method in METHODS else "other"
-        route = route if route in ROUTES else "unknown"
-        cache = cache if cache in CACHE_RESULTS else "PASS"
-        self.http_requests.labels(route, method, f"{min(max(status // 100, 1), 5)}xx", cache).inc()
-        self.http_duration.labels(route).observe(seconds)
+        """Count one finished request. Runs for every request: the labelled children are looked up
+        once per label set and kept (prometheus-client's labels() takes a lock each time)."""
+        key = (route, method, status // 100, cache)
+        children = self._request_children.get(key)
+        if children is None:
+            method = method if method in METHODS else "other"
+            route = route if route in ROUTES else "unknown"
+            cache = cache if cache in CACHE_RESULTS else "PASS"
+            status_class = f"{min(max(status // 100, 1), 5)}xx"
+            children = (
+                self.http_requests.labels(route, method, status_class, cache),
+                self.http_duration.labels(route),
+            )
+            if len(self._request_children) < 4096:  # label sets are closed: this stays small
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
