@@ -30,7 +30,9 @@ async def error_of(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return body["errors"][0]  # type: ignore[no-any-return]
 
 
-def stored_blob(edge: Edge, digest: str) -> bytes:
+async def stored_blob(edge: Edge, digest: str) -> bytes:
+    """The blob's file in the store, once its fill has been renamed in (just after the response)."""
+    await edge.instance.flights.settled()
     hex_ = digest.split(":", 1)[1]
     return (edge.cache_dir / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes()
 
@@ -170,8 +172,8 @@ async def test_blob_miss_then_hit_with_one_upstream_fetch(
     assert results == ["MISS", "HIT", "HIT"]
     assert origin.count("GET", f"/blobs/{layer.digest}") == before + 1
     # Stored once, under its digest, intact.
+    assert await stored_blob(edge, layer.digest) == layer.data
     assert f"blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}" in edge.cached_files()
-    assert stored_blob(edge, layer.digest) == layer.data
 
 
 async def test_concurrent_misses_make_one_upstream_fetch(
@@ -189,7 +191,7 @@ async def test_concurrent_misses_make_one_upstream_fetch(
     assert all(body == layer.data for body in bodies)
     assert origin.count("GET", f"/blobs/{layer.digest}") == before + 1
     # What was streamed to eight readers while it filled is stored intact.
-    assert stored_blob(edge, layer.digest) == layer.data
+    assert await stored_blob(edge, layer.digest) == layer.data
 
 
 async def test_metrics_exist_from_start_and_never_name_repositories_or_digests(

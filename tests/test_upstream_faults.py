@@ -117,7 +117,7 @@ async def test_truncated_blob_aborts_the_response_and_stores_nothing(
         assert resp.status == 200  # headers went out before upstream failed
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
-    await asyncio.sleep(0.1)
+    await edge_via_proxy.instance.flights.settled()
     assert blob_files(edge_via_proxy) == []
     proxy.rules.truncate_blobs = 0
     async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
@@ -169,7 +169,7 @@ async def test_blob_that_does_not_match_its_digest_is_never_delivered_whole(
         labels = {"upstream": "docker.io"}
         assert await edge.metric("edgecache_fills_failed_total", reason="digest_mismatch", **labels) == 1
         assert await edge.metric("edgecache_fill_negative_hits_total", **labels) == 1
-        await asyncio.sleep(0.1)
+        await edge.instance.flights.settled()
         assert not any(f.startswith(("blobs/", "tmp/")) for f in edge.cached_files())
     finally:
         stored.write_bytes(good)
