@@ -27,7 +27,7 @@ from edgecache.pull import PullService
 from edgecache.sizes import parse_size
 from edgecache.upstream import UpstreamClient
 from edgecache.usage import Usage
-from edgecache.web import RegistryFront, Upstreams
+from edgecache.web import OciAppRunner, RegistryFront, Upstreams
 
 log = logging.getLogger("edgecache")
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}
@@ -174,10 +174,10 @@ async def serve(config: Config, log_format: str = "text", reload: Callable[[], C
     """Run until SIGINT/SIGTERM: then stop accepting, let responses in flight finish (10 s at most),
     and release the cache. SIGHUP re-reads the configuration (`reload`) and applies what it can."""
     instance = Edgecache.build(config, log_format)
-    runners = [web.AppRunner(instance.web_app(), **RUNNER_OPTIONS)]
+    runners = [OciAppRunner(instance.web_app(), **RUNNER_OPTIONS)]
     listens = [config.server.listen]
     if config.server.metrics_listen:
-        runners.append(web.AppRunner(instance.front.build_admin_app(log_format), **RUNNER_OPTIONS))
+        runners.append(OciAppRunner(instance.front.build_admin_app(log_format), **RUNNER_OPTIONS))
         listens.append(config.server.metrics_listen)
     try:
         for runner, listen in zip(runners, listens, strict=True):

@@ -102,9 +102,6 @@ class BlobStore:
                                 log.warning("ignoring %s in the store: not a digest", entry.path)
         return found
 
-    def has_file(self, kind: str, digest: Digest) -> bool:
-        return self._path(kind, digest).exists()
-
     def remove(self, kind: str, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(kind, digest))
@@ -184,7 +181,7 @@ class BlobStore:
 class Spool:
     """A blob being filled: bytes appended in a temp file and hashed, renamed in only when verified.
 
-    Readers may pread() the spool's descriptor while it grows; `written` says how far they may go.
+    Readers send the spool's bytes while it grows; `written` says how far they may go.
     """
 
     def __init__(self, store: BlobStore, digest: Digest) -> None:
@@ -209,9 +206,6 @@ class Spool:
             offset += n
         self._hasher.update(data)
         self.written = offset
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
 
     def verify(self) -> None:
         """Raise UpstreamDigestMismatch (and drop the spool) unless the bytes hash to the digest."""

@@ -10,7 +10,6 @@ import dataclasses
 import fnmatch
 import ipaddress
 import os
-import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -20,12 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgecache.errors import ConfigError
+from edgecache.oci import REGISTRY_HOST
 from edgecache.sizes import parse_size
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
-_UPSTREAM_NAME = re.compile(
-    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?"
-)
 StrList = tuple[str, ...]
 TtlRules = tuple[tuple[str, float], ...]
 ENV_PREFIX = "EDGECACHE_"
@@ -327,7 +324,7 @@ def validate(config: Config) -> None:
         key = f"upstream {upstream.name!r}"
         if not upstream.name or upstream.name in names:
             raise ConfigError(f"{key}: name must be set and unique")
-        if not _UPSTREAM_NAME.fullmatch(upstream.name):
+        if not REGISTRY_HOST.fullmatch(upstream.name):
             raise ConfigError(
                 f"{key}: name must be a registry host as clients write it (e.g. ghcr.io, registry.corp:5000)"
             )

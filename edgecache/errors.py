@@ -7,6 +7,7 @@
     │   ├── DigestInvalid           DIGEST_INVALID      400
     │   ├── RangeInvalid            RANGE_INVALID       416 (with Content-Range: bytes */N)
     │   ├── ParameterInvalid        PAGINATION_NUMBER_INVALID 400
+    │   ├── BadRequest              UNSUPPORTED         400 (malformed HTTP; HeadersTooLarge 431)
     │   ├── Unsupported             UNSUPPORTED         405 (push, delete, catalog)
     │   ├── RouteUnknown            UNSUPPORTED         404
     │   ├── NotAcceptable           MANIFEST_UNKNOWN    404 (cached manifest type not in Accept)
@@ -85,6 +86,18 @@ class RangeInvalid(ClientError):
 class ParameterInvalid(ClientError):
     code = "PAGINATION_NUMBER_INVALID"
     message = "invalid number of results requested"
+
+
+class BadRequest(ClientError):
+    """The HTTP request itself is malformed (refused by the HTTP layer, before any route)."""
+
+    code = "UNSUPPORTED"
+    message = "malformed HTTP request"
+
+
+class HeadersTooLarge(BadRequest):
+    message = "request header fields too large"
+    status = 431
 
 
 class Unsupported(ClientError):

@@ -1,7 +1,7 @@
 """Single-flight fills: one upstream fetch per object, every waiting client streaming from its spool.
 
 A blob fill is a task owned by `Flights`, not by any request: the first asker starting it and then
-disconnecting does not stop it. Readers pread() the spool from their own offset and wait for more; the
+disconnecting does not stop it. Readers send the spool from their own offset and wait for more; the
 last byte is held back until the digest is verified, so no reader ever gets a complete body that is wrong.
 Memory per flight is one write batch; per reader, one read chunk.
 """
@@ -28,7 +28,6 @@ from edgecache.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 WRITE_BATCH = 1024 * 1024
-READ_CHUNK = 1024 * 1024
 SEGMENT_MAX = 8 * 1024 * 1024
 MAX_RESUMES = 3
 
@@ -95,17 +94,6 @@ class BlobFlight:
             if self.readers == 0 and not self.done and self.on_abandoned is not None:
                 self.on_abandoned()
             self._maybe_close()
-
-    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end] as they arrive, for fronts that cannot hand the spool to the kernel."""
-        async for offset, length in self.segments(start, end):
-            while length:
-                data = await asyncio.to_thread(self.spool.pread, offset, min(length, READ_CHUNK))
-                if not data:
-                    raise errors.UpstreamUnavailable("spool ended early")
-                offset += len(data)
-                length -= len(data)
-                yield data
 
     def open_file(self) -> BinaryIO:
         """A file object on the spool for sendfile; valid after the rename into the store too."""

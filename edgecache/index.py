@@ -204,9 +204,6 @@ class CacheIndex:
         """Changes whenever another connection (the CLI beside the server) commits a change."""
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
-    def is_pinned(self, digest: str) -> bool:
-        return self._db.execute("SELECT 1 FROM pinned WHERE digest = ?", (digest,)).fetchone() is not None
-
     # -- agreement with the disk ---------------------------------------------------------------
 
     def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[int, int]:

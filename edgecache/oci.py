@@ -6,6 +6,7 @@ fetched. The grammars are distribution's (reference/regexp.go) and the OCI distr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -56,6 +57,14 @@ class Digest:
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
+    @classmethod
+    async def of_async(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        """Digest.of, in a worker thread unless the data is small enough to hash at once (a 4 MiB
+        manifest is ~2 ms of CPU: not on the event loop)."""
+        if len(data) <= INLINE_HASH_LIMIT:
+            return cls.of(data, algorithm)
+        return await asyncio.to_thread(cls.of, data, algorithm)
+
     def hasher(self) -> hashlib._Hash:
         return hashlib.new(self.algorithm)
 
@@ -101,6 +110,11 @@ class Tag:
 
 Reference = Tag | Digest
 DOCKER_HUB = "docker.io"
+# A registry as clients name it: host name labels and an optional port (docker.io, registry.corp:5000).
+REGISTRY_HOST = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?"
+)
+INLINE_HASH_LIMIT = 64 * 1024
 
 
 def split_image_name(name: str) -> tuple[str, str]:

@@ -155,7 +155,7 @@ class PullService:
 
         async def fetch() -> CachedManifest:
             fetched = await client.get_manifest(repo, str(digest))
-            if Digest.of(fetched.body, digest.algorithm) != digest:
+            if await Digest.of_async(fetched.body, digest.algorithm) != digest:
                 log.error("upstream %s sent a manifest that does not match %s", client.name, digest)
                 self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
                 raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
@@ -267,10 +267,10 @@ class PullService:
                     return entry, cached, "REVALIDATED" if cached else "MISS"
         fetched = await client.get_manifest(repo, tag)
         claimed = fetched.digest
-        if claimed is not None and Digest.of(fetched.body, claimed.algorithm) != claimed:
+        if claimed is not None and await Digest.of_async(fetched.body, claimed.algorithm) != claimed:
             self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
             raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
-        digest = claimed or Digest.of(fetched.body)
+        digest = claimed or await Digest.of_async(fetched.body)
         manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
         await self._store_manifest(client, repo, manifest)
         entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))

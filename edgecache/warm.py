@@ -144,9 +144,8 @@ async def _local_instance(config: Config) -> AsyncIterator[str]:
     instance = Edgecache.build(config)
     runner = web.AppRunner(instance.web_app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

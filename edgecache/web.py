@@ -11,16 +11,17 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
 from edgecache.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
 from edgecache.metrics import Metrics
-from edgecache.oci import Digest, RepoName, accepted_media_types
+from edgecache.oci import REGISTRY_HOST, Digest, RepoName, Tag, accepted_media_types
 from edgecache.pull import (
     BlobQuery,
     BytesBody,
@@ -38,9 +39,6 @@ from edgecache.usage import Usage
 log = logging.getLogger(__name__)
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
-_REGISTRY_HOST = re.compile(
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::\d{1,5})?"
-)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -81,7 +79,7 @@ class Upstreams:
         A port or `localhost` always; a dot only when the default upstream is Docker Hub, whose
         namespaces never contain one (other registries' may).
         """
-        if not _REGISTRY_HOST.fullmatch(component):
+        if not REGISTRY_HOST.fullmatch(component):
             return False
         if ":" in component or component == "localhost":
             return True
@@ -223,9 +221,10 @@ def _listing_params(request: web.Request) -> dict[str, str]:
         params["n"] = n
     last = request.query.get("last")
     if last is not None:
-        if len(last) > 128 or not all(c.isalnum() or c in "._-" for c in last):
-            raise errors.ParameterInvalid("last must be a tag")
-        params["last"] = last
+        try:
+            params["last"] = str(Tag.parse(last))
+        except errors.TagInvalid:
+            raise errors.ParameterInvalid("last must be a tag") from None
     return params
 
 
@@ -323,10 +322,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             trace.cache = exc.cache_result
         return error_response(exc)
     except web.HTTPException as exc:
-        # aiohttp's own refusals (bad request line, oversized headers) in the registry's format.
-        wrapped = errors.ClientError(exc.reason)
-        wrapped.status = exc.status
-        wrapped.code = "UNSUPPORTED" if exc.status in (404, 405) else "INVALID"
+        # aiohttp's own refusals inside the app (e.g. CONNECT) in the registry's format.
+        wrapped = errors.RouteUnknown() if exc.status == 404 else errors.BadRequest(exc.reason)
+        if exc.status not in (404, 400):
+            wrapped.status = exc.status
         return error_response(wrapped)
 
 
@@ -344,3 +343,41 @@ def error_response(exc: errors.EdgecacheError) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
+
+
+class OciRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with its own refusals (a malformed request line, headers too
+    large, a body that contradicts its framing) answered in the registry's JSON error format, without
+    echoing the client's bytes and without a traceback in the log for what is only bad input."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        too_large = isinstance(exc, LineTooLong) or "Got more than" in str(message or "")
+        error = errors.HeadersTooLarge() if too_large else errors.BadRequest()
+        log.info("refused a malformed request from %s (%d)", request.remote, error.status)
+        response = error_response(error)
+        response.force_close()
+        return response
+
+
+class OciServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return OciRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class OciAppRunner(web.AppRunner):
+    """An AppRunner whose connections use OciRequestHandler (aiohttp has no option for that)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = OciServer  # same state; only the per-connection handler class differs
+        return server

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Edge, Seeded
+from tests.conftest import Edge, EdgeProcess, Seeded
 from tests.support.images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -373,3 +374,43 @@ async def test_bad_requests_get_oci_errors_and_touch_nothing(
         assert (await error_of(resp))["code"] == code
     assert len(origin.access_log()) == seen
     assert edge.cached_files() == files
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"GARBAGE\x01 / HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v2/library/alpine/manifests/latest\x07 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 404),
+        (b"GET http://evil.example/v2/library/alpine/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    ],
+)
+def test_malformed_http_gets_an_oci_error_without_echo_or_traceback(
+    edge_process: EdgeProcess, raw: bytes, status: int
+) -> None:
+    """What the HTTP layer refuses (smuggling-shaped framing, huge headers, junk, absolute-form,
+    CONNECT) is answered in the registry's JSON format too, never echoed back, and not logged as a crash."""
+    import socket
+
+    host, port = edge_process.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            if length and len(body) >= int(length.group(1)):
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode()
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert b"aaaa" not in body and b"evil" not in body
+    assert "Traceback" not in edge_process.log_path.read_text()
