@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecache.config import DOCKER_HUB_URL, load_config
+from edgecache.config import DOCKER_HUB_URL, CacheConfig, ServerConfig, UpstreamConfig, load_config
 from edgecache.errors import ConfigError
 from tests.conftest import EdgeProcess
 from tests.support.registry import free_port, wait_http
@@ -41,6 +43,11 @@ def test_defaults_serve_docker_hub_on_loopback(monkeypatch: pytest.MonkeyPatch, 
 
 def test_documented_config_file_states_the_defaults() -> None:
     assert load_config(str(ROOT / "conf/edgecache.toml"), env={}) == load_config(env={})
+    # ...and documents every key there is (set, or commented out where the default is computed).
+    text = (ROOT / "conf/edgecache.toml").read_text()
+    for cls in (ServerConfig, CacheConfig, UpstreamConfig):
+        for field in dataclasses.fields(cls):
+            assert re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE), f"{field.name} undocumented"
 
 
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
