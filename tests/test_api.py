@@ -414,3 +414,24 @@ def test_malformed_http_gets_an_oci_error_without_echo_or_traceback(
     assert error["code"] == "UNSUPPORTED"
     assert b"aaaa" not in body and b"evil" not in body
     assert "Traceback" not in edge_process.log_path.read_text()
+
+
+async def test_if_none_match_answers_304_without_a_body(edge: Edge, seeded: Seeded) -> None:
+    manifest, layer = seeded.alpine.manifest, seeded.alpine.layers[0]
+    for path, digest in (
+        ("/v2/library/alpine/manifests/latest", manifest.digest),
+        (f"/v2/library/alpine/blobs/{layer.digest}", layer.digest),
+    ):
+        async with edge.http.get(path, headers={"Accept": DOCKER_MANIFEST}) as resp:
+            await resp.read()
+        await edge.instance.flights.settled()
+        async with edge.http.get(
+            path, headers={"Accept": DOCKER_MANIFEST, "If-None-Match": f'"{digest}"'}
+        ) as resp:
+            assert resp.status == 304
+            assert resp.headers["ETag"] == f'"{digest}"'
+            assert await resp.read() == b""
+        async with edge.http.get(
+            path, headers={"Accept": DOCKER_MANIFEST, "If-None-Match": '"sha256:other"'}
+        ) as resp:
+            assert resp.status == 200
