@@ -27,7 +27,9 @@ from edgecache.pull import PullService
 from edgecache.sizes import parse_size
 from edgecache.upstream import UpstreamClient
 from edgecache.usage import Usage
-from edgecache.web import OciAppRunner, RegistryFront, Upstreams
+from edgecache.access import AccessPolicy
+from edgecache.front import RegistryFront, Upstreams
+from edgecache.web import AiohttpFront, OciAppRunner
 
 log = logging.getLogger("edgecache")
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}
@@ -45,11 +47,13 @@ class Edgecache:
     flights: Flights
     clients: dict[str, UpstreamClient]
     front: RegistryFront
+    http: AiohttpFront
     log_format: str = "text"
     _started: bool = field(default=False, repr=False)
 
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
+        access = AccessPolicy(config.access)  # reads the htpasswd file: fail before taking the cache
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
@@ -85,8 +89,10 @@ class Edgecache:
             negative_ttl=config.cache.negative_ttl,
         )
         readiness = Readiness(store, clients)
-        front = RegistryFront(pull, Upstreams(clients, config.default_upstream), metrics, Usage(), readiness)
-        return cls(config, lock, store, metrics, keeper, flights, clients, front, log_format)
+        upstreams = Upstreams(clients, config.default_upstream)
+        front = RegistryFront(pull, upstreams, metrics, Usage(), readiness, access)
+        http = AiohttpFront(front, metrics, config.server.trusted_proxies)
+        return cls(config, lock, store, metrics, keeper, flights, clients, front, http, log_format)
 
     async def start(self) -> None:
         if self._started:
@@ -121,7 +127,7 @@ class Edgecache:
         self.config = new if not kept else self.config
 
     def web_app(self) -> web.Application:
-        app = self.front.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
+        app = self.http.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
 
         async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
             await self.start()
@@ -177,7 +183,7 @@ async def serve(config: Config, log_format: str = "text", reload: Callable[[], C
     runners = [OciAppRunner(instance.web_app(), **RUNNER_OPTIONS)]
     listens = [config.server.listen]
     if config.server.metrics_listen:
-        runners.append(OciAppRunner(instance.front.build_admin_app(log_format), **RUNNER_OPTIONS))
+        runners.append(OciAppRunner(instance.http.build_admin_app(log_format), **RUNNER_OPTIONS))
         listens.append(config.server.metrics_listen)
     try:
         for runner, listen in zip(runners, listens, strict=True):

@@ -37,6 +37,26 @@ def default_cache_dir() -> str:
 class ServerConfig:
     listen: str = "127.0.0.1:5000"
     metrics_listen: str = ""
+    # With a certificate and key, `listen` serves TLS (HTTP/2 and HTTP/1.1 by ALPN); `plain_listen`
+    # then adds a plain-HTTP listener (loopback, or behind a TLS-terminating load balancer).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_handshake_timeout: float = 10.0
+    plain_listen: str = ""
+    header_timeout: float = 10.0
+    max_connections: int = 1024
+    trusted_proxies: StrList = ()
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def listeners(self) -> list[tuple[str, bool]]:
+        """(HOST:PORT, is TLS) of every registry listener."""
+        found = [(self.listen, self.tls)]
+        if self.plain_listen:
+            found.append((self.plain_listen, False))
+        return found
 
     @property
     def host(self) -> str:
@@ -112,11 +132,35 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """Which repositories one identity may pull: globs on UPSTREAM/REPOSITORY (`*` spans slashes).
+    `identity` is a user name, a certificate subject, `*` (anyone authenticated) or `anonymous`."""
+
+    identity: str
+    allow: StrList = ()
+    deny: StrList = ()
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    mode: str = "anonymous"  # anonymous | htpasswd | mtls
+    htpasswd: str = ""
+    client_ca: str = ""
+    login_cache: float = 60.0
+    max_failures: int = 10
+    rules: tuple[AccessRule, ...] = ()
+
+
+ACCESS_MODES = ("anonymous", "htpasswd", "mtls")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(),)
     default_upstream: str = "docker.io"
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -204,6 +248,8 @@ def load_config(
     cache_dir: str | None = None,
     upstreams: list[str] | None = None,
     max_size: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> Config:
     """Build the effective configuration; raises ConfigError naming the offending key."""
     doc: dict[str, Any] = {}
@@ -216,13 +262,14 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
     env = os.environ if env is None else env
-    known_top = {"server", "cache", "upstream", "default_upstream"}
+    known_top = {"server", "cache", "upstream", "default_upstream", "access"}
     for key in doc:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known_top))})")
 
     server = dict(_table(doc, "server"))
     cache = dict(_table(doc, "cache"))
+    access = dict(_table(doc, "access"))
     upstream_tables = doc.get("upstream", [])
     if isinstance(upstream_tables, dict):
         upstream_tables = [upstream_tables]
@@ -245,6 +292,8 @@ def load_config(
             server[rest[len("server_") :]] = value
         elif rest.startswith("cache_"):
             cache[rest[len("cache_") :]] = value
+        elif rest.startswith("access_") and rest != "access_rules":
+            access[rest[len("access_") :]] = value
         elif rest.startswith("upstream_"):
             default_overrides[rest[len("upstream_") :]] = value
     if listen is not None:
@@ -253,6 +302,10 @@ def load_config(
         cache["dir"] = cache_dir
     if max_size is not None:
         cache["max_size"] = max_size
+    if tls_cert is not None:
+        server["tls_cert"] = tls_cert
+    if tls_key is not None:
+        server["tls_key"] = tls_key
 
     built_upstreams = [
         _build(UpstreamConfig, f"upstream[{i}]", table) for i, table in enumerate(upstream_tables)
@@ -285,9 +338,22 @@ def load_config(
         cache=_build(CacheConfig, "cache", cache),
         upstreams=tuple(built_upstreams),
         default_upstream=default_name,
+        access=_build_access(access),
     )
     validate(config)
     return config
+
+
+def _build_access(table: dict[str, Any]) -> AccessConfig:
+    rules = table.pop("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError("access.rules: expected [[access.rules]] tables")
+    built = tuple(_build(AccessRule, f"access.rules[{i}]", rule) for i, rule in enumerate(rules))
+    for i, rule in enumerate(built):
+        if not rule.identity:
+            raise ConfigError(f"access.rules[{i}].identity: must be set")
+    access: AccessConfig = _build(AccessConfig, "access", table)
+    return dataclasses.replace(access, rules=built)
 
 
 def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -298,9 +364,8 @@ def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def validate(config: Config) -> None:
-    split_host_port(config.server.listen, "server.listen")
-    if config.server.metrics_listen:
-        split_host_port(config.server.metrics_listen, "server.metrics_listen")
+    _validate_server(config.server)
+    _validate_access(config)
     max_size = parse_size(config.cache.max_size, "cache.max_size")
     parse_size(config.cache.min_free, "cache.min_free")
     if not 0 < config.cache.low_watermark < config.cache.high_watermark <= 1:
@@ -349,6 +414,56 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: ca_bundle {upstream.ca_bundle} is not a readable file")
     if config.upstream(config.default_upstream) is None:
         raise ConfigError(f"default_upstream: no upstream is named {config.default_upstream!r}")
+
+
+def _validate_server(server: ServerConfig) -> None:
+    split_host_port(server.listen, "server.listen")
+    for key in ("metrics_listen", "plain_listen"):
+        if getattr(server, key):
+            split_host_port(getattr(server, key), f"server.{key}")
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError("server.tls_cert/tls_key: set both (certificate and private key) or neither")
+    if server.plain_listen and not server.tls:
+        raise ConfigError("server.plain_listen: only with TLS on server.listen (else use server.listen)")
+    for key in ("tls_handshake_timeout", "header_timeout"):
+        if getattr(server, key) <= 0:
+            raise ConfigError(f"server.{key}: must be > 0 seconds")
+    if server.max_connections < 1:
+        raise ConfigError("server.max_connections: must be >= 1")
+    for network in server.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: {network!r} is not an address or CIDR") from None
+
+
+def _validate_access(config: Config) -> None:
+    access = config.access
+    if access.mode not in ACCESS_MODES:
+        raise ConfigError(f"access.mode: one of {', '.join(ACCESS_MODES)}, got {access.mode!r}")
+    if access.mode == "htpasswd" and not os.path.isfile(access.htpasswd):
+        raise ConfigError("access.htpasswd: mode htpasswd needs a readable htpasswd file (bcrypt entries)")
+    if access.mode == "mtls":
+        if not config.server.tls:
+            raise ConfigError("access.mode mtls: needs TLS (server.tls_cert and server.tls_key)")
+        if not os.path.isfile(access.client_ca):
+            raise ConfigError(
+                "access.client_ca: mode mtls needs the CA bundle that signs client certificates"
+            )
+    if access.login_cache < 0 or access.max_failures < 1:
+        raise ConfigError("access.login_cache must be >= 0 and access.max_failures >= 1")
+    exposed = [
+        listen
+        for listen, _tls in config.server.listeners()
+        if not _is_loopback(split_host_port(listen, "server.listen")[0])
+    ]
+    anonymous_rules = any(rule.identity == "anonymous" for rule in access.rules)
+    if exposed and access.mode == "anonymous" and not anonymous_rules:
+        raise ConfigError(
+            f"server.listen {exposed[0]} is not loopback: choose who may pull. Set access.mode to "
+            "htpasswd or mtls, or allow anonymous pulls explicitly with an [[access.rules]] entry for "
+            'identity "anonymous" (e.g. allow = ["*"])'
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -124,6 +124,35 @@ class UpstreamUnknown(ClientError):
     status = 404
 
 
+class Unauthorized(ClientError):
+    """No identity, or wrong credentials: the client should (re)authenticate."""
+
+    code = "UNAUTHORIZED"
+    message = "authentication required"
+    status = 401
+    challenge = 'Basic realm="edgecache", charset="UTF-8"'
+
+
+class AccessDenied(ClientError):
+    """Authenticated (or anonymous by policy), but this identity may not pull this repository."""
+
+    code = "DENIED"
+    message = "requested access to the resource is denied"
+    status = 403
+
+
+class TooManyAttempts(ClientError):
+    """Too many failed logins from one client: refused without checking, for a while."""
+
+    code = "TOOMANYREQUESTS"
+    message = "too many failed authentication attempts"
+    status = 429
+
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class NotFound(EdgecacheError):
     status = 404
 

@@ -33,6 +33,8 @@ class RequestTrace:
     upstream: str = ""
     upstream_status: int | None = None
     bytes_sent: int = 0
+    identity: str = ""
+    peer: str = ""
 
 
 def note_upstream_status(status: int) -> None:

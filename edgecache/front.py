@@ -1,0 +1,284 @@
+"""The registry front, free of any HTTP server: a ClientRequest in, a Reply out.
+
+Both listeners are thin adapters over it: aiohttp for plain HTTP (and mutual-TLS HTTP/1.1), granian
+for TLS with HTTP/2 and HTTP/1.1. Routing, access control, validation and the pull service's answer
+happen here once; only the framing differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from edgecache import errors
+from edgecache.access import AccessPolicy
+from edgecache.metrics import Metrics
+from edgecache.oci import REGISTRY_HOST, Digest, RepoName, Tag, accepted_media_types
+from edgecache.pull import BlobQuery, BytesBody, ManifestQuery, PullService, Reply
+from edgecache.routes import Kind, Route, parse_route
+from edgecache.trace import RequestTrace
+from edgecache.upstream import UpstreamClient
+from edgecache.usage import Usage
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = frozenset({"GET", "HEAD"})
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+
+
+class HeaderLookup(Protocol):
+    """Case-insensitive request headers (aiohttp's CIMultiDictProxy, or front.Headers)."""
+
+    def get(self, key: str, /) -> str | None: ...
+    def getall(self, key: str, default: list[str], /) -> list[str]: ...
+
+
+class Headers:
+    """Request headers from a list of (name, value) pairs, looked up case-insensitively."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._values: dict[str, list[str]] = {}
+        for name, value in pairs:
+            self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, key: str, /) -> str | None:
+        values = self._values.get(key.lower())
+        return values[0] if values else None
+
+    def getall(self, key: str, default: list[str], /) -> list[str]:
+        return self._values.get(key.lower(), default)
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """What the front needs of a request. `raw_path` is exactly as sent (no percent-decoding), so
+    validation sees what the client wrote; `peer` is the client's address (X-Forwarded-For applied
+    only for trusted proxies); `cert_subject` is set by a mutual-TLS listener."""
+
+    method: str
+    raw_path: str
+    query: Mapping[str, str]
+    headers: HeaderLookup
+    host: str
+    peer: str
+    cert_subject: str | None = None
+
+
+class Upstreams:
+    """Chooses the upstream of a request, in order: containerd's `ns=`, a registry prefix in the path
+    (`/v2/ghcr.io/owner/app/...`, from CRI-O/podman mirrors with a path or containerd's override_path),
+    the Host header when it is one of an upstream's aliases, and the default upstream (dockerd).
+
+    A registry that is not configured is refused: a request can never make edgecache contact it.
+    """
+
+    def __init__(self, clients: dict[str, UpstreamClient], default: str) -> None:
+        self._clients = clients
+        self._default = clients[default]
+        self._aliases = {alias.lower(): c for c in clients.values() for alias in c.config.aliases}
+
+    def choose(self, request: ClientRequest, name: str) -> tuple[UpstreamClient, RepoName]:
+        first, _, rest = name.partition("/")
+        ns = request.query.get("ns")
+        if ns is not None:
+            client = self._clients.get(ns)
+            if client is None:
+                raise errors.UpstreamUnknown(f"this mirror has no upstream named {ns[:100]!r}")
+            return client, RepoName.parse(rest if rest and first == ns else name)
+        if rest:
+            client = self._clients.get(first)
+            if client is not None:
+                return client, RepoName.parse(rest)
+            if self._names_a_registry(first):
+                raise errors.UpstreamUnknown(f"this mirror has no upstream named {first[:100]!r}")
+        host = request.host.lower()
+        client = self._aliases.get(host) or self._aliases.get(host.rsplit(":", 1)[0])
+        return client or self._default, RepoName.parse(name)
+
+    def _names_a_registry(self, component: str) -> bool:
+        """Could this first path component only be a registry host, not part of a repository name?
+
+        A port or `localhost` always; a dot only when the default upstream is Docker Hub, whose
+        namespaces never contain one (other registries' may).
+        """
+        if not REGISTRY_HOST.fullmatch(component):
+            return False
+        if ":" in component or component == "localhost":
+            return True
+        return "." in component and self._default.config.adds_library_prefix
+
+
+class RegistryFront:
+    def __init__(
+        self,
+        pull: PullService,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        usage: Usage,
+        readiness: Readiness,
+        access: AccessPolicy,
+    ) -> None:
+        self.pull = pull
+        self.access = access
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._usage = usage
+        self._readiness = readiness
+
+    async def respond(self, request: ClientRequest, trace: RequestTrace, *, admin: bool = True) -> Reply:
+        """Answer one request; raises EdgecacheError for what `error_reply` turns into OCI JSON.
+
+        `admin` serves /metrics and /stats too (else they have their own listener)."""
+        raw_path = request.raw_path
+        if raw_path in ("/healthz", "/readyz") or (admin and raw_path in ("/metrics", "/stats")):
+            return await self.operational(request, trace)
+        route = parse_route(raw_path)
+        trace.route = route.kind.value
+        if request.method not in READ_METHODS:
+            raise errors.Unsupported("this mirror is read-only: push and delete are not supported")
+        if route.kind is Kind.UPLOAD:
+            raise errors.Unsupported("this mirror is read-only: uploads are not supported")
+        if route.kind is Kind.CATALOG:
+            raise errors.Unsupported("the catalog is not served by this mirror")
+        identity = await self.access.authenticate(request)
+        trace.identity = identity.name
+        if route.kind is Kind.BASE:
+            self.access.check_base(identity)
+            return Reply(200, {**API_VERSION_HEADER, "Content-Type": "application/json"}, BytesBody(b"{}"))
+        client, repo = self._upstreams.choose(request, route.name)
+        trace.upstream = client.name
+        self.access.check(identity, client.name, repo)
+        reply = await self._dispatch(request, route, client, repo)
+        if request.method == "GET" and route.kind in (Kind.MANIFEST, Kind.BLOB):
+            pull = route.kind is Kind.MANIFEST and not isinstance(route.reference, Digest)
+            length = int(reply.headers.get("Content-Length", "0") or 0)
+            self._usage.record(client.name, str(client.upstream_name(repo)), pull=pull, bytes_served=length)
+        return reply
+
+    async def operational(self, request: ClientRequest, trace: RequestTrace) -> Reply:
+        """Health checks, metrics and usage statistics (GET and HEAD only)."""
+        if request.method not in READ_METHODS:
+            raise errors.Unsupported("only GET and HEAD are served here")
+        path = request.raw_path
+        if path == "/metrics":
+            trace.route = "metrics"
+            body = await asyncio.to_thread(self._metrics.render)  # a few ms of CPU: off the event loop
+            return Reply(200, {"Content-Type": CONTENT_TYPE_LATEST}, BytesBody(body))
+        if path == "/stats":
+            trace.route = "stats"
+            return json_reply(200, {"top_repositories": [vars(entry) for entry in self._usage.top(20)]})
+        trace.route = "health"
+        if path == "/healthz":  # alive: the process answers; nothing else is checked
+            return json_reply(200, {"status": "ok"})
+        # Ready while the cache can be served (even with an upstream down); the body says more.
+        ready, detail = await self._readiness()
+        return json_reply(200 if ready else 503, {"ready": ready, **detail})
+
+    async def _dispatch(
+        self, request: ClientRequest, route: Route, client: UpstreamClient, repo: RepoName
+    ) -> Reply:
+        head = request.method == "HEAD"
+        headers = request.headers
+        if route.kind is Kind.MANIFEST:
+            assert route.reference is not None
+            query = ManifestQuery(
+                repo,
+                route.reference,
+                accepted_media_types(headers.getall("Accept", [])),
+                head,
+                headers.get("If-None-Match"),
+            )
+            return await self.pull.manifest(client, query)
+        if route.kind is Kind.BLOB:
+            assert route.digest is not None
+            blob_query = BlobQuery(
+                repo, route.digest, head, single_range(headers), headers.get("If-None-Match")
+            )
+            return await self.pull.blob(client, blob_query)
+        if route.kind is Kind.TAGS:
+            # The pagination Link keeps the name as the client wrote it (registry prefix included).
+            link_name = route.name if route.name.endswith(str(repo)) else str(repo)
+            return await self.pull.tags_list(
+                client, repo, listing_params(request.query), link_name, request.query.get("ns")
+            )
+        assert route.digest is not None
+        params = {k: v for k, v in request.query.items() if k == "artifactType"}
+        return await self.pull.referrers(client, repo, route.digest, params)
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def trusted_networks(specs: Sequence[str]) -> Networks:
+    return tuple(ipaddress.ip_network(spec, strict=False) for spec in specs)
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: Networks) -> str:
+    """The client's address: the socket peer, unless that peer is a trusted proxy, in which case the
+    nearest X-Forwarded-For entry that is not itself a trusted proxy. From anyone else the header is
+    ignored, so a client cannot choose the address its failed logins are counted under."""
+    if not forwarded_for or not _in(peer, trusted):
+        return peer
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        try:
+            address = str(ipaddress.ip_address(hop))
+        except ValueError:
+            return peer  # a malformed chain: believe only the socket
+        if not _in(address, trusted):
+            return address
+    return peer
+
+
+def _in(address: str, networks: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def single_range(headers: HeaderLookup) -> str | None:
+    """The Range header; more than one is ambiguous (which would a cache honour?) and refused."""
+    ranges = headers.getall("Range", [])
+    if len(ranges) > 1:
+        raise errors.RangeInvalid("only one Range header is accepted")
+    return ranges[0] if ranges else None
+
+
+def listing_params(query: Mapping[str, str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    n = query.get("n")
+    if n is not None:
+        if not n.isdigit() or len(n) > 6:
+            raise errors.ParameterInvalid("n must be a non-negative integer")
+        params["n"] = n
+    last = query.get("last")
+    if last is not None:
+        try:
+            params["last"] = str(Tag.parse(last))
+        except errors.TagInvalid:
+            raise errors.ParameterInvalid("last must be a tag") from None
+    return params
+
+
+def json_reply(status: int, document: object) -> Reply:
+    return Reply(status, {"Content-Type": "application/json"}, BytesBody(json.dumps(document).encode()))
+
+
+def error_reply(exc: errors.EdgecacheError) -> Reply:
+    """An error in the registry's JSON format, with the headers its kind calls for."""
+    headers = {**API_VERSION_HEADER, "Content-Type": "application/json"}
+    if isinstance(exc, errors.RangeInvalid) and exc.size is not None:
+        headers["Content-Range"] = f"bytes */{exc.size}"
+    if isinstance(exc, errors.Unsupported):
+        headers["Allow"] = "GET, HEAD"
+    if isinstance(exc, errors.UpstreamRateLimited | errors.TooManyAttempts) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = exc.challenge
+    return Reply(exc.status, headers, BytesBody(json.dumps(exc.body()).encode()), exc.cache_result)
