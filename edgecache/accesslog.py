@@ -2,7 +2,8 @@
 
 One JSON object per line for log shippers, or a short readable line for a terminal. Fields: time,
 peer, method, path, route, status, bytes, duration, cache result, upstream and its status, request id.
-Headers are never logged, so credentials cannot appear; the path holds only validated names.
+Headers are never logged, so credentials cannot appear; the path is logged as sent (percent-encoded),
+clipped and with control characters escaped, so hostile input cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -24,55 +25,88 @@ TRACE_KEY = web.RequestKey("edgecache.trace", RequestTrace)
 
 
 class AccessLogger(AbstractAccessLogger):
+    """aiohttp's hook: called when a response is done."""
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
         trace: RequestTrace | None = request.get(TRACE_KEY)
         if trace is None:
             return
         app = request.app  # type: ignore[attr-defined]
-        metrics = app.get(METRICS_KEY)
-        duration = time.perf_counter() - trace.started
-        if metrics is not None:
-            metrics.observe_request(trace.route, request.method, response.status, trace.cache, duration)
-        if not log.isEnabledFor(logging.INFO):
-            return
         # Body bytes only (aiohttp's own count includes the headers); sendfile bodies were counted
         # by the front, since they never pass through aiohttp's writer.
         body = 0 if request.method == "HEAD" else response.content_length or 0
-        sent = trace.bytes_sent or body
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "peer": request.remote,
-            "method": request.method,
-            "path": request.path,
-            "route": trace.route,
-            "status": response.status,
-            "bytes": sent,
-            "duration_ms": round(duration * 1000, 2),
-            "cache": trace.cache,
-            "upstream": trace.upstream or None,
-            "upstream_status": trace.upstream_status,
-            "request_id": trace.request_id,
-        }
-        if app.get(FORMAT_KEY) == "json":
-            log.info("access", extra={"access": record})
-        else:
-            upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
-            log.info(
-                "%s %s %s %d %s %dB %.1fms%s id=%s",
-                request.remote,
-                request.method,
-                request.path,
-                response.status,
-                trace.cache,
-                sent,
-                duration * 1000,
-                upstream,
-                trace.request_id,
-            )
+        record_request(
+            app.get(METRICS_KEY),
+            app.get(FORMAT_KEY, "text"),
+            trace,
+            request.method,
+            request.raw_path.split("?", 1)[0],
+            response.status,
+            trace.bytes_sent or body,
+            peer=trace.peer or request.remote or "",
+        )
 
     @property
     def enabled(self) -> bool:
         return True
+
+
+def record_request(
+    metrics: Metrics | None,
+    log_format: str,
+    trace: RequestTrace,
+    method: str,
+    path: str,
+    status: int,
+    sent: int,
+    *,
+    peer: str,
+    protocol: str = "HTTP/1.1",
+) -> None:
+    """Count one finished request in the metrics and write its access log line."""
+    duration = time.perf_counter() - trace.started
+    if metrics is not None:
+        metrics.observe_request(trace.route, method, status, trace.cache, duration)
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "peer": peer,
+        "identity": trace.identity or None,
+        "protocol": protocol,
+        "method": method,
+        "path": loggable(path),
+        "route": trace.route,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(duration * 1000, 2),
+        "cache": trace.cache,
+        "upstream": trace.upstream or None,
+        "upstream_status": trace.upstream_status,
+        "request_id": trace.request_id,
+    }
+    if log_format == "json":
+        log.info("access", extra={"access": record})
+    else:
+        upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
+        log.info(
+            "%s %s %s %d %s %dB %.1fms%s id=%s",
+            peer,
+            loggable(method),
+            loggable(path),
+            status,
+            trace.cache,
+            sent,
+            duration * 1000,
+            upstream,
+            trace.request_id,
+        )
+
+
+def loggable(text: str, limit: int = 512) -> str:
+    """A client-chosen string made safe for a log line: bounded, ASCII, control characters escaped."""
+    clipped = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c < "\x7f" else f"\\x{ord(c):02x}" for c in clipped)
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,21 +16,23 @@ from typing import Any
 from aiohttp import web
 
 from edgecache import sdnotify
+from edgecache.access import AccessPolicy
 from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
-from edgecache.config import Config
+from edgecache.config import Config, split_host_port
 from edgecache.errors import ConfigError
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
+from edgecache.front import RegistryFront, Upstreams, trusted_networks
 from edgecache.manifests import ManifestCache
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
 from edgecache.sizes import parse_size
+from edgecache.tls import check_certificate, mutual_tls_context
+from edgecache.tlsfront import AsgiFront, TlsListener
 from edgecache.upstream import UpstreamClient
 from edgecache.usage import Usage
-from edgecache.access import AccessPolicy
-from edgecache.front import RegistryFront, Upstreams
-from edgecache.web import AiohttpFront, OciAppRunner
+from edgecache.web import AiohttpFront, ConnectionLimits, OciAppRunner, OciSite
 
 log = logging.getLogger("edgecache")
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}
@@ -116,6 +119,7 @@ class Edgecache:
             client = self.clients.get(upstream.name)
             if client is not None and client.config.url == upstream.url:
                 client.reconfigure(upstream)
+        self.front.access.reconfigure(new.access)  # may raise ConfigError: nothing applied yet
         self.front.pull.reconfigure(new.cache)
         self.keeper.reconfigure(
             max_size=parse_size(new.cache.max_size, "cache.max_size"),
@@ -127,6 +131,7 @@ class Edgecache:
         self.config = new if not kept else self.config
 
     def web_app(self) -> web.Application:
+        """One aiohttp application that also starts and closes this instance (tests embed it so)."""
         app = self.http.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
 
         async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
@@ -176,24 +181,91 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     return changed
 
 
+class Listeners:
+    """Every listener of one instance: aiohttp for plain HTTP (and mutual-TLS HTTP/1.1), embedded
+    granian for TLS with HTTP/2; all of them adapters over the same RegistryFront."""
+
+    def __init__(self, instance: Edgecache) -> None:
+        self._instance = instance
+        self._runners: list[tuple[OciAppRunner, str, ssl.SSLContext | None]] = []
+        self._tls: list[TlsListener] = []
+        self._mtls_context: ssl.SSLContext | None = None
+        self.urls: list[str] = []
+
+    async def start(self) -> None:
+        instance, config = self._instance, self._instance.config
+        server, log_format = config.server, instance.log_format
+        admin = not server.metrics_listen
+        for listen, tls in server.listeners():
+            if not tls:
+                self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, None)
+            elif config.access.mode == "mtls":
+                context = mutual_tls_context(server.tls_cert, server.tls_key, config.access.client_ca)
+                self._mtls_context = context
+                self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, context)
+            else:
+                host, port = split_host_port(listen, "server.listen")
+                trusted = trusted_networks(server.trusted_proxies)
+                app = AsgiFront(instance.front, instance.metrics, trusted, log_format, admin)
+                self._tls.append(TlsListener(app, host, port, server))
+                self.urls.append(f"https://{listen} (HTTP/2, HTTP/1.1)")
+        if server.metrics_listen:
+            self._add_runner(instance.http.build_admin_app(log_format), server.metrics_listen, None)
+        for runner, listen, site_context in self._runners:
+            await runner.setup()
+            host, port = split_host_port(listen, "server.listen")
+            timeout = self._instance.config.server.tls_handshake_timeout
+            await OciSite(runner, host, port, ssl_context=site_context, handshake_timeout=timeout).start()
+        for listener in self._tls:
+            await listener.start()
+
+    def _add_runner(self, app: web.Application, listen: str, context: ssl.SSLContext | None) -> None:
+        server = self._instance.config.server
+        limits = ConnectionLimits(server.max_connections, server.header_timeout)
+        runner = OciAppRunner(app, limits=limits, **RUNNER_OPTIONS)
+        self._runners.append((runner, listen, context))
+        self.urls.append(f"{'https' if context else 'http'}://{listen}")
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: re-read the certificate and key; a bad pair is refused and the old one kept."""
+        server = self._instance.config.server
+        if not server.tls:
+            return
+        try:
+            cert = check_certificate(server.tls_cert, server.tls_key)
+        except ConfigError as exc:
+            log.error("TLS certificate not reloaded, the old one stays in use: %s", exc)
+            return
+        if self._mtls_context is not None:
+            self._mtls_context.load_cert_chain(server.tls_cert, server.tls_key)
+        for listener in self._tls:
+            listener.reload()
+        log.info(
+            "TLS certificate reloaded: %s, valid until %s",
+            cert.subject.rfc4514_string(),
+            cert.not_valid_after_utc,
+        )
+
+    async def stop(self) -> None:
+        for listener in self._tls:
+            await listener.stop()
+        for runner, _listen, _context in reversed(self._runners):
+            await runner.cleanup()
+
+
 async def serve(config: Config, log_format: str = "text", reload: Callable[[], Config] | None = None) -> None:
     """Run until SIGINT/SIGTERM: then stop accepting, let responses in flight finish (10 s at most),
-    and release the cache. SIGHUP re-reads the configuration (`reload`) and applies what it can."""
+    and release the cache. SIGHUP re-reads the configuration (`reload`) and the TLS certificate."""
+    if config.server.tls:
+        check_certificate(config.server.tls_cert, config.server.tls_key)
     instance = Edgecache.build(config, log_format)
-    runners = [OciAppRunner(instance.web_app(), **RUNNER_OPTIONS)]
-    listens = [config.server.listen]
-    if config.server.metrics_listen:
-        runners.append(OciAppRunner(instance.http.build_admin_app(log_format), **RUNNER_OPTIONS))
-        listens.append(config.server.metrics_listen)
+    listeners = Listeners(instance)
     try:
-        for runner, listen in zip(runners, listens, strict=True):
-            await runner.setup()
-            host, _, port = listen.rpartition(":")
-            await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
+        await instance.start()
+        await listeners.start()
         log.info(
-            "edgecache listening on http://%s%s (cache %s, default upstream %s, pid %d)",
-            config.server.listen,
-            f", metrics on http://{config.server.metrics_listen}" if config.server.metrics_listen else "",
+            "edgecache listening on %s (cache %s, default upstream %s, pid %d)",
+            ", ".join(listeners.urls),
             config.cache.dir,
             config.default_upstream,
             os.getpid(),
@@ -203,18 +275,20 @@ async def serve(config: Config, log_format: str = "text", reload: Callable[[], C
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(instance, reload)))
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(_reload(instance, listeners, reload))
+            )
         sdnotify.notify("READY=1", f"STATUS=serving on {config.server.listen}")
         await stop.wait()
         sdnotify.notify("STOPPING=1")
         log.info("edgecache stopping: no new connections; finishing responses in flight")
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        await listeners.stop()
+        await instance.close()
         log.info("edgecache stopped")
 
 
-async def _reload(instance: Edgecache, load: Callable[[], Config]) -> None:
+async def _reload(instance: Edgecache, listeners: Listeners, load: Callable[[], Config]) -> None:
     sdnotify.reloading()
     try:
         new = load()
@@ -224,6 +298,12 @@ async def _reload(instance: Edgecache, load: Callable[[], Config]) -> None:
         return
     for what in restart_needed(instance.config, new):
         log.warning("reload: %s changed; that takes a restart (kept as it was)", what)
-    instance.apply(new)
+    try:
+        instance.apply(new)
+    except ConfigError as exc:
+        log.error("reload refused, configuration unchanged: %s", exc)
+        sdnotify.notify("READY=1", "STATUS=reload refused: see the log")
+        return
+    listeners.reload_certificates()
     log.info("configuration reloaded")
     sdnotify.notify("READY=1", f"STATUS=serving on {instance.config.server.listen} (reloaded)")

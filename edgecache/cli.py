@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
     serve.add_argument("--max-size", metavar="SIZE", help="cache size limit, e.g. 20G (default: none)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): --listen serves TLS")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--log-format",
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir=args.cache_dir,
                 upstreams=args.upstream,
                 max_size=args.max_size,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
             )
 
         config = load()

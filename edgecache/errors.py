@@ -153,6 +153,22 @@ class TooManyAttempts(ClientError):
         self.retry_after = retry_after
 
 
+class RequestTimeout(ClientError):
+    code = "UNSUPPORTED"
+    message = "request headers did not arrive in time"
+    status = 408
+
+
+class TooManyConnections(EdgecacheError):
+    code = "TOOMANYREQUESTS"
+    message = "too many connections to this mirror; retry shortly"
+    status = 503
+
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class NotFound(EdgecacheError):
     status = 404
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
@@ -237,9 +240,63 @@ def error_response(exc: errors.EdgecacheError) -> web.Response:
 
 
 class OciRequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler, with its own refusals (a malformed request line, headers too
+    """aiohttp's connection handler, hardened: its own refusals (a malformed request line, headers too
     large, a body that contradicts its framing) answered in the registry's JSON error format, without
-    echoing the client's bytes and without a traceback in the log for what is only bad input."""
+    echoing the client's bytes or logging a traceback for what is only bad input; a connection cap;
+    and a deadline for a request's headers (aiohttp has none), so slow-header clients cannot hold
+    connections open."""
+
+    def __init__(self, manager: OciServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if len(self._manager.connections) > self._limits.max_connections:  # type: ignore[union-attr]
+            log.warning("connection cap (%d) reached: refusing a connection", self._limits.max_connections)
+            self._refuse(transport, errors.TooManyConnections(retry_after=1))
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._disarm_header_timer()  # a whole request head arrived
+        elif data:
+            self._arm_header_timer()  # part of a request head: it has header_timeout to complete
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self._limits.header_timeout, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closing a connection whose request headers did not arrive in time")
+            self._refuse(self.transport, errors.RequestTimeout())
+
+    def _refuse(self, transport: asyncio.BaseTransport, error: errors.EdgecacheError) -> None:
+        """Answer outside any request (none was read) with a raw HTTP/1.1 error, then close."""
+        reply = error_reply(error)
+        assert isinstance(reply.body, BytesBody)
+        head = [f"HTTP/1.1 {error.status} {error.code}", "Connection: close"]
+        head += [f"{k}: {v}" for k, v in reply.headers.items()]
+        head.append(f"Content-Length: {len(reply.body.data)}")
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + reply.body.data)
+        transport.close()
 
     def handle_error(
         self,
@@ -260,7 +317,15 @@ class OciRequestHandler(web_protocol.RequestHandler):
         return response
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+
+
 class OciServer(web.Server):
+    limits = ConnectionLimits()
+
     def __call__(self) -> web_protocol.RequestHandler:
         return OciRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -268,7 +333,45 @@ class OciServer(web.Server):
 class OciAppRunner(web.AppRunner):
     """An AppRunner whose connections use OciRequestHandler (aiohttp has no option for that)."""
 
+    def __init__(
+        self, app: web.Application, *, limits: ConnectionLimits | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits or ConnectionLimits()
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = OciServer  # same state; only the per-connection handler class differs
+        assert isinstance(server, OciServer)
+        server.limits = self._limits
         return server
+
+
+class OciSite(web.TCPSite):
+    """A TCP site with a TLS handshake deadline (aiohttp's TCPSite does not pass one on)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True, backlog=1024)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            backlog=self._backlog,
+            reuse_address=True,
+        )

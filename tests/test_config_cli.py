@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from edgecache.config import DOCKER_HUB_URL, CacheConfig, ServerConfig, UpstreamConfig, load_config
+from edgecache.config import (
+    DOCKER_HUB_URL,
+    AccessConfig,
+    AccessRule,
+    CacheConfig,
+    ServerConfig,
+    UpstreamConfig,
+    load_config,
+)
 from edgecache.errors import ConfigError
 from tests.conftest import EdgeProcess
 from tests.support.registry import free_port, wait_http
@@ -45,7 +53,7 @@ def test_documented_config_file_states_the_defaults() -> None:
     assert load_config(str(ROOT / "conf/edgecache.toml"), env={}) == load_config(env={})
     # ...and documents every key there is (set, or commented out where the default is computed).
     text = (ROOT / "conf/edgecache.toml").read_text()
-    for cls in (ServerConfig, CacheConfig, UpstreamConfig):
+    for cls in (ServerConfig, CacheConfig, UpstreamConfig, AccessConfig, AccessRule):
         for field in dataclasses.fields(cls):
             assert re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE), f"{field.name} undocumented"
 

@@ -1,0 +1,246 @@
+"""The TLS listener: granian (Rust HTTP/1.1 + HTTP/2 over rustls) embedded in our event loop, calling
+the registry front through ASGI.
+
+ASGI rather than granian's faster RSGI because RSGI hands the app only a percent-decoded path, and
+validation must see the path as sent (`%2F` is not `/`); the app's own work dominates either way.
+Whole blobs go out with `http.response.pathsend` (granian reads the file in Rust); ranges and fills
+in progress are sent in 1 MiB chunks read off the loop, so memory per stream stays bounded by
+HTTP/2 flow control and granian's send buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from granian.constants import HTTPModes, Interfaces, SSLProtocols
+from granian.http import HTTP1Settings, HTTP2Settings
+from granian.server.embed import Server
+
+from edgecache import errors
+from edgecache.accesslog import record_request
+from edgecache.chunks import read_chunks
+from edgecache.config import ServerConfig
+from edgecache.front import (
+    API_VERSION_HEADER,
+    ClientRequest,
+    Headers,
+    Networks,
+    RegistryFront,
+    client_address,
+    error_reply,
+)
+from edgecache.metrics import Metrics
+from edgecache.pull import BytesBody, FileBody, Reply, SpoolBody
+from edgecache.trace import CURRENT, RequestTrace, request_id
+
+log = logging.getLogger(__name__)
+Scope = MutableMapping[str, Any]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+MAX_HEADER_BYTES = 16 * 1024
+MAX_STREAMS = 128
+
+
+class ResponseAborted(Exception):
+    """Raised into granian to cut a response before its last byte (a fill failed)."""
+
+
+class AsgiFront:
+    def __init__(
+        self, front: RegistryFront, metrics: Metrics, trusted: Networks, log_format: str, admin: bool
+    ) -> None:
+        self._front = front
+        self._metrics = metrics
+        self._trusted = trusted
+        self._log_format = log_format
+        self._admin = admin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+        trace = RequestTrace(request_id(headers.get("X-Request-Id")))
+        token = CURRENT.set(trace)
+        status = 500
+        raw_path = scope.get("raw_path") or b""
+        try:
+            try:
+                request = self._client_request(scope, headers, trace)
+                reply = await self._front.respond(request, trace, admin=self._admin)
+            except errors.EdgecacheError as exc:
+                trace.cache = exc.cache_result
+                reply = error_reply(exc)
+            status = reply.status
+            await self._send(scope, send, reply, trace)
+        finally:
+            CURRENT.reset(token)
+            peer = trace.peer or _peer(scope)
+            protocol = f"HTTP/{scope.get('http_version', '1.1')}"
+            path = raw_path.decode("latin-1")
+            method = scope.get("method", "")
+            sent = trace.bytes_sent
+            record_request(
+                self._metrics,
+                self._log_format,
+                trace,
+                method,
+                path,
+                status,
+                sent,
+                peer=peer,
+                protocol=protocol,
+            )
+
+    def _client_request(self, scope: Scope, headers: Headers, trace: RequestTrace) -> ClientRequest:
+        try:
+            raw_path = bytes(scope["raw_path"]).decode("ascii")
+            query_string = bytes(scope["query_string"]).decode("ascii")
+        except (KeyError, UnicodeDecodeError):
+            raise errors.BadRequest("request target must be ASCII") from None
+        query: dict[str, str] = {}
+        for key, value in parse_qsl(query_string, keep_blank_values=True):
+            query.setdefault(key, value)
+        peer = client_address(_peer(scope), headers.get("X-Forwarded-For"), self._trusted)
+        trace.peer = peer
+        host = headers.get("Host") or ""
+        return ClientRequest(scope["method"], raw_path, query, headers, host, peer)
+
+    async def _send(self, scope: Scope, send: Send, reply: Reply, trace: RequestTrace) -> None:
+        trace.cache = reply.cache
+        headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
+        headers["X-Request-Id"] = trace.request_id
+        body = reply.body
+        try:
+            if isinstance(body, BytesBody):
+                headers["Content-Length"] = str(len(body.data))
+            await send({"type": "http.response.start", "status": reply.status, "headers": _encode(headers)})
+            if scope["method"] == "HEAD" or body is None:
+                await send({"type": "http.response.body", "body": b""})
+            elif isinstance(body, BytesBody):
+                self._metrics.served_bytes.labels("memory").inc(len(body.data))
+                trace.bytes_sent = len(body.data)
+                await send({"type": "http.response.body", "body": body.data})
+            elif isinstance(body, FileBody):
+                await self._send_file(send, body, trace)
+            else:
+                await self._send_spool(scope, send, body, trace)
+        finally:
+            reply.close()
+
+    async def _send_file(self, send: Send, body: FileBody, trace: RequestTrace) -> None:
+        if body.offset == 0 and body.length == body.blob.size:
+            # granian opens the path and sends it from Rust; the blob is immutable and held open
+            # (protected from eviction) by us until this returns.
+            await send({"type": "http.response.pathsend", "path": body.blob.file.name})
+        else:
+            async for chunk in read_chunks(body.blob.file.fileno(), body.offset, body.length):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        self._metrics.served_bytes.labels("disk").inc(body.length)
+        trace.bytes_sent = body.length
+
+    async def _send_spool(self, scope: Scope, send: Send, body: SpoolBody, trace: RequestTrace) -> None:
+        served = self._metrics.served_bytes.labels("fill")
+        self._metrics.fill_readers.inc()
+        try:
+            with body.flight.open_file() as spool:
+                async for offset, length in body.flight.segments(body.start, body.end):
+                    async for chunk in read_chunks(spool.fileno(), offset, length):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        served.inc(len(chunk))
+                        trace.bytes_sent += len(chunk)
+            await send({"type": "http.response.body", "body": b""})
+        except errors.EdgecacheError as exc:
+            # Headers are out: cut the stream before its last byte so the client retries.
+            log.warning("aborting response for %s: %s", scope.get("path"), exc.detail or exc.message)
+            raise ResponseAborted(exc.message) from None
+        finally:
+            self._metrics.fill_readers.dec()
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+class _QuietGranian(logging.Filter):
+    """Drop granian's notes that are not news to an operator: its 'experimental' banner, and the
+    traceback it prints when we cut a failed fill's response on purpose (already logged by us)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ResponseAborted):
+            return False
+        return "experimental" not in record.getMessage()
+
+
+class TlsListener:
+    """One embedded granian server on HOST:PORT, TLS with ALPN h2 and http/1.1."""
+
+    def __init__(self, app: AsgiFront, host: str, port: int, server: ServerConfig) -> None:
+        self._app = app
+        self._server = Server(
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGINL,
+            http=HTTPModes.auto,
+            websockets=False,
+            backlog=1024,
+            backpressure=server.max_connections,
+            http1_settings=HTTP1Settings(
+                header_read_timeout=int(server.header_timeout * 1000),
+                keep_alive=True,
+                max_buffer_size=MAX_HEADER_BYTES + 4096,
+            ),
+            http2_settings=HTTP2Settings(
+                max_concurrent_streams=MAX_STREAMS,
+                max_headers_size=MAX_HEADER_BYTES,
+                initial_stream_window_size=1024 * 1024,
+                initial_connection_window_size=4 * 1024 * 1024,
+                max_send_buffer_size=1024 * 1024,
+                keep_alive_interval=int(server.header_timeout * 1000),
+                keep_alive_timeout=int(server.header_timeout),
+            ),
+            log_dictconfig={
+                "version": 1,
+                "disable_existing_loggers": False,
+                "handlers": {},
+                "formatters": {},
+                "loggers": {"_granian": {"level": "INFO", "propagate": True, "handlers": []}},
+            },
+            ssl_cert=Path(server.tls_cert),
+            ssl_key=Path(server.tls_key),
+            ssl_protocol_min=SSLProtocols.tls12,
+        )
+        granian_log = logging.getLogger("_granian")
+        if not any(isinstance(f, _QuietGranian) for f in granian_log.filters):
+            granian_log.addFilter(_QuietGranian())
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve())
+        await asyncio.sleep(0)  # binds in its first step; a failure shows when awaited in stop()
+        if self._task.done():
+            await self._task
+
+    def reload(self) -> None:
+        """Start a new worker that reads the certificate and key files again, then stop the old one
+        gracefully: new connections get the new certificate, connections in flight finish."""
+        self._server.reload()  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            await self._task
