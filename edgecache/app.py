@@ -25,6 +25,7 @@ from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
 from edgecache.front import RegistryFront, Upstreams, trusted_networks
 from edgecache.manifests import ManifestCache
+from edgecache.membership import Membership
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
 from edgecache.sizes import parse_size
@@ -51,6 +52,7 @@ class Edgecache:
     clients: dict[str, UpstreamClient]
     front: RegistryFront
     http: AiohttpFront
+    members: Membership
     log_format: str = "text"
     _started: bool = field(default=False, repr=False)
 
@@ -80,12 +82,14 @@ class Edgecache:
             negative_ttl=config.cache.negative_ttl,
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
+        members = Membership(keeper)
         pull = PullService(
             store,
             ManifestCache(store),
             flights,
             metrics,
             keeper,
+            members,
             tag_ttl=config.cache.tag_ttl,
             max_stale=config.cache.max_stale,
             stale_while_revalidate=config.cache.stale_while_revalidate,
@@ -95,7 +99,7 @@ class Edgecache:
         upstreams = Upstreams(clients, config.default_upstream)
         front = RegistryFront(pull, upstreams, metrics, Usage(), readiness, access)
         http = AiohttpFront(front, metrics, config.server.trusted_proxies)
-        return cls(config, lock, store, metrics, keeper, flights, clients, front, http, log_format)
+        return cls(config, lock, store, metrics, keeper, flights, clients, front, http, members, log_format)
 
     async def start(self) -> None:
         if self._started:
@@ -109,6 +113,7 @@ class Edgecache:
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
+        await self.members.flush()
         await self.keeper.close()
         self.lock.release()
 

@@ -108,6 +108,10 @@ class CacheKeeper:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def run_index(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an index call on the index's worker thread (SQLite work never blocks the loop)."""
+        return await self._run(fn, *args)
+
     @property
     def index(self) -> CacheIndex:
         assert self._index is not None, "CacheKeeper.start() was not awaited"

@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS pins (
 CREATE TABLE IF NOT EXISTS pinned (
     digest TEXT PRIMARY KEY          -- reachable from a pinned image; may not be stored yet
 );
+CREATE TABLE IF NOT EXISTS members (  -- this repository is known to contain this digest
+    upstream TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (upstream, repository, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_digest ON members (digest);
 """
 
 
@@ -131,8 +138,24 @@ class CacheIndex:
             )
 
     def remove(self, digests: Iterable[str]) -> None:
+        rows = [(d,) for d in digests]
         with self._transaction() as db:
-            db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in digests])
+            db.executemany("DELETE FROM entries WHERE digest = ?", rows)
+            db.executemany("DELETE FROM members WHERE digest = ?", rows)
+
+    # -- repository membership -----------------------------------------------------------------
+
+    def add_members(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """(upstream, repository, digest) facts learnt from upstream."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?, ?)", list(rows))
+
+    def is_member(self, upstream: str, repository: str, digest: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM members WHERE upstream = ? AND repository = ? AND digest = ?",
+            (upstream, repository, digest),
+        ).fetchone()
+        return row is not None
 
     def get(self, digest: str) -> Entry | None:
         row = self._db.execute("SELECT * FROM entries WHERE digest = ?", (digest,)).fetchone()

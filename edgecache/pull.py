@@ -21,6 +21,7 @@ from edgecache.config import CacheConfig
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import BlobFlight, Flights
 from edgecache.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
+from edgecache.membership import Membership
 from edgecache.metrics import Metrics
 from edgecache.oci import (
     ByteRange,
@@ -111,6 +112,7 @@ class PullService:
         flights: Flights,
         metrics: Metrics,
         keeper: CacheKeeper,
+        members: Membership,
         *,
         tag_ttl: float,
         max_stale: float,
@@ -122,6 +124,7 @@ class PullService:
         self._flights = flights
         self._metrics = metrics
         self._keeper = keeper
+        self._members = members
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
         self._swr = stale_while_revalidate
@@ -141,15 +144,22 @@ class PullService:
 
     async def manifest(self, client: UpstreamClient, query: ManifestQuery) -> Reply:
         if isinstance(query.reference, Digest):
-            manifest, result = await self._manifest_by_digest(client, query.repo, query.reference)
+            manifest, result = await self._manifest_by_digest(
+                client, query.repo, query.reference, confirm=True
+            )
+            await self._members.record_manifest(client, query.repo, manifest.digest, manifest.body)
             return self._manifest_reply(query, manifest.digest, manifest.media_type, manifest, None, result)
         return await self._manifest_by_tag(client, query, query.reference)
 
     async def _manifest_by_digest(
-        self, client: UpstreamClient, repo: RepoName, digest: Digest
+        self, client: UpstreamClient, repo: RepoName, digest: Digest, *, confirm: bool = False
     ) -> tuple[CachedManifest, str]:
+        """The manifest `digest`; with `confirm`, only once `repo` is known to hold it (the tag
+        path needs no confirmation: the tag of this repository named the digest)."""
         cached = await self._manifests.get(digest)
         if cached is not None:
+            if confirm:
+                await self._members.ensure_manifest(client, repo, digest)
             self._keeper.touch(digest)
             return cached, "HIT"
 
@@ -178,6 +188,8 @@ class PullService:
         if known is not None and self._manifests.age(known) < ttl + self._swr:
             cached = await self._manifests.get(known.digest)
             if cached is not None or (query.head and known.size is not None):
+                if cached is not None:
+                    await self._members.record_manifest(client, query.repo, cached.digest, cached.body)
                 if self._manifests.age(known) < ttl:
                     self._keeper.touch(known.digest)
                     return self._manifest_reply(
@@ -220,6 +232,10 @@ class PullService:
             warning = STALE_WARNING
         if cached is None and (not query.head or entry.size is None):
             cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
+        if cached is not None:
+            await self._members.record_manifest(client, query.repo, cached.digest, cached.body)
+        else:
+            self._members.record(client, query.repo, [str(entry.digest)])
         if cached is not None and await self._keeper.is_pinned_tag(client.name, str(key[1]), str(tag)):
             await self._keeper.pin_manifest(cached.digest, cached.body)
         reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
@@ -345,6 +361,11 @@ class PullService:
             await self._keeper.forget(digest)
             opened = None
         if opened is not None:
+            try:
+                await self._members.ensure_blob(client, query.repo, digest)
+            except BaseException:
+                opened.close()
+                raise
             self._keeper.touch(digest)
             opened.hold(self._keeper.reading(digest))
             try:
@@ -358,6 +379,10 @@ class PullService:
             status, start, length = _span(byte_range, opened.size, headers)
             return Reply(status, headers, FileBody(opened, start, length), "HIT")
 
+        running = self._flights.running(client.name, digest)
+        if running is not None and running.repo != client.upstream_name(query.repo):
+            # Another repository's fill: join it only once this repository is known to hold the blob.
+            await self._members.ensure_blob(client, query.repo, digest)
         flight, led = self._flights.blob(client, query.repo, digest)
         try:
             size = await flight.started
@@ -367,6 +392,8 @@ class PullService:
             # The leader asked under a repository that lacks the blob; ours may have it.
             flight, led = self._flights.blob(client, query.repo, digest)
             size = await flight.started
+        if flight.repo == client.upstream_name(query.repo):
+            self._members.record(client, query.repo, [str(digest)])  # upstream served it to us
         if size is None:  # upstream sent no length: stream it all, chunked
             return Reply(200, headers, SpoolBody(flight, 0, None), "MISS")
         byte_range = parse_range(query.range_header, size)
@@ -378,14 +405,19 @@ class PullService:
     async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
         size = await self._store.has_blob(query.digest)
         if size is not None:
+            await self._members.ensure_blob(client, query.repo, query.digest)
             self._keeper.touch(query.digest)
         result = "HIT"
         if size is None:
             flight = self._flights.running(client.name, query.digest)
-            size = await flight.started if flight is not None else None
+            if flight is not None and flight.repo != client.upstream_name(query.repo):
+                size = await self._members.ensure_blob(client, query.repo, query.digest)
+            if size is None and flight is not None:
+                size = await flight.started
             result = "JOINED" if flight is not None else "MISS"
             if size is None:
                 size = await client.head_blob(query.repo, query.digest)
+                self._members.record(client, query.repo, [str(query.digest)])
         if size is not None:
             headers["Content-Length"] = str(size)
         return Reply(200, headers, None, result)

@@ -80,11 +80,11 @@ def pull(url: str, blob: Blob, repo: str, attempts: int = 3) -> None:
             time.sleep(0.5)
 
 
-def holder(cluster: Cluster, blob: Blob) -> int:
+def holder(cluster: Cluster, blob: Blob, repo: str) -> int:
     """Which node has the blob on disk (asked directly, by HEAD: a miss would not fetch the body)."""
     holders = []
     for i, url in enumerate(cluster.node_urls):
-        request = urllib.request.Request(f"{url}/v2/x/blobs/{blob.digest}", method="HEAD")
+        request = urllib.request.Request(f"{url}/v2/{repo}/blobs/{blob.digest}", method="HEAD")
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 if resp.headers["X-Cache"] == "HIT":
@@ -112,7 +112,7 @@ def test_each_blob_is_fetched_once_across_the_cluster_and_a_dead_node_loses_no_p
                 pull(cluster.url, blob, repo)
     fetched = {b.digest: origin.count("GET", f"/blobs/{b.digest}") - before[b.digest] for b in blobs}
     assert fetched == {b.digest: 1 for b in blobs}
-    placement = {b.digest: holder(cluster, b) for b in blobs}
+    placement = {b.digest: holder(cluster, b, names[b.digest][0]) for b in blobs}
     assert len(set(placement.values())) >= 2  # spread over the nodes, each blob on exactly one
 
     victim = max(set(placement.values()), key=list(placement.values()).count)

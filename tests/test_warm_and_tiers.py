@@ -34,10 +34,12 @@ def test_warm_through_a_running_instance(edge_process: EdgeProcess, seeded: Seed
     assert result.returncode == 0, result.stderr
     amd64 = next(i for i in seeded.multi.images if i.platform["architecture"] == "amd64")
     images = [seeded.alpine, seeded.app, amd64]
+    repos = ["library/alpine", "team/app", "library/multi"]
     blobs = {b.digest: b for image in images for b in image.blobs}
     assert f"warmed 3/3 images: {len(blobs)} blobs" in result.stdout
-    for digest in blobs:
-        assert x_cache(f"{edge_process.url}/v2/library/any/blobs/{digest}") == "HIT"
+    for repo, image in zip(repos, images, strict=True):
+        for blob in image.blobs:  # served from the cache under the repository that holds it
+            assert x_cache(f"{edge_process.url}/v2/{repo}/blobs/{blob.digest}") == "HIT"
     again = cli("warm", "--url", edge_process.url, "alpine")
     assert "0 B fetched" in again.stdout
     bad = cli("warm", "--url", edge_process.url, "Not/Valid:x")
