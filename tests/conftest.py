@@ -7,6 +7,7 @@ socket) or as a real `python -m edgecache serve` process where a client needs on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -124,24 +125,39 @@ class EdgeProcess:
 @pytest.fixture
 def edge_process(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator[EdgeProcess]:
     """`python -m edgecache serve` as a user would run it, in front of the origin."""
+    with spawn_edge(tmp_path, origin.url) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def spawn_edge(
+    tmp_path: Path, upstream_url: str, *, config: str = "", args: tuple[str, ...] = (), tls: bool = False
+) -> Iterator[EdgeProcess]:
+    """Run `python -m edgecache serve` with an optional TOML `config` and extra flags; with `tls`,
+    the listener is HTTPS (the certificate must be in `config` or `args`) and `url` is https://."""
     port = free_port()
     log_path = tmp_path / "edgecache.log"
     cache_dir = tmp_path / "cache"
+    command = [
+        sys.executable, "-m", "edgecache", "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--upstream", upstream_url,
+        "--cache-dir", str(cache_dir),
+        "--log-format", "json",
+    ]  # fmt: skip
+    if config:
+        (tmp_path / "edgecache.toml").write_text(config)
+        command += ["--config", str(tmp_path / "edgecache.toml")]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "edgecache", "serve",
-                "--listen", f"127.0.0.1:{port}",
-                "--upstream", origin.url,
-                "--cache-dir", str(cache_dir),
-            ],
+            [*command, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+        )
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/v2/", proc=proc)
+        wait_http(f"{url}/healthz", proc=proc, log_path=log_path)
         yield EdgeProcess(url, proc, cache_dir, log_path)
     finally:
         proc.terminate()
