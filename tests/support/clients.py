@@ -225,6 +225,8 @@ def skopeo_copy_all(
     tls_verify: bool = False,
     layout: str = "dir",
     timeout: float = 180.0,
+    cert_dir: Path | None = None,
+    creds: str | None = None,
 ) -> CopiedImage:
     """`skopeo copy --all --preserve-digests docker://SRC dir:DEST` (or oci:DEST) and read it back.
 
@@ -244,7 +246,9 @@ def skopeo_copy_all(
         skopeo, "--policy", str(_skopeo_policy(dest_dir)),
         "--tmpdir", str(dest_dir.parent),
         "copy", "--all", "--preserve-digests", "--retry-times", "0",
-        f"--src-tls-verify={'true' if tls_verify else 'false'}", "--src-no-creds",
+        f"--src-tls-verify={'true' if tls_verify else 'false'}",
+        *(["--src-cert-dir", str(cert_dir)] if cert_dir else []),
+        *(["--src-creds", creds] if creds else ["--src-no-creds"]),
         src, dest,
     ]  # fmt: skip
     _run(cmd, timeout=timeout, env=client_env(REGISTRIES_CONFIG_PATH=os.devnull))

@@ -66,7 +66,8 @@ def curl(
                 name, sep, value = line.partition(":")
                 if sep:
                     parsed[name.strip().lower()] = value.strip()
-        body = body_path.read_bytes() if body_path.exists() else b""
+        # With --head curl writes the head to -o too; a HEAD response has no body to show.
+        body = body_path.read_bytes() if body_path.exists() and method != "HEAD" else b""
         return CurlResult(
             proc.returncode, int(status_text or 0), version.strip(), parsed, body, proc.stderr.decode()
         )
