@@ -89,27 +89,25 @@ def test_tls_offers_only_modern_protocols_and_both_alpn_protocols(tls_edge: Edge
     for alpn in ("h2", "http/1.1"):
         context = ssl.create_default_context(cafile=str(ca.cert_path))
         context.set_alpn_protocols([alpn])
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                assert tls.selected_alpn_protocol() == alpn
-                assert tls.version() in ("TLSv1.2", "TLSv1.3")
-                cipher = tls.cipher()
-                assert cipher is not None and re.search("GCM|CHACHA20", cipher[0]), cipher
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == alpn
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            cipher = tls.cipher()
+            assert cipher is not None and re.search("GCM|CHACHA20", cipher[0]), cipher
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # that is the point
         old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLError):
-            old.wrap_socket(raw, server_hostname="localhost")  # TLS 1.1 and older are refused
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, pytest.raises(ssl.SSLError):
+        old.wrap_socket(raw, server_hostname="localhost")  # TLS 1.1 and older are refused
     cbc = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cbc.check_hostname, cbc.verify_mode = False, ssl.CERT_NONE
     cbc.maximum_version = ssl.TLSVersion.TLSv1_2
     cbc.set_ciphers("ECDHE+AES+SHA1:ECDHE+AES+SHA256:!AESGCM")  # CBC suites only
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLError):
-            cbc.wrap_socket(raw, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, pytest.raises(ssl.SSLError):
+        cbc.wrap_socket(raw, server_hostname="localhost")
 
 
 def test_h2load_multiplexes_many_streams_on_few_connections(tls_edge: EdgeProcess, ca: TestCA) -> None:
