@@ -7,13 +7,17 @@ all their state in their own temp dirs; a proxy at a dead address stops them fal
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 
-from tests.conftest import EdgeProcess, Seeded
+from tests.conftest import EdgeProcess, Seeded, spawn_edge
+from tests.support.certs import TestCA
 from tests.support.clients import (
     Containerd,
     Dockerd,
@@ -113,3 +117,84 @@ def test_dockerd_pulls_through_registry_mirrors_and_repulls_from_cache(
     assert dockerd.image_id("alpine:latest") == image.config.digest
     assert blob_gets(origin, image) == fetched
     dockerd.remove_image("alpine:latest")
+
+
+@pytest.fixture
+def certs_d_for() -> Iterator[list[Path]]:
+    """dockerd reads a mirror's CA from /etc/docker/certs.d/HOST:PORT/ca.crt (there is no flag for
+    another place); each test's port is fresh, and the directory is removed afterwards."""
+    made: list[Path] = []
+    yield made
+    for directory in made:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_dockerd_pulls_from_an_https_mirror_with_a_login(
+    tmp_path: Path,
+    dockerd: Dockerd,
+    origin: Registry,
+    seeded: Seeded,
+    certs_d_for: list[Path],
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("edge")
+    htpasswd = tmp_path / "htpasswd"
+    password = "correct-horse-battery-staple"
+    htpasswd.write_text(f"alice:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}\n")
+    config = (
+        f'[server]\ntls_cert = "{server.cert}"\ntls_key = "{server.key}"\n'
+        f'[access]\nmode = "htpasswd"\nhtpasswd = "{htpasswd}"\n'
+        '[[access.rules]]\nidentity = "alice"\nallow = ["docker.io/library/*"]\n'
+    )
+    with spawn_edge(tmp_path, origin.url, config=config, tls=True) as edge:
+        host = edge.url.removeprefix("https://")
+        certs_d = Path("/etc/docker/certs.d") / host
+        certs_d.mkdir(parents=True, exist_ok=True)
+        certs_d_for.append(certs_d)
+        shutil.copy(ca.cert_path, certs_d / "ca.crt")
+        # The user's Docker Hub login: dockerd sends it to the mirror when the mirror asks (401).
+        dockerd.cli_config_dir.mkdir(exist_ok=True)
+        auth = base64.b64encode(f"alice:{password}".encode()).decode()
+        (dockerd.cli_config_dir / "config.json").write_text(
+            json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": auth}}})
+        )
+        try:
+            dockerd.set_registry_mirrors([edge.url])
+            dockerd.pull("alpine:latest")
+            assert dockerd.image_id("alpine:latest") == seeded.alpine.config.digest
+        finally:
+            (dockerd.cli_config_dir / "config.json").unlink()
+            dockerd.remove_image("alpine:latest")
+        records = [
+            json.loads(line) for line in edge.log_path.read_text().splitlines() if line.startswith("{")
+        ]
+        pulls = [r for r in records if r.get("route") in ("manifest", "blob")]
+        assert pulls and all(r["identity"] == "alice" and r["status"] == 200 for r in pulls)
+        # dockerd 28 talks HTTP/1.1 to mirrors: its registry transport sets its own TLS config and
+        # so never gets Go's automatic HTTP/2.
+        assert {r["protocol"] for r in pulls} <= {"HTTP/1.1", "HTTP/2"}
+        log_text = edge.log_path.read_text()
+        assert password not in log_text and auth not in log_text  # never logged
+
+
+def test_containerd_pulls_from_an_https_mirror_trusting_its_ca(
+    tmp_path: Path, containerd: Containerd, origin: Registry, seeded: Seeded
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("edge")
+    args = ("--tls-cert", str(server.cert), "--tls-key", str(server.key))
+    with spawn_edge(tmp_path, origin.url, args=args, tls=True) as edge:
+        ref = "docker.io/library/multi:v1"
+        hosts_dir = tmp_path / "hosts"
+        containerd.pull(ref, mirror_url=edge.url, hosts_dir=hosts_dir, ca=ca.cert_path)
+        assert containerd.image_digest(ref) == seeded.multi.manifest.digest
+        assert containerd.check(ref).complete
+        containerd.remove_image(ref)
+        records = [
+            json.loads(line) for line in edge.log_path.read_text().splitlines() if line.startswith("{")
+        ]
+        pulls = [r for r in records if r.get("route") in ("manifest", "blob")]
+        assert pulls and all(r["status"] == 200 for r in pulls)
+        # containerd 1.6 offers only http/1.1 in ALPN (its transport has its own TLS config, so Go's
+        # automatic HTTP/2 is off); the listener offers both (test_tls checks h2 with curl, h2load).
+        assert {r["protocol"] for r in pulls} <= {"HTTP/1.1", "HTTP/2"}

@@ -435,7 +435,12 @@ class _Daemon:
 
 
 def write_hosts_toml(
-    hosts_dir: Path, mirror_url: str, host: str = DOCKER_HUB, *, server: str | None = None
+    hosts_dir: Path,
+    mirror_url: str,
+    host: str = DOCKER_HUB,
+    *,
+    server: str | None = None,
+    ca: Path | None = None,
 ) -> Path:
     """`<hosts_dir>/<host>/hosts.toml` sending pulls/resolves for `host` to `mirror_url`.
 
@@ -449,8 +454,7 @@ def write_hosts_toml(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         server_line + f'[host."{mirror_url.rstrip("/")}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-        "  skip_verify = true\n"
+        '  capabilities = ["pull", "resolve"]\n' + (f'  ca = "{ca}"\n' if ca else "  skip_verify = true\n")
     )
     return path
 
@@ -574,6 +578,7 @@ disabled_plugins = [{disabled}]
         platform: str | None = "linux/amd64",
         all_platforms: bool = False,
         timeout: float = 180.0,
+        ca: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """`ctr images pull --hosts-dir DIR --platform P REF`, with REF's registry mirrored.
 
@@ -584,7 +589,7 @@ disabled_plugins = [{disabled}]
         """
         full = normalize_ref(ref)
         hosts_dir = hosts_dir or self.hosts_dir
-        write_hosts_toml(hosts_dir, mirror_url, ref_host(full))
+        write_hosts_toml(hosts_dir, mirror_url, ref_host(full), ca=ca)
         args = ["images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", self.snapshotter]
         if all_platforms:
             args.append("--all-platforms")
