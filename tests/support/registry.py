@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import socket
@@ -41,6 +42,14 @@ def wait_http(
                 return
         except urllib.error.HTTPError:
             return  # any HTTP answer means it is listening
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLError):
+                return  # a TLS alert (e.g. a client certificate is required): it is listening
+            time.sleep(0.05)
+        except (ssl.SSLError, http.client.RemoteDisconnected):
+            if context is None:
+                raise
+            return  # the handshake got far enough to be refused (mutual TLS): it is listening
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
