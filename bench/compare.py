@@ -115,9 +115,9 @@ def make_image(origin: Registry, work: Path, repo: str, layer_sizes: list[int]) 
 # -- the puller ----------------------------------------------------------------------------------
 
 
-def fetch_verified(url: str, digest: str) -> None:
+def fetch_verified(url: str, digest: str, curl_args: tuple[str, ...] = ()) -> None:
     """curl piped into sha256sum: C speed for both, so the puller is not the bottleneck."""
-    curl = subprocess.Popen(["curl", "-sf", url], stdout=subprocess.PIPE)
+    curl = subprocess.Popen(["curl", "-sf", *curl_args, url], stdout=subprocess.PIPE)
     out = subprocess.run(["sha256sum"], stdin=curl.stdout, capture_output=True, text=True, check=True).stdout
     assert curl.stdout is not None
     curl.stdout.close()
@@ -193,12 +193,9 @@ def start_distribution_proxy(origin: Registry, work: Path) -> Proxy:
     return Proxy("distribution proxy", registry.url, [registry.proc])
 
 
-def start_nginx(origin: Registry, work: Path) -> Proxy:
-    port = free_port()
-    root = work / f"nginx-{port}"
-    (root / "cache").mkdir(parents=True)
-    conf = root / "nginx.conf"
-    conf.write_text(f"""
+def nginx_conf(origin: Registry, root: Path, listen: str) -> str:
+    """anchor B's configuration; `listen` holds the server's listen (and ssl) directives."""
+    return f"""
 daemon off;
 {"user root;" if os.geteuid() == 0 else ""}
 worker_processes 2;
@@ -215,7 +212,7 @@ http {{
                      inactive=7d use_temp_path=off;
     upstream origin {{ server {origin.url.removeprefix("http://")}; keepalive 32; }}
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_cache_lock on;
@@ -236,7 +233,15 @@ http {{
         location /v2/ {{ proxy_pass http://origin; }}
     }}
 }}
-""")
+"""
+
+
+def start_nginx(origin: Registry, work: Path) -> Proxy:
+    port = free_port()
+    root = work / f"nginx-{port}"
+    (root / "cache").mkdir(parents=True)
+    conf = root / "nginx.conf"
+    conf.write_text(nginx_conf(origin, root, f"listen 127.0.0.1:{port};"))
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
     return Proxy("nginx cache", f"http://127.0.0.1:{port}", [proc])
