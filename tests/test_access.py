@@ -155,25 +155,11 @@ async def test_wrong_passwords_are_refused_then_rate_limited_per_client(
 
 def serve_fails(tmp_path: Path, origin: Registry, config: str, *flags: str) -> str:
     (tmp_path / "bad.toml").write_text(config)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgecache",
-            "serve",
-            "--config",
-            str(tmp_path / "bad.toml"),
-            "--upstream",
-            origin.url,
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            *flags,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    command = [
+        sys.executable, "-m", "edgecache", "serve", "--config", str(tmp_path / "bad.toml"),
+        "--upstream", origin.url, "--cache-dir", str(tmp_path / "cache"), *flags,
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     return run.stderr
 
@@ -238,7 +224,7 @@ async def test_a_repository_cannot_read_another_repositorys_content_by_digest(
     with spawn_edge(tmp_path, recording_upstream.url) as edge:
         alpine = seeded.alpine
         layer = alpine.layers[-1]
-        for path in (f"/v2/library/alpine/blobs/{layer.digest}", f"/v2/library/alpine/manifests/latest"):
+        for path in (f"/v2/library/alpine/blobs/{layer.digest}", "/v2/library/alpine/manifests/latest"):
             assert (await request(edge.url + path, None)).status == 200  # now cached
         before = len(recording_upstream.seen)
         # The blob and the manifest are on disk, but team/app is not known to hold them: upstream is
