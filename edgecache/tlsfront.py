@@ -188,6 +188,7 @@ class TlsListener:
 
     def __init__(self, app: AsgiFront, host: str, port: int, server: ServerConfig) -> None:
         self._app = app
+        self._where = f"{host}:{port}"
         self._server = Server(
             app,
             address=host,
@@ -229,9 +230,12 @@ class TlsListener:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve())
-        await asyncio.sleep(0)  # binds in its first step; a failure shows when awaited in stop()
+        for _ in range(3):  # granian binds in its first steps; a failure ends the task at once
+            await asyncio.sleep(0)
         if self._task.done():
-            await self._task
+            failure = self._task.exception()  # granian raises a Rust panic (a BaseException)
+            reason = str(failure).strip().splitlines()[0] if str(failure).strip() else repr(failure)
+            raise OSError(f"cannot listen on {self._where}: {reason}")
 
     def reload(self) -> None:
         """Start a new worker that reads the certificate and key files again, then stop the old one
@@ -239,7 +243,7 @@ class TlsListener:
         self._server.reload()  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
-        if self._task is None:
+        if self._task is None or self._task.done():
             return
         self._server.stop()  # type: ignore[no-untyped-call]
         with contextlib.suppress(Exception):

@@ -180,6 +180,20 @@ def test_start_refuses_an_expired_certificate_or_a_key_that_is_not_its_own(
         check=False,
     )
     assert half.returncode == 2 and "set both" in half.stderr
+    with socket.socket() as taken:  # the port is someone else's: one clear line, no Rust backtrace
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = ("--tls-cert", str(other.cert), "--tls-key", str(other.key))
+        run = subprocess.run(
+            serve_command(port, origin, tmp_path, *flags),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert run.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in run.stderr
+        assert "backtrace" not in run.stderr.lower()
 
 
 def served_serial(port: int) -> int:
