@@ -7,6 +7,7 @@ request (a fill it leads) inherit it, so the leader's trace also shows the fill'
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import time
@@ -17,11 +18,16 @@ CURRENT: ContextVar[RequestTrace | None] = ContextVar("edgecache_request_trace",
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+_ID_PREFIX = secrets.token_hex(4)  # this process; a counter after it makes ids unique and cheap
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id(offered: str | None) -> str:
-    """The client's X-Request-Id when it is a safe token (it ends up in logs), else a new one."""
+    """The client's X-Request-Id when it is a safe token (it ends up in logs), else a new one
+    (a random per-process prefix and a counter: no syscall per request, unlike secrets.token_hex)."""
     if offered and _CLIENT_ID.fullmatch(offered):
         return offered
-    return secrets.token_hex(8)
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 @dataclass
