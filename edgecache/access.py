@@ -32,8 +32,6 @@ from edgecache.oci import RepoName
 log = logging.getLogger(__name__)
 FAILURE_WINDOW = 60.0
 ANONYMOUS = "anonymous"
-# Any valid bcrypt hash of the default cost: unknown users are checked against it.
-_DUMMY_HASH = bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=10))
 
 
 class AuthRequest(Protocol):
@@ -84,6 +82,7 @@ class AccessPolicy:
         self._mode = config.mode
         self._rules = config.rules
         self._users: Mapping[str, bytes] = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
+        self._dummy = _dummy_hash(self._users)
         ttl = config.login_cache
         self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl) if ttl > 0 else None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW)
@@ -93,6 +92,7 @@ class AccessPolicy:
         """SIGHUP: new rules and a re-read htpasswd file; remembered logins are forgotten."""
         users = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
         self._mode, self._rules, self._users = config.mode, config.rules, users
+        self._dummy = _dummy_hash(users)
         self._max_failures = config.max_failures
         if self._good is not None:
             self._good.clear()
@@ -123,7 +123,7 @@ class AccessPolicy:
         if len(recent) >= self._max_failures:
             raise errors.TooManyAttempts(retry_after=FAILURE_WINDOW - (now - recent[0]))
         hashed = self._users.get(user)
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or _DUMMY_HASH)
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or self._dummy)
         if not ok or hashed is None:
             self._failures[peer] = [*recent, now]
             log.info("failed login from %s", peer)  # neither the user name nor the password
@@ -155,6 +155,14 @@ class AccessPolicy:
             return True
         rules = [r for r in self._rules if _applies(r, identity)]
         return _decide(rules, target)
+
+
+def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
+    """A hash unknown users are checked against, at the highest cost in the file, so an unknown
+    name takes as long as a known one with a wrong password."""
+    costs = [int(h[4:6]) for h in users.values() if h[4:6].isdigit()]
+    rounds = min(max(costs, default=10), 16)
+    return bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=max(rounds, 4)))
 
 
 def _applies(rule: AccessRule, identity: Identity) -> bool:
