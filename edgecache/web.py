@@ -336,8 +336,12 @@ class OciAppRunner(web.AppRunner):
     def __init__(
         self, app: web.Application, *, limits: ConnectionLimits | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(app, **kwargs)
         self._limits = limits or ConnectionLimits()
+        # An idle keep-alive connection is closed (silently: an unsolicited 408 would confuse the
+        # client) a little after header_timeout, so a silent new connection gets its 408 first.
+        # aiohttp's default wait is an hour, which would let idle clients hold the connection cap.
+        kwargs.setdefault("keepalive_timeout", self._limits.header_timeout * 1.5)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
