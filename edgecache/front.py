@@ -152,7 +152,9 @@ class RegistryFront:
             return Reply(200, {**API_VERSION_HEADER, "Content-Type": "application/json"}, BytesBody(b"{}"))
         client, repo = self._upstreams.choose(request, route.name)
         trace.upstream = client.name
-        self.access.check(identity, client.name, repo)
+        # Rules see the repository as the upstream names it (`alpine` is docker.io's library/alpine),
+        # so a short name cannot slip past a rule written for the full one.
+        self.access.check(identity, client.name, client.upstream_name(repo))
         reply = await self._dispatch(request, route, client, repo)
         if request.method == "GET" and route.kind in (Kind.MANIFEST, Kind.BLOB):
             pull = route.kind is Kind.MANIFEST and not isinstance(route.reference, Digest)

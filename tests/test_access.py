@@ -113,6 +113,11 @@ async def test_rules_apply_to_every_pull_route_and_deny_wins(
                     assert code == ("UNAUTHORIZED" if user is None else "DENIED"), where
                 if user is None:  # anonymous is asked to log in, with HTTP Basic
                     assert got.headers["www-authenticate"].startswith('Basic realm="edgecache"'), where
+        # Docker Hub's short names are checked as the upstream names them: `alpine` is library/alpine
+        # (allowed to anonymous), and bob's deny of team/* cannot be dodged by any spelling.
+        short = await request(f"{edge.url}/v2/alpine/manifests/latest", None, method)
+        assert short.status == 200
+        assert (await request(f"{edge.url}/v2/docker.io/team/app/manifests/1.0", "bob", method)).status == 403
         # the /v2/ ping asks anonymous clients to log in (that is how dockerd learns to send its
         # credentials), and welcomes a valid login
         assert (await request(f"{edge.url}/v2/", None, method)).status == 401
