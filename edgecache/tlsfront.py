@@ -242,9 +242,11 @@ class TlsListener:
         gracefully: new connections get the new certificate, connections in flight finish."""
         self._server.reload()  # type: ignore[no-untyped-call]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; responses in flight get `grace` seconds (as on the aiohttp listeners),
+        then the worker is cancelled."""
         if self._task is None or self._task.done():
             return
         self._server.stop()  # type: ignore[no-untyped-call]
-        with contextlib.suppress(Exception):
-            await self._task
+        with contextlib.suppress(Exception):  # TimeoutError: the worker was cancelled
+            await asyncio.wait_for(self._task, grace)

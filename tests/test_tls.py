@@ -272,3 +272,35 @@ async def test_a_failed_fill_cuts_the_http2_stream_before_its_last_byte(
             assert again.status == 502 or again.returncode != 0  # remembered briefly, never served
     finally:
         await proxy.stop()
+
+
+def test_sigterm_stops_within_the_grace_even_with_a_slow_download(
+    tmp_path: Path, origin: Registry, seeded: Seeded, ca: TestCA, server_cert: Issued
+) -> None:
+    args = ("--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key))
+    with spawn_edge(tmp_path, origin.url, args=args, tls=True) as edge:
+        layer = seeded.big.layers[-1]
+        url = f"{edge.url}/v2/library/big/blobs/{layer.digest}"
+        assert curl(url, cacert=ca.cert_path, http2=True).status == 200
+        slow = subprocess.Popen(  # ~25 s at 1 MB/s: longer than the 10 s grace
+            [
+                "curl",
+                "-sS",
+                "--http2",
+                "--cacert",
+                str(ca.cert_path),
+                "--limit-rate",
+                "1M",
+                "-o",
+                "/dev/null",
+                url,
+            ],
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)
+        stopping = time.monotonic()
+        edge.proc.send_signal(signal.SIGTERM)
+        assert edge.proc.wait(timeout=30) == 0
+        assert time.monotonic() - stopping < 15  # the grace, not the download, bounds the stop
+        slow.wait(timeout=30)
+        assert "edgecache stopped" in edge.log_path.read_text()
