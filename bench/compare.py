@@ -358,11 +358,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def versions() -> str:
-    def first_line(cmd: list[str]) -> str:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        return (result.stdout or result.stderr).strip().splitlines()[0]
+def first_line(cmd: list[str]) -> str:
+    """The first line a tool prints about itself (its version, usually)."""
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    return (result.stdout or result.stderr).strip().splitlines()[0]
 
+
+def versions() -> str:
     from importlib.metadata import version
 
     return ", ".join(

@@ -49,6 +49,7 @@ from compare import (
     ROOT,
     Proxy,
     fetch_verified,
+    first_line,
     make_image,
     nginx_conf,
 )
@@ -458,10 +459,6 @@ def report(
 
 
 def versions() -> str:
-    def first_line(cmd: list[str]) -> str:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        return (result.stdout or result.stderr).strip().splitlines()[0]
-
     return ", ".join(
         [
             f"edgecache {version('edgecache')} (Python {sys.version.split()[0]}, "

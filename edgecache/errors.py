@@ -38,10 +38,11 @@ class EdgecacheError(Exception):
     status = 500
     message = "internal error"
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(detail or self.message)
         self.detail = detail
         self.negative = False  # answered from a brief negative entry, without asking upstream
+        self.retry_after = retry_after  # seconds, sent as Retry-After when set
 
     @property
     def cache_result(self) -> str:
@@ -148,10 +149,6 @@ class TooManyAttempts(ClientError):
     message = "too many failed authentication attempts"
     status = 429
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
 
 class RequestTimeout(ClientError):
     code = "UNSUPPORTED"
@@ -163,10 +160,6 @@ class TooManyConnections(EdgecacheError):
     code = "TOOMANYREQUESTS"
     message = "too many connections to this mirror; retry shortly"
     status = 503
-
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
 
 
 class NotFound(EdgecacheError):
@@ -198,10 +191,6 @@ class UpstreamRateLimited(EdgecacheError):
     code = "TOOMANYREQUESTS"
     message = "too many requests to the upstream registry"
     status = 429
-
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
 
 
 class UpstreamError(EdgecacheError):

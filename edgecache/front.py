@@ -279,10 +279,7 @@ def error_reply(exc: errors.EdgecacheError) -> Reply:
         headers["Content-Range"] = f"bytes */{exc.size}"
     if isinstance(exc, errors.Unsupported):
         headers["Allow"] = "GET, HEAD"
-    if (
-        isinstance(exc, errors.UpstreamRateLimited | errors.TooManyAttempts | errors.TooManyConnections)
-        and exc.retry_after is not None
-    ):
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, errors.Unauthorized):
         headers["WWW-Authenticate"] = exc.challenge
