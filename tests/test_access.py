@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,7 +19,7 @@ import bcrypt
 import pytest
 
 from tests.conftest import Seeded, spawn_edge
-from tests.support.certs import TestCA
+from tests.support.certs import TestCA, wait_for_serial
 from tests.support.curl import CurlResult, curl
 from tests.support.faults import FaultProxy
 from tests.support.registry import Registry, free_port
@@ -187,14 +189,17 @@ async def test_mutual_tls_identity_is_the_certificate_subject(
     tmp_path: Path, recording_upstream: FaultProxy, seeded: Seeded
 ) -> None:
     ca = TestCA(tmp_path / "pki")
-    server = ca.issue("edge")
+    server, renewed = ca.issue("edge"), ca.issue("edge-renewed")
+    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live-key.pem"
+    shutil.copy(server.cert, live_cert)
+    shutil.copy(server.key, live_key)
     puller, stranger = ca.issue("puller", client=True), ca.issue("stranger", client=True)
     outsider_ca = TestCA(tmp_path / "other-pki", "another CA")
     forged = outsider_ca.issue("puller", client=True)  # same subject, signed by someone else
     config = f"""
 [server]
-tls_cert = "{server.cert}"
-tls_key = "{server.key}"
+tls_cert = "{live_cert}"
+tls_key = "{live_key}"
 [access]
 mode = "mtls"
 client_ca = "{ca.cert_path}"
@@ -221,6 +226,13 @@ allow = ["docker.io/library/*"]
         assert outsider.returncode != 0 and outsider.status == 0
         records = [json.loads(line) for line in edge.log_path.read_text().splitlines() if '"route"' in line]
         assert {"CN=puller", "CN=stranger"} <= {r["identity"] for r in records}
+        # A renewed server certificate is taken on SIGHUP by this listener too.
+        shutil.copy(renewed.cert, live_cert)
+        shutil.copy(renewed.key, live_key)
+        edge.proc.send_signal(signal.SIGHUP)
+        port = int(edge.url.rsplit(":", 1)[1])
+        assert await asyncio.to_thread(wait_for_serial, port, renewed.serial, 10, 3)
+        assert (await with_cert((puller.cert, puller.key))).status == 200
 
 
 async def test_a_repository_cannot_read_another_repositorys_content_by_digest(

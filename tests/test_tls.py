@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from tests.conftest import EdgeProcess, Seeded, spawn_edge
-from tests.support.certs import Issued, TestCA
+from tests.support.certs import Issued, TestCA, served_serial, wait_for_serial
 from tests.support.clients import skopeo_copy_all
 from tests.support.curl import curl
 from tests.support.faults import FaultProxy
@@ -196,11 +195,6 @@ def test_start_refuses_an_expired_certificate_or_a_key_that_is_not_its_own(
         assert "backtrace" not in run.stderr.lower()
 
 
-def served_serial(port: int) -> int:
-    pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=5)
-    return x509.load_pem_x509_certificate(pem.encode()).serial_number
-
-
 def test_sighup_swaps_the_certificate_and_downloads_in_flight_finish(
     tmp_path: Path, origin: Registry, seeded: Seeded, ca: TestCA
 ) -> None:
@@ -229,11 +223,7 @@ def test_sighup_swaps_the_certificate_and_downloads_in_flight_finish(
         edge.proc.send_signal(signal.SIGHUP)
         # The new worker starts, then the old one stops accepting (a few seconds later); from then
         # on every new connection gets the new certificate.
-        deadline, streak = time.monotonic() + 20, 0
-        while streak < 10 and time.monotonic() < deadline:
-            streak = streak + 1 if served_serial(port) == second.serial else 0
-            time.sleep(0.1)
-        assert streak == 10, "new connections still get the old certificate"
+        assert wait_for_serial(port, second.serial), "new connections still get the old certificate"
         for download in slow:
             out, err = download.communicate(timeout=60)
             assert download.returncode == 0, err

@@ -4,6 +4,8 @@ client certificates for mutual TLS, and deliberately broken ones (expired, wrong
 from __future__ import annotations
 
 import datetime
+import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +98,19 @@ class TestCA:
             )
         )
         return Issued(cert_path, key_path, serial)
+
+
+def served_serial(port: int) -> int:
+    """The serial number of the certificate a TLS listener on 127.0.0.1:`port` presents now."""
+    pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=5)
+    return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+
+def wait_for_serial(port: int, serial: int, timeout: float = 20.0, streak: int = 10) -> bool:
+    """True once `streak` new connections in a row get the certificate `serial` (after a reload the
+    old worker may still accept a few connections until it stops)."""
+    deadline, seen = time.monotonic() + timeout, 0
+    while seen < streak and time.monotonic() < deadline:
+        seen = seen + 1 if served_serial(port) == serial else 0
+        time.sleep(0.1)
+    return seen >= streak
