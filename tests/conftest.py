@@ -7,9 +7,11 @@ socket) or as a real `python -m edgecache serve` process where a client needs on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.app import RUNNER_OPTIONS, Edgecache
 from edgecache.config import Config, load_config
+from edgecache.tlsfront import AsgiFront, TlsListener
+from tests.support.certs import TestCA
 from tests.support.images import Image, Index, Pusher, build_image, build_index
 from tests.support.registry import Registry, free_port, start_registry, wait_http
 
@@ -104,6 +108,36 @@ async def start_edge(config: Config) -> tuple[Edge, TestServer]:
     await server.start_server(**RUNNER_OPTIONS)
     http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
     return Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir)), server
+
+
+@contextlib.asynccontextmanager
+async def tls_edge_in_process(config: Config, pki: Path) -> AsyncIterator[Edge]:
+    """The same instance behind the TLS listener (embedded granian, ASGI) on a free port; the
+    session trusts the test CA (aiohttp's client speaks HTTP/1.1, so this is the TLS HTTP/1.1 path)."""
+    ca = TestCA(pki)
+    issued = ca.issue("edge")
+    server = dataclasses.replace(config.server, tls_cert=str(issued.cert), tls_key=str(issued.key))
+    config = dataclasses.replace(config, server=server)
+    instance = Edgecache.build(config)
+    await instance.start()
+    port = free_port()
+    app = AsgiFront(instance.front, instance.metrics, (), "text", admin=True)
+    listener = TlsListener(app, "127.0.0.1", port, config.server)
+    await listener.start()
+    url = f"https://127.0.0.1:{port}"
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca.cert_path)))
+    http = aiohttp.ClientSession(url, connector=connector, auto_decompress=False)
+    try:
+        for _ in range(100):  # granian binds in its own task
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get("/healthz"):
+                    break
+            await asyncio.sleep(0.05)
+        yield Edge(url, http, instance, Path(config.cache.dir))
+    finally:
+        await http.close()
+        await listener.stop()
+        await instance.close()
 
 
 @pytest.fixture

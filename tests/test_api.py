@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Edge, EdgeProcess, Seeded
+from tests.conftest import Edge, EdgeProcess, Seeded, edge_config, start_edge, tls_edge_in_process
 from tests.support.images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -22,6 +23,23 @@ from tests.support.images import (
 from tests.support.registry import Registry
 
 ALL_MANIFESTS = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
+
+
+@pytest.fixture(params=["plain-aiohttp", "tls-granian"])
+async def edge(
+    request: pytest.FixtureRequest, tmp_path: Path, origin: Registry, seeded: Seeded
+) -> AsyncIterator[Edge]:
+    """Every API test runs against both fronts: the plain aiohttp listener and the TLS (granian,
+    ASGI) listener, which are adapters over the same RegistryFront and must answer alike."""
+    config = edge_config(tmp_path / "cache", origin.url)
+    if request.param == "tls-granian":
+        async with tls_edge_in_process(config, tmp_path / "pki") as running:
+            yield running
+        return
+    running, server = await start_edge(config)
+    yield running
+    await running.http.close()
+    await server.close()
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> dict[str, str]:
