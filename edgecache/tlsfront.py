@@ -51,6 +51,41 @@ class ResponseAborted(Exception):
     """Raised into granian to cut a response before its last byte (a fill failed)."""
 
 
+class ClientGone(Exception):
+    """The client closed the stream or connection: stop reading and sending its body."""
+
+
+class BodyStream:
+    """Sends a body in chunks and notices when the client leaves: granian then reports
+    `http.disconnect` on receive() but accepts (and drops) further sends, so without this a
+    departed client's whole blob would still be read from disk and handed over."""
+
+    def __init__(self, send: Send, receive: Receive) -> None:
+        self._send = send
+        self._receive = receive
+        self._gone: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> BodyStream:
+        self._gone = asyncio.create_task(self._wait_for_disconnect())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._gone is not None:
+            self._gone.cancel()
+
+    async def _wait_for_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass  # the request (GET/HEAD: empty), then nothing until the client leaves
+
+    async def write(self, chunk: bytes) -> None:
+        if self._gone is not None and self._gone.done():
+            raise ClientGone()
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b""})
+
+
 class AsgiFront:
     def __init__(
         self, front: RegistryFront, metrics: Metrics, trusted: Networks, log_format: str, admin: bool
@@ -77,7 +112,9 @@ class AsgiFront:
                 trace.cache = exc.cache_result
                 reply = error_reply(exc)
             status = reply.status
-            await self._send(scope, send, reply, trace)
+            await self._send(scope, receive, send, reply, trace)
+        except ClientGone:
+            pass  # nothing more to send; the access log shows the bytes that went out
         finally:
             CURRENT.reset(token)
             peer = trace.peer or _peer(scope)
@@ -111,7 +148,9 @@ class AsgiFront:
         host = headers.get("Host") or ""
         return ClientRequest(scope["method"], raw_path, query, headers, host, peer)
 
-    async def _send(self, scope: Scope, send: Send, reply: Reply, trace: RequestTrace) -> None:
+    async def _send(
+        self, scope: Scope, receive: Receive, send: Send, reply: Reply, trace: RequestTrace
+    ) -> None:
         trace.cache = reply.cache
         headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
         headers["X-Request-Id"] = trace.request_id
@@ -126,36 +165,42 @@ class AsgiFront:
                 self._metrics.served_bytes.labels("memory").inc(len(body.data))
                 trace.bytes_sent = len(body.data)
                 await send({"type": "http.response.body", "body": body.data})
-            elif isinstance(body, FileBody):
-                await self._send_file(send, body, trace)
+            elif isinstance(body, FileBody) and body.offset == 0 and body.length == body.blob.size:
+                # granian opens the path and sends it from Rust; the blob is immutable and held
+                # open (protected from eviction) by us until this returns.
+                await send({"type": "http.response.pathsend", "path": body.blob.file.name})
+                self._metrics.served_bytes.labels("disk").inc(body.length)
+                trace.bytes_sent = body.length
             else:
-                await self._send_spool(scope, send, body, trace)
+                with BodyStream(send, receive) as stream:
+                    if isinstance(body, FileBody):
+                        await self._send_range(stream, body, trace)
+                    else:
+                        await self._send_spool(scope, stream, body, trace)
         finally:
             reply.close()
 
-    async def _send_file(self, send: Send, body: FileBody, trace: RequestTrace) -> None:
-        if body.offset == 0 and body.length == body.blob.size:
-            # granian opens the path and sends it from Rust; the blob is immutable and held open
-            # (protected from eviction) by us until this returns.
-            await send({"type": "http.response.pathsend", "path": body.blob.file.name})
-        else:
-            async for chunk in read_chunks(body.blob.file.fileno(), body.offset, body.length):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        self._metrics.served_bytes.labels("disk").inc(body.length)
-        trace.bytes_sent = body.length
+    async def _send_range(self, stream: BodyStream, body: FileBody, trace: RequestTrace) -> None:
+        served = self._metrics.served_bytes.labels("disk")
+        async for chunk in read_chunks(body.blob.file.fileno(), body.offset, body.length):
+            await stream.write(chunk)
+            served.inc(len(chunk))
+            trace.bytes_sent += len(chunk)
+        await stream.end()
 
-    async def _send_spool(self, scope: Scope, send: Send, body: SpoolBody, trace: RequestTrace) -> None:
+    async def _send_spool(
+        self, scope: Scope, stream: BodyStream, body: SpoolBody, trace: RequestTrace
+    ) -> None:
         served = self._metrics.served_bytes.labels("fill")
         self._metrics.fill_readers.inc()
         try:
             with body.flight.open_file() as spool:
                 async for offset, length in body.flight.segments(body.start, body.end):
                     async for chunk in read_chunks(spool.fileno(), offset, length):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await stream.write(chunk)
                         served.inc(len(chunk))
                         trace.bytes_sent += len(chunk)
-            await send({"type": "http.response.body", "body": b""})
+            await stream.end()
         except errors.EdgecacheError as exc:
             # Headers are out: cut the stream before its last byte so the client retries.
             log.warning("aborting response for %s: %s", scope.get("path"), exc.detail or exc.message)
@@ -174,13 +219,15 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 class _QuietGranian(logging.Filter):
-    """Drop granian's notes that are not news to an operator: its 'experimental' banner, and the
-    traceback it prints when we cut a failed fill's response on purpose (already logged by us)."""
+    """Drop granian's notes that are not news to an operator: its 'experimental' banner, the
+    traceback it prints when we cut a failed fill's response on purpose (already logged by us), and
+    its note for every send after a client left (BodyStream stops sending then)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ResponseAborted):
             return False
-        return "experimental" not in record.getMessage()
+        message = record.getMessage()
+        return "experimental" not in message and "ASGI transport error" not in message
 
 
 class TlsListener:

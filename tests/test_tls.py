@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ from tests.support.certs import Issued, TestCA, served_serial, wait_for_serial
 from tests.support.clients import skopeo_copy_all
 from tests.support.curl import curl
 from tests.support.faults import FaultProxy
+from tests.support.images import Image, Pusher, build_image
 from tests.support.registry import Registry, free_port
 
 MANIFEST_ACCEPT = "Accept: application/vnd.docker.distribution.manifest.v2+json"
@@ -294,3 +296,42 @@ def test_sigterm_stops_within_the_grace_even_with_a_slow_download(
         assert time.monotonic() - stopping < 15  # the grace, not the download, bounds the stop
         slow.wait(timeout=30)
         assert "edgecache stopped" in edge.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def huge(origin: Registry) -> Image:
+    """A 96 MiB layer: long enough that a client leaving after 1 MiB leaves most of it unsent."""
+    image = build_image("huge", random_bytes=96 * 1024 * 1024)
+    Pusher(origin.url).push_image("library/huge", "latest", image)
+    return image
+
+
+@pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])
+def test_a_client_that_leaves_stops_the_sending(
+    tmp_path: Path,
+    origin: Registry,
+    seeded: Seeded,
+    huge: Image,
+    ca: TestCA,
+    server_cert: Issued,
+    http2: bool,
+) -> None:
+    args = ("--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key))
+    layer = huge.layers[-1]
+    with spawn_edge(tmp_path, origin.url, args=args, tls=True) as edge:
+        url = f"{edge.url}/v2/library/huge/blobs/{layer.digest}"
+        version = "--http2" if http2 else "--http1.1"
+        # A fill in progress (spool), then a range of the stored blob (chunks): read 1 MiB, hang up.
+        for extra in ((), ("-r", f"100-{len(layer.data) - 1}")):
+            command = ["curl", "-sS", version, "--cacert", str(ca.cert_path), *extra, url]
+            reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            assert reader.stdout is not None
+            assert len(reader.stdout.read(1024 * 1024)) == 1024 * 1024
+            reader.kill()
+            reader.wait(10)
+            time.sleep(1.0)
+        records = [json.loads(line) for line in edge.log_path.read_text().splitlines() if '"route"' in line]
+        sent = [r["bytes"] for r in records if r["route"] == "blob"]
+        assert len(sent) == 2 and all(n < len(layer.data) // 2 for n in sent), sent
+        assert "transport error" not in edge.log_path.read_text()
+        assert curl(url, cacert=ca.cert_path, http2=http2).status == 200  # the fill itself went on
