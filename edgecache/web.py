@@ -309,7 +309,8 @@ class OciRequestHandler(web_protocol.RequestHandler):
             return super().handle_error(request, status, exc, message)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
-        too_large = isinstance(exc, LineTooLong) or "Got more than" in str(message or "")
+        text = f"{message or ''} {exc or ''}"
+        too_large = isinstance(exc, LineTooLong) or "Got more than" in text or "Too many headers" in text
         error = errors.HeadersTooLarge() if too_large else errors.BadRequest()
         log.info("refused a malformed request from %s (%d)", request.remote, error.status)
         response = error_response(error)

@@ -571,7 +571,7 @@ OVERSIZED_PLAIN = {
     # aiohttp's limits: 8190 bytes per header field and for the request line, 128 fields (130 sent).
     "field-over-8k": (head_with(b"X-Big: " + MARKER + b"a" * 9000 + b"\r\n"), 431),
     "target-over-8k": (head_with(b"", b"/v2/" + MARKER + b"a" * 9000), 431),
-    "over-128-fields": (head_with(b"".join(b"X-F%d: %s\r\n" % (i, MARKER) for i in range(128))), 400),
+    "over-128-fields": (head_with(b"".join(b"X-F%d: %s\r\n" % (i, MARKER) for i in range(128))), 431),
 }
 
 
