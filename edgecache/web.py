@@ -1,8 +1,10 @@
-"""The plain-HTTP front on aiohttp's server: routes, validation, errors as OCI JSON, sending replies.
+"""The aiohttp front: plain HTTP/1.1 listeners (and the mutual-TLS HTTP/1.1 listener).
 
-Thin on purpose: the pull service decides what to send; this module only parses the request and sends
-the Reply. Blob hits go out with the kernel's sendfile; fill streams are written as they arrive and
-aborted before their last byte if the fill fails.
+An adapter over front.RegistryFront, which decides what to answer: this module turns an aiohttp
+request into a ClientRequest and sends the Reply. Blob hits go out with the kernel's sendfile (in
+1 MiB writes on TLS); fill streams are sent as they land and cut before their last byte if the fill
+fails. It also hardens aiohttp's connection handling: OCI JSON for malformed requests, a deadline for
+request headers (408), a connection cap (503).
 """
 
 from __future__ import annotations
