@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 
 from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings, HTTP2Settings
+from granian.log import LogLevels
 from granian.server.embed import Server
 
 from edgecache import errors
@@ -230,6 +231,15 @@ class _QuietGranian(logging.Filter):
         return "experimental" not in message and "ASGI transport error" not in message
 
 
+_GRANIAN_LEVELS = {
+    logging.DEBUG: LogLevels.debug,
+    logging.INFO: LogLevels.info,
+    logging.WARNING: LogLevels.warning,
+    logging.ERROR: LogLevels.error,
+    logging.CRITICAL: LogLevels.critical,
+}
+
+
 class TlsListener:
     """One embedded granian server on HOST:PORT, TLS with ALPN h2 and http/1.1."""
 
@@ -259,12 +269,14 @@ class TlsListener:
                 keep_alive_interval=int(server.header_timeout * 1000),
                 keep_alive_timeout=int(server.header_timeout),
             ),
+            # granian's records go to edgecache's handlers, at edgecache's level (--log-level).
+            log_level=_GRANIAN_LEVELS.get(logging.getLogger().getEffectiveLevel(), LogLevels.info),
             log_dictconfig={
                 "version": 1,
                 "disable_existing_loggers": False,
                 "handlers": {},
                 "formatters": {},
-                "loggers": {"_granian": {"level": "INFO", "propagate": True, "handlers": []}},
+                "loggers": {"_granian": {"propagate": True, "handlers": []}},
             },
             ssl_cert=Path(server.tls_cert),
             ssl_key=Path(server.tls_key),
