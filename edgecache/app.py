@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -119,12 +120,18 @@ class Edgecache:
 
     def apply(self, new: Config) -> None:
         """Take what can change at run time from a reloaded configuration: upstream credentials,
-        timeouts, tag TTL rules and health thresholds; cache TTLs, size limits and watermarks."""
+        timeouts, tag TTL rules and health thresholds; cache TTLs, size limits and watermarks; access
+        rules and the htpasswd file (not the access mode: that decides what the listeners are)."""
+        access = new.access
+        if (access.mode, access.client_ca) != (self.config.access.mode, self.config.access.client_ca):
+            access = dataclasses.replace(
+                access, mode=self.config.access.mode, client_ca=self.config.access.client_ca
+            )
+        self.front.access.reconfigure(access)  # may raise ConfigError: nothing applied yet
         for upstream in new.upstreams:
             client = self.clients.get(upstream.name)
             if client is not None and client.config.url == upstream.url:
                 client.reconfigure(upstream)
-        self.front.access.reconfigure(new.access)  # may raise ConfigError: nothing applied yet
         self.front.pull.reconfigure(new.cache)
         self.keeper.reconfigure(
             max_size=parse_size(new.cache.max_size, "cache.max_size"),
@@ -171,7 +178,8 @@ def _writable(directory: Path) -> bool:
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
-    """What a reload cannot change: listeners, the cache directory, the set of upstreams and their URLs."""
+    """What a reload cannot change: listeners, the cache directory, the set of upstreams and their URLs,
+    the access mode."""
     changed = []
     if old.server != new.server:
         changed.append("server (listeners)")
@@ -183,6 +191,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     new_urls = {u.name: (u.url, u.ca_bundle, u.max_connections) for u in new.upstreams}
     if old_urls != new_urls:
         changed.append("upstream names, urls, ca_bundle or max_connections")
+    if (old.access.mode, old.access.client_ca) != (new.access.mode, new.access.client_ca):
+        changed.append("access.mode or access.client_ca")
     return changed
 
 

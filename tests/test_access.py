@@ -265,3 +265,29 @@ async def test_a_repository_cannot_read_another_repositorys_content_by_digest(
         again = await request(f"{edge.url}/v2/library/alpine/blobs/{layer.digest}", None)
         assert again.status == 200 and again.headers["x-cache"] == "HIT"
         assert len(recording_upstream.seen) == before
+
+
+async def test_sighup_rereads_htpasswd_and_rules_but_not_the_mode(
+    tmp_path: Path, recording_upstream: FaultProxy, seeded: Seeded
+) -> None:
+    config_text = htpasswd_config(tmp_path)
+    with spawn_edge(tmp_path, recording_upstream.url, config=config_text) as edge:
+        url = f"{edge.url}/v2/library/alpine/manifests/latest"
+        carol = "carol:carol-pass-3"
+        assert (await asyncio.to_thread(curl, url, user=carol, headers=(MANIFEST_ACCEPT,))).status == 401
+        htpasswd = tmp_path / "htpasswd"
+        carol_hash = bcrypt.hashpw(b"carol-pass-3", bcrypt.gensalt(4)).decode()
+        htpasswd.write_text(htpasswd.read_text() + f"carol:{carol_hash}\n")
+        # ...a rule for her, and an attempt to switch the mode, which needs other listeners: kept, logged.
+        new_config = config_text.replace('mode = "htpasswd"', 'mode = "anonymous"')
+        new_config += '\n[[access.rules]]\nidentity = "carol"\nallow = ["docker.io/library/alpine"]\n'
+        (tmp_path / "edgecache.toml").write_text(new_config)
+        edge.proc.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if "access.mode" in edge.log_path.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "access.mode or access.client_ca changed; that takes a restart" in edge.log_path.read_text()
+        assert (await asyncio.to_thread(curl, url, user=carol, headers=(MANIFEST_ACCEPT,))).status == 200
+        team = f"{edge.url}/v2/team/app/manifests/1.0"
+        assert (await request(team, None)).status == 401  # still htpasswd: anonymous is asked to log in
