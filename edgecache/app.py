@@ -21,6 +21,7 @@ from edgecache.access import AccessPolicy
 from edgecache.accesslog import AccessLogger
 from edgecache.blobstore import BlobStore, CacheDirLock
 from edgecache.config import Config, split_host_port
+from edgecache.connguard import ConnectionGuard
 from edgecache.errors import ConfigError
 from edgecache.eviction import CacheKeeper
 from edgecache.flights import Flights
@@ -204,6 +205,7 @@ class Listeners:
         self._instance = instance
         self._runners: list[tuple[OciAppRunner, str, ssl.SSLContext | None]] = []
         self._tls: list[TlsListener] = []
+        self._guards: list[ConnectionGuard] = []
         self._mtls_context: ssl.SSLContext | None = None
         self.urls: list[str] = []
 
@@ -223,6 +225,13 @@ class Listeners:
                 trusted = trusted_networks(server.trusted_proxies)
                 app = AsgiFront(instance.front, instance.metrics, trusted, log_format, admin)
                 self._tls.append(TlsListener(app, host, port, server))
+                guard = ConnectionGuard(
+                    port,
+                    idle_timeout=server.idle_timeout,
+                    max_connections=server.max_connections,
+                    metrics=instance.metrics,
+                )
+                self._guards.append(guard)
                 self.urls.append(f"https://{listen} (HTTP/2, HTTP/1.1)")
         if server.metrics_listen:
             self._add_runner(instance.http.build_admin_app(log_format), server.metrics_listen, None)
@@ -233,6 +242,8 @@ class Listeners:
             await OciSite(runner, host, port, ssl_context=site_context, handshake_timeout=timeout).start()
         for listener in self._tls:
             await listener.start()
+        for guard in self._guards:
+            guard.start()
 
     def _add_runner(self, app: web.Application, listen: str, context: ssl.SSLContext | None) -> None:
         server = self._instance.config.server
@@ -262,6 +273,8 @@ class Listeners:
         )
 
     async def stop(self) -> None:
+        for guard in self._guards:
+            await guard.stop()
         for listener in self._tls:
             await listener.stop()
         for runner, _listen, _context in reversed(self._runners):

@@ -44,6 +44,7 @@ class ServerConfig:
     tls_handshake_timeout: float = 10.0
     plain_listen: str = ""
     header_timeout: float = 10.0
+    idle_timeout: float = 60.0
     max_connections: int = 1024
     trusted_proxies: StrList = ()
 
@@ -425,7 +426,7 @@ def _validate_server(server: ServerConfig) -> None:
         raise ConfigError("server.tls_cert/tls_key: set both (certificate and private key) or neither")
     if server.plain_listen and not server.tls:
         raise ConfigError("server.plain_listen: only with TLS on server.listen (else use server.listen)")
-    for key in ("tls_handshake_timeout", "header_timeout"):
+    for key in ("tls_handshake_timeout", "header_timeout", "idle_timeout"):
         if getattr(server, key) <= 0:
             raise ConfigError(f"server.{key}: must be > 0 seconds")
     if server.max_connections < 1:

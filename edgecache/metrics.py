@@ -147,6 +147,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.connections_closed = Counter(
+            "edgecache_connections_closed_total",
+            "TLS connections closed by edgecache's guard: silent both ways for server.idle_timeout "
+            "(idle), or idle the longest while over server.max_connections (over_cap)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("idle", "over_cap"):
+            self.connections_closed.labels(reason)
         self.fill_readers = Gauge(
             "edgecache_fill_readers", "Client responses reading from fills in progress now", registry=r
         )

@@ -254,7 +254,10 @@ class TlsListener:
             http=HTTPModes.auto,
             websockets=False,
             backlog=1024,
-            backpressure=server.max_connections,
+            # granian accepts no more connections than this (it waits with the rest in the kernel's
+            # backlog); twice the cap, so that the guard (connguard) sees a flood and closes the
+            # connections idle the longest, instead of silent ones locking everyone out.
+            backpressure=server.max_connections * 2,
             http1_settings=HTTP1Settings(
                 header_read_timeout=int(server.header_timeout * 1000),
                 keep_alive=True,
