@@ -72,6 +72,9 @@ class ConnectionGuard:
             except OSError as exc:  # e.g. out of file descriptors for the duplicates: next time
                 log.warning("connection sweep failed: %s", exc)
                 continue
+            except Exception:  # a bug here must not end the guard for the rest of the run
+                log.exception("connection sweep failed")
+                continue
             if swept.closed_over_cap:
                 log.warning(
                     "TLS listener over its cap of %d connections: closed the %d idle the longest",
