@@ -102,12 +102,18 @@ class Edge:
         )
 
 
-async def start_edge(config: Config) -> tuple[Edge, TestServer]:
+@contextlib.asynccontextmanager
+async def running_edge(config: Config) -> AsyncIterator[Edge]:
+    """edgecache in-process on the plain aiohttp listener, with a session to it; closed on exit."""
     instance = Edgecache.build(config)
     server = TestServer(instance.web_app(), host="127.0.0.1")
     await server.start_server(**RUNNER_OPTIONS)
     http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
-    return Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir)), server
+    try:
+        yield Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir))
+    finally:
+        await http.close()
+        await server.close()
 
 
 @contextlib.asynccontextmanager
@@ -142,10 +148,8 @@ async def tls_edge_in_process(config: Config, pki: Path) -> AsyncIterator[Edge]:
 
 @pytest.fixture
 async def edge(tmp_path: Path, origin: Registry, seeded: Seeded) -> AsyncIterator[Edge]:
-    running, server = await start_edge(edge_config(tmp_path / "cache", origin.url))
-    yield running
-    await running.http.close()
-    await server.close()
+    async with running_edge(edge_config(tmp_path / "cache", origin.url)) as running:
+        yield running
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Edge, EdgeProcess, Seeded, edge_config, start_edge, tls_edge_in_process
+from tests.conftest import Edge, EdgeProcess, Seeded, edge_config, running_edge, tls_edge_in_process
 from tests.support.images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -36,10 +36,8 @@ async def edge(
         async with tls_edge_in_process(config, tmp_path / "pki") as running:
             yield running
         return
-    running, server = await start_edge(config)
-    yield running
-    await running.http.close()
-    await server.close()
+    async with running_edge(config) as running:
+        yield running
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> dict[str, str]:
@@ -89,26 +87,20 @@ async def test_single_component_name_gets_library_prefix(
 async def test_tag_is_cached_within_ttl_then_revalidated_with_head(
     tmp_path: Path, origin: Registry, seeded: Seeded
 ) -> None:
-    from tests.conftest import edge_config, start_edge
 
     pusher = Pusher(origin.url)
     first, second = build_image("moving-a"), build_image("moving-b")
     pusher.push_image("library/moving", "stable", first)
-    edge, server = await start_edge(edge_config(tmp_path / "c", origin.url, tag_ttl=3600.0))
-    try:
+    async with running_edge(edge_config(tmp_path / "c", origin.url, tag_ttl=3600.0)) as edge:
         path = "/v2/library/moving/manifests/stable"
         for _ in range(3):
             async with edge.http.get(path, headers={"Accept": ALL_MANIFESTS}) as resp:
                 assert await resp.read() == first.manifest.data
         assert origin.count("GET", path) == 1
         assert origin.count("HEAD", path) == 0
-    finally:
-        await edge.http.close()
-        await server.close()
 
     # TTL 0: every request revalidates with a HEAD; a moved tag is followed, an unmoved one is not refetched.
-    edge, server = await start_edge(edge_config(tmp_path / "d", origin.url, tag_ttl=0.0))
-    try:
+    async with running_edge(edge_config(tmp_path / "d", origin.url, tag_ttl=0.0)) as edge:
         gets_before = origin.count("GET", path)
         for _ in range(2):
             async with edge.http.get(path, headers={"Accept": ALL_MANIFESTS}) as resp:
@@ -121,9 +113,6 @@ async def test_tag_is_cached_within_ttl_then_revalidated_with_head(
         async with edge.http.get(path, headers={"Accept": ALL_MANIFESTS}) as resp:
             assert await resp.read() == second.manifest.data
             assert resp.headers["Docker-Content-Digest"] == second.manifest.digest
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_accept_headers_are_honoured(edge: Edge, seeded: Seeded) -> None:
@@ -321,24 +310,21 @@ async def test_tags_list_pagination_link_points_at_the_mirror(
 ) -> None:
     # Debian's distribution 2.8 does not paginate tags (Docker Hub does): the fault proxy adds the
     # Link header Hub would send, pointing at the upstream's path and host.
-    from tests.conftest import edge_config, start_edge
     from tests.support.faults import FaultProxy
 
     proxy = await FaultProxy(origin.url).start()
     proxy.rules.add_headers["/tags/list"] = {
         "Link": f'<{proxy.url}/v2/library/alpine/tags/list?last=3.20&n=2&evil=1>; rel="next"'
     }
-    edge, server = await start_edge(edge_config(tmp_path / "c", proxy.url))
     try:
-        async with edge.http.get("/v2/alpine/tags/list?n=2&ns=docker.io") as resp:
-            assert resp.status == 200
-            link = resp.headers["Link"]
-        assert link == '</v2/alpine/tags/list?last=3.20&n=2&ns=docker.io>; rel="next"'
-        assert proxy.count("GET", "/v2/library/alpine/tags/list?n=2") == 1
-        assert all("ns=" not in s.path_qs for s in proxy.seen)
+        async with running_edge(edge_config(tmp_path / "c", proxy.url)) as edge:
+            async with edge.http.get("/v2/alpine/tags/list?n=2&ns=docker.io") as resp:
+                assert resp.status == 200
+                link = resp.headers["Link"]
+            assert link == '</v2/alpine/tags/list?last=3.20&n=2&ns=docker.io>; rel="next"'
+            assert proxy.count("GET", "/v2/library/alpine/tags/list?n=2") == 1
+            assert all("ns=" not in s.path_qs for s in proxy.seen)
     finally:
-        await edge.http.close()
-        await server.close()
         await proxy.stop()
 
 

@@ -7,14 +7,14 @@ link) so that clients can join, leave and ask for ranges while a fill is still r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from edgecache.oci import Digest
-from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import Blob
 from tests.support.registry import Registry
@@ -30,8 +30,8 @@ async def slow_origin(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultPr
     await proxy.stop()
 
 
-async def edge_for(tmp_path: Path, upstream: str, **cache: object) -> tuple[Edge, TestServer]:
-    return await start_edge(edge_config(tmp_path / "cache", upstream, **cache))
+def edge_for(tmp_path: Path, upstream: str, **cache: object) -> contextlib.AbstractAsyncContextManager[Edge]:
+    return running_edge(edge_config(tmp_path / "cache", upstream, **cache))
 
 
 def stored(edge: Edge, blob: Blob) -> Path:
@@ -61,8 +61,7 @@ async def test_leader_leaving_at_10_percent_does_not_stop_the_others(
     tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
 ) -> None:
     layer = seeded.big.layers[-1]
-    edge, server = await edge_for(tmp_path, slow_origin.url)
-    try:
+    async with edge_for(tmp_path, slow_origin.url) as edge:
         leader = asyncio.create_task(read_some(edge, layer, 0.10))
         await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
 
@@ -87,34 +86,26 @@ async def test_leader_leaving_at_10_percent_does_not_stop_the_others(
         )
         assert await edge.metric("edgecache_served_bytes_total", source="fill") >= 4 * len(layer.data)
         assert await edge.metric("edgecache_fills_in_flight", upstream="docker.io") == 0
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_fill_finishes_when_every_reader_has_gone_by_default(
     tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
 ) -> None:
     layer = seeded.big.layers[-1]
-    edge, server = await edge_for(tmp_path, slow_origin.url)
-    try:
+    async with edge_for(tmp_path, slow_origin.url) as edge:
         await read_some(edge, layer, 0.10)
         await wait_for(lambda: stored(edge, layer).exists())
         async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
             assert resp.headers["X-Cache"] == "HIT"
             assert await resp.read() == layer.data
         assert slow_origin.count("GET", layer.digest) == 1
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_fill_is_cancelled_when_every_reader_has_gone_if_configured(
     tmp_path: Path, slow_origin: FaultProxy, seeded: Seeded
 ) -> None:
     layer = seeded.big.layers[-1]
-    edge, server = await edge_for(tmp_path, slow_origin.url, abandoned_fills="cancel")
-    try:
+    async with edge_for(tmp_path, slow_origin.url, abandoned_fills="cancel") as edge:
         await read_some(edge, layer, 0.10)
         await wait_for(lambda: edge.instance.flights.running("docker.io", _digest(layer)) is None)
         await wait_for(lambda: not any(edge.cache_dir.joinpath("tmp").iterdir()))
@@ -127,9 +118,6 @@ async def test_fill_is_cancelled_when_every_reader_has_gone_if_configured(
             assert resp.headers["X-Cache"] == "MISS"
             assert await resp.read() == layer.data
         assert slow_origin.count("GET", layer.digest) == 2
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
@@ -137,9 +125,8 @@ async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
 ) -> None:
     layer = seeded.big.layers[-1]
     size = len(layer.data)
-    edge, server = await edge_for(tmp_path, slow_origin.url)
-    path = f"/v2/library/big/blobs/{layer.digest}"
-    try:
+    async with edge_for(tmp_path, slow_origin.url) as edge:
+        path = f"/v2/library/big/blobs/{layer.digest}"
         leader = asyncio.create_task(edge.http.get(path))
         await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
         # containerd fetches a layer in parallel ranges; dockerd resumes with bytes=N-.
@@ -165,9 +152,6 @@ async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
         assert await response.read() == layer.data
         response.release()
         assert slow_origin.count("GET", layer.digest) == 1
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 def _digest(blob: Blob) -> Digest:
@@ -177,14 +161,15 @@ def _digest(blob: Blob) -> Digest:
 async def test_concurrent_manifest_requests_make_one_upstream_request(
     tmp_path: Path, origin: Registry, seeded: Seeded
 ) -> None:
-    edge, server = await edge_for(tmp_path, origin.url)
-    index = seeded.multi
-    child = index.images[0].manifest
-    tag_path, child_path = "/v2/library/multi/manifests/v1", f"/v2/library/multi/manifests/{child.digest}"
-    tag_before = origin.count("GET", tag_path) + origin.count("HEAD", tag_path)
-    child_before = origin.count("GET", child_path)
-    accept = {"Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"}
-    try:
+    async with edge_for(tmp_path, origin.url) as edge:
+        index = seeded.multi
+        child = index.images[0].manifest
+        tag_path, child_path = "/v2/library/multi/manifests/v1", f"/v2/library/multi/manifests/{child.digest}"
+        tag_before = origin.count("GET", tag_path) + origin.count("HEAD", tag_path)
+        child_before = origin.count("GET", child_path)
+        accept = {
+            "Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+        }
 
         async def get(path: str) -> bytes:
             async with edge.http.get(path, headers=accept) as resp:
@@ -198,24 +183,17 @@ async def test_concurrent_manifest_requests_make_one_upstream_request(
         assert bodies[10:] == [child.data] * 10
         assert origin.count("GET", tag_path) + origin.count("HEAD", tag_path) == tag_before + 1
         assert origin.count("GET", child_path) == child_before + 1
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_a_slow_reader_does_not_hold_back_the_fill_or_the_others(
     tmp_path: Path, origin: Registry, seeded: Seeded
 ) -> None:
     layer = seeded.big.layers[-1]
-    edge, server = await edge_for(tmp_path, origin.url)
-    path = f"/v2/library/big/blobs/{layer.digest}"
-    try:
+    async with edge_for(tmp_path, origin.url) as edge:
+        path = f"/v2/library/big/blobs/{layer.digest}"
         async with edge.http.get(path) as slow:
             first = await slow.content.readexactly(64 * 1024)  # ...then it stops reading for a while
             async with edge.http.get(path) as fast:
                 assert await fast.read() == layer.data
             await wait_for(lambda: stored(edge, layer).exists())  # the fill did not wait for it either
             assert first + await slow.read() == layer.data
-    finally:
-        await edge.http.close()
-        await server.close()

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from edgecache.index import CacheIndex
-from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port, wait_http
@@ -63,10 +63,10 @@ async def get_blob(edge: Edge, repo: str, digest: str) -> tuple[str, bytes]:
 
 @pytest.fixture
 async def small_edge(tmp_path: Path, origin: Registry, churn: list[Image]) -> AsyncIterator[Edge]:
-    edge, server = await start_edge(edge_config(tmp_path / "cache", origin.url, max_size=str(int(4.5 * MiB))))
-    yield edge
-    await edge.http.close()
-    await server.close()
+    async with running_edge(
+        edge_config(tmp_path / "cache", origin.url, max_size=str(int(4.5 * MiB)))
+    ) as edge:
+        yield edge
 
 
 async def test_least_recently_used_goes_first_and_the_limit_holds(
@@ -98,9 +98,8 @@ async def test_churn_never_exceeds_the_limit_and_pinned_images_survive(
 ) -> None:
     limit = 4 * MiB
     config = edge_config(tmp_path / "cache", origin.url, max_size=str(limit))
-    edge, server = await start_edge(config)
-    pinned = churn[0]
-    try:
+    async with running_edge(config) as edge:
+        pinned = churn[0]
         async with edge.http.get("/v2/churn/img0/manifests/v1", headers=ACCEPT) as resp:
             assert resp.status == 200
         for blob in pinned.blobs:
@@ -117,17 +116,13 @@ async def test_churn_never_exceeds_the_limit_and_pinned_images_survive(
         assert await edge.metric("edgecache_pinned_bytes") > MiB
         listing = cli("pin", "ls", "--cache-dir", str(edge.cache_dir))
         assert listing.stdout.strip() == "docker.io/churn/img0:v1"
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_when_pinned_content_fills_the_cache_misses_pass_through(
     tmp_path: Path, origin: Registry, churn: list[Image]
 ) -> None:
     config = edge_config(tmp_path / "cache", origin.url, max_size=str(int(1.5 * MiB)))
-    edge, server = await start_edge(config)
-    try:
+    async with running_edge(config) as edge:
         await get_blob(edge, "churn/img0", churn[0].layers[-1].digest)
         assert cli("pin", "add", "churn/*", "--cache-dir", str(edge.cache_dir)).returncode == 0
         async with edge.http.get("/v2/churn/img0/manifests/v1", headers=ACCEPT) as resp:
@@ -139,9 +134,6 @@ async def test_when_pinned_content_fills_the_cache_misses_pass_through(
         assert not blob_path(edge.cache_dir, big.digest).exists()
         assert blob_path(edge.cache_dir, churn[0].layers[-1].digest).exists()
         assert await edge.metric("edgecache_passthrough_total", kind="blob") == 2
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_a_cached_file_of_the_wrong_size_is_fetched_again(small_edge: Edge, churn: list[Image]) -> None:
@@ -210,13 +202,9 @@ def test_index_lost_or_corrupt_is_rebuilt_from_the_store(
     cache = tmp_path / "cache"
 
     async def pull_and_stop() -> None:
-        edge, server = await start_edge(edge_config(cache, origin.url))
-        try:
+        async with running_edge(edge_config(cache, origin.url)) as edge:
             for blob in churn[6].blobs:
                 await get_blob(edge, "churn/img6", blob.digest)
-        finally:
-            await edge.http.close()
-            await server.close()
 
     asyncio.run(pull_and_stop())
     for damage in ("delete", "garbage"):
@@ -228,15 +216,11 @@ def test_index_lost_or_corrupt_is_rebuilt_from_the_store(
                 target.write_bytes(b"this is not a database" * 100)
 
         async def restart_and_check() -> None:
-            edge, server = await start_edge(edge_config(cache, origin.url))
-            try:
+            async with running_edge(edge_config(cache, origin.url)) as edge:
                 entries = {e.digest: e.size for e in CacheIndex(cache / "index.db").all_entries()}
                 assert entries == {b.digest: len(b.data) for b in churn[6].blobs}
                 for blob in churn[6].blobs:
                     assert await get_blob(edge, "churn/img6", blob.digest) == ("HIT", blob.data)
-            finally:
-                await edge.http.close()
-                await server.close()
 
         asyncio.run(restart_and_check())
 
@@ -298,8 +282,7 @@ async def test_min_free_space_is_kept_by_evicting(
     tiny_disk: Path, origin: Registry, churn: list[Image]
 ) -> None:
     # 3 MiB file system, at least 1.5 MiB kept free: room for one 1 MiB layer at a time.
-    edge, server = await start_edge(edge_config(tiny_disk / "cache", origin.url, min_free="1536K"))
-    try:
+    async with running_edge(edge_config(tiny_disk / "cache", origin.url, min_free="1536K")) as edge:
         layers = [image.layers[-1] for image in churn[:3]]
         for i, layer in enumerate(layers):
             assert (await get_blob(edge, f"churn/img{i}", layer.digest))[1] == layer.data
@@ -310,16 +293,12 @@ async def test_min_free_space_is_kept_by_evicting(
             True,
         ]
         assert await edge.metric("edgecache_evictions_total", reason="free_space") == 2
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_disk_full_during_a_fill_is_clean(
     tiny_disk: Path, origin: Registry, churn: list[Image], seeded: Seeded
 ) -> None:
-    edge, server = await start_edge(edge_config(tiny_disk / "cache", origin.url))
-    try:
+    async with running_edge(edge_config(tiny_disk / "cache", origin.url)) as edge:
         small = churn[7].layers[-1]
         assert await get_blob(edge, "churn/img7", small.digest) == ("MISS", small.data)
         big = seeded.big.layers[-1]  # 24 MiB into 3 MiB: ENOSPC mid-fill
@@ -331,9 +310,6 @@ async def test_disk_full_during_a_fill_is_clean(
         assert not any((tiny_disk / "cache" / "tmp").iterdir())
         assert await get_blob(edge, "churn/img7", small.digest) == ("HIT", small.data)  # hits keep working
         assert await edge.metric("edgecache_fills_failed_total", upstream="docker.io", reason="disk") == 1
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 def test_pin_references_are_checked() -> None:

@@ -6,14 +6,14 @@ registry checking every token's signature, audience, expiry and access is the re
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import Edge, edge_config, start_edge
+from tests.conftest import Edge, edge_config, running_edge
 from tests.support.images import DOCKER_MANIFEST, Image, build_image
 from tests.support.registry import Registry, start_registry
 from tests.support.tokenauth import TokenPusher, TokenServer, registry_auth_config
@@ -43,18 +43,18 @@ def images(auth_origin: Registry) -> dict[str, Image]:
     return {"public": public, "secret": secret}
 
 
-async def open_edge(tmp_path: Path, origin: Registry, **upstream: object) -> tuple[Edge, TestServer]:
-    return await start_edge(edge_config(tmp_path / "cache", origin.url, upstream=dict(upstream)))
+def open_edge(
+    tmp_path: Path, origin: Registry, **upstream: object
+) -> contextlib.AbstractAsyncContextManager[Edge]:
+    return running_edge(edge_config(tmp_path / "cache", origin.url, upstream=dict(upstream)))
 
 
 @pytest.fixture
 async def anonymous_edge(
     tmp_path: Path, auth_origin: Registry, images: dict[str, Image]
 ) -> AsyncIterator[Edge]:
-    edge, server = await start_edge(edge_config(tmp_path / "cache", auth_origin.url))
-    yield edge
-    await edge.http.close()
-    await server.close()
+    async with running_edge(edge_config(tmp_path / "cache", auth_origin.url)) as edge:
+        yield edge
 
 
 async def test_anonymous_pull_gets_a_token_once_and_reuses_it(
@@ -98,9 +98,8 @@ async def test_configured_credentials_open_private_repositories(
 ) -> None:
     password_file = tmp_path / "password"
     password_file.write_text(USERS["alice"] + "\n")
-    edge, server = await open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file))
-    token_server.clear()
-    try:
+    async with open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file)) as edge:
+        token_server.clear()
         image = images["secret"]
         async with edge.http.get("/v2/corp/secret/manifests/v1", headers={"Accept": DOCKER_MANIFEST}) as resp:
             assert resp.status == 200
@@ -111,9 +110,6 @@ async def test_configured_credentials_open_private_repositories(
         requests = token_server.token_requests(scope_contains="corp/secret")
         assert [r.user for r in requests] == ["alice"]
         assert requests[0].authenticated
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_wrong_credentials_are_denied_not_retried_forever(
@@ -121,12 +117,8 @@ async def test_wrong_credentials_are_denied_not_retried_forever(
 ) -> None:
     password_file = tmp_path / "password"
     password_file.write_text("not-the-password")
-    edge, server = await open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file))
-    token_server.clear()
-    try:
+    async with open_edge(tmp_path, auth_origin, username="alice", password_file=str(password_file)) as edge:
+        token_server.clear()
         async with edge.http.get("/v2/corp/secret/manifests/v1") as resp:
             assert resp.status == 403
         assert len(token_server.token_requests(scope_contains="corp/secret")) == 1
-    finally:
-        await edge.http.close()
-        await server.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, build_image
 from tests.support.registry import Registry
@@ -33,10 +33,8 @@ async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
 @pytest.fixture
 async def edge_via_proxy(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[Edge]:
     config = edge_config(tmp_path / "cache", proxy.url, upstream={"read_timeout": 1.0}, tag_ttl=0.0)
-    edge, server = await start_edge(config)
-    yield edge
-    await edge.http.close()
-    await server.close()
+    async with running_edge(config) as edge:
+        yield edge
 
 
 async def error_code(resp: aiohttp.ClientResponse) -> str:
@@ -51,16 +49,12 @@ async def test_unreachable_upstream_is_502_not_404(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
-        edge, server = await start_edge(edge_config(tmp_path / "c", dead))
-        try:
+        async with running_edge(edge_config(tmp_path / "c", dead)) as edge:
             async with edge.http.get("/v2/library/alpine/manifests/latest") as resp:
                 assert resp.status == 502
                 assert await error_code(resp) == "UNAVAILABLE"
             async with edge.http.get("/v2/library/alpine/blobs/sha256:" + "a" * 64) as resp:
                 assert resp.status == 502
-        finally:
-            await edge.http.close()
-            await server.close()
 
 
 @pytest.mark.parametrize(
@@ -174,13 +168,11 @@ async def test_blob_that_does_not_match_its_digest_is_never_delivered_whole(
     finally:
         stored.write_bytes(good)
     # Without the negative entry (negative_ttl = 0) the next ask fetches again and succeeds.
-    other, server = await start_edge(edge_config(tmp_path / "other", origin.url, negative_ttl=0.0))
-    try:
-        async with other.http.get(path) as resp:
-            assert await resp.read() == layer.data
-    finally:
-        await other.http.close()
-        await server.close()
+    async with (
+        running_edge(edge_config(tmp_path / "other", origin.url, negative_ttl=0.0)) as other,
+        other.http.get(path) as resp,
+    ):
+        assert await resp.read() == layer.data
 
 
 async def test_manifest_that_does_not_match_its_digest_is_refused(edge: Edge, origin: Registry) -> None:
@@ -228,8 +220,7 @@ async def test_upstream_connections_are_bounded(tmp_path: Path, proxy: FaultProx
     for i, image in enumerate(images):
         pusher.push_image(f"test/many-{i}", "v1", image)
     config = edge_config(tmp_path / "c", proxy.url, upstream={"max_connections": 2})
-    edge, server = await start_edge(config)
-    try:
+    async with running_edge(config) as edge:
 
         async def pull(i: int) -> bytes:
             async with edge.http.get(f"/v2/test/many-{i}/blobs/{images[i].layers[-1].digest}") as resp:
@@ -238,9 +229,6 @@ async def test_upstream_connections_are_bounded(tmp_path: Path, proxy: FaultProx
         bodies = await asyncio.gather(*(pull(i) for i in range(len(images))))
         assert bodies == [image.layers[-1].data for image in images]
         assert proxy.max_in_flight <= 2  # eight cold blobs queued for two upstream connections
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_credentials_stay_on_the_upstream_host_across_redirects(
@@ -255,28 +243,29 @@ async def test_credentials_stay_on_the_upstream_host_across_redirects(
         tmp_path / "c", registry.url, upstream={"username": "mirror", "password_env": "EC_TEST_PASSWORD"}
     )
     monkeypatch.setenv("EC_TEST_PASSWORD", "s3cret")
-    edge, server = await start_edge(config)
     try:
-        layer = seeded.alpine.layers[0]
-        async with edge.http.get(
-            f"/v2/library/alpine/blobs/{layer.digest}",
-            headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="},
-        ) as resp:
-            assert resp.status == 200
-            assert await resp.read() == layer.data
-            assert "WWW-Authenticate" not in resp.headers
-        async with edge.http.get(
-            "/v2/library/alpine/manifests/latest", headers={"Authorization": "Bearer client-token", **ACCEPT}
-        ) as resp:
-            assert resp.status == 200
-        authorizations = [s.headers.get("Authorization") for s in registry.seen]
-        assert "Basic bWlycm9yOnMzY3JldA==" in authorizations  # the mirror's own credentials
-        assert all(a in (None, "Basic bWlycm9yOnMzY3JldA==") for a in authorizations)  # never the client's
-        assert cdn.count("GET", f"/blobs/{layer.digest}") == 1
-        assert all("Authorization" not in s.headers for s in cdn.seen)
+        async with running_edge(config) as edge:
+            layer = seeded.alpine.layers[0]
+            async with edge.http.get(
+                f"/v2/library/alpine/blobs/{layer.digest}",
+                headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="},
+            ) as resp:
+                assert resp.status == 200
+                assert await resp.read() == layer.data
+                assert "WWW-Authenticate" not in resp.headers
+            async with edge.http.get(
+                "/v2/library/alpine/manifests/latest",
+                headers={"Authorization": "Bearer client-token", **ACCEPT},
+            ) as resp:
+                assert resp.status == 200
+            authorizations = [s.headers.get("Authorization") for s in registry.seen]
+            assert "Basic bWlycm9yOnMzY3JldA==" in authorizations  # the mirror's own credentials
+            assert all(
+                a in (None, "Basic bWlycm9yOnMzY3JldA==") for a in authorizations
+            )  # never the client's
+            assert cdn.count("GET", f"/blobs/{layer.digest}") == 1
+            assert all("Authorization" not in s.headers for s in cdn.seen)
     finally:
-        await edge.http.close()
-        await server.close()
         await registry.stop()
         await cdn.stop()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import Edge, Seeded, edge_config, start_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, build_image
 from tests.support.registry import Registry, start_registry
@@ -34,10 +35,10 @@ async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
     await running.stop()
 
 
-async def open_edge(
+def open_edge(
     tmp_path: Path, url: str, upstream: dict[str, object], **cache: object
-) -> tuple[Edge, TestServer]:
-    return await start_edge(edge_config(tmp_path / "cache", url, upstream=upstream, **cache))
+) -> contextlib.AbstractAsyncContextManager[Edge]:
+    return running_edge(edge_config(tmp_path / "cache", url, upstream=upstream, **cache))
 
 
 async def code_of(resp: aiohttp.ClientResponse) -> str:
@@ -47,8 +48,7 @@ async def code_of(resp: aiohttp.ClientResponse) -> str:
 async def test_failing_upstream_is_marked_down_and_cached_tags_served_stale(
     tmp_path: Path, proxy: FaultProxy, seeded: Seeded
 ) -> None:
-    edge, server = await open_edge(tmp_path, proxy.url, {"down_after": 2, "down_for": 600.0}, tag_ttl=0.0)
-    try:
+    async with open_edge(tmp_path, proxy.url, {"down_after": 2, "down_for": 600.0}, tag_ttl=0.0) as edge:
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200
         proxy.rules.status["/v2/"] = 503
@@ -67,16 +67,12 @@ async def test_failing_upstream_is_marked_down_and_cached_tags_served_stale(
         assert await edge.metric("edgecache_upstream_health", upstream="docker.io", state="down") == 1
         assert await edge.metric("edgecache_stale_served_total", upstream="docker.io", reason="down") == 1
         assert await edge.metric("edgecache_stale_served_total", upstream="docker.io", reason="error") == 2
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_429_with_retry_after_backs_off_that_upstream(
     tmp_path: Path, proxy: FaultProxy, seeded: Seeded
 ) -> None:
-    edge, server = await open_edge(tmp_path, proxy.url, {}, tag_ttl=0.0)
-    try:
+    async with open_edge(tmp_path, proxy.url, {}, tag_ttl=0.0) as edge:
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200
         proxy.rules.status["/v2/"] = 429
@@ -93,9 +89,6 @@ async def test_429_with_retry_after_backs_off_that_upstream(
             assert resp.status == 200 and resp.headers["X-Cache"] == "STALE"
         assert len(proxy.seen) == reached
         assert await edge.metric("edgecache_upstream_health", upstream="docker.io", state="rate_limited") == 1
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_docker_hub_rate_limit_headers_become_metrics(tmp_path: Path, proxy: FaultProxy) -> None:
@@ -103,23 +96,18 @@ async def test_docker_hub_rate_limit_headers_become_metrics(tmp_path: Path, prox
         "ratelimit-limit": "100;w=21600",
         "ratelimit-remaining": "76;w=21600",
     }
-    edge, server = await open_edge(tmp_path, proxy.url, {})
-    try:
+    async with open_edge(tmp_path, proxy.url, {}) as edge:
         assert await edge.metric("edgecache_upstream_ratelimit_remaining", upstream="docker.io") != 76
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200
         assert await edge.metric("edgecache_upstream_ratelimit_remaining", upstream="docker.io") == 76
         assert await edge.metric("edgecache_upstream_ratelimit_limit", upstream="docker.io") == 100
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_upstream_404_on_a_tag_is_authoritative(
     tmp_path: Path, proxy: FaultProxy, seeded: Seeded
 ) -> None:
-    edge, server = await open_edge(tmp_path, proxy.url, {}, tag_ttl=0.0)
-    try:
+    async with open_edge(tmp_path, proxy.url, {}, tag_ttl=0.0) as edge:
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200
         proxy.rules.status[TAG] = 404  # the tag was deleted upstream
@@ -130,16 +118,12 @@ async def test_upstream_404_on_a_tag_is_authoritative(
             assert resp.status == 404
             assert await code_of(resp) == "MANIFEST_UNKNOWN"
         assert len(proxy.seen) == reached
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_tag_ttl_rules_by_pattern(tmp_path: Path, origin: Registry, seeded: Seeded) -> None:
     rules = (("latest", 0.0), ("3.*", 3600.0))
-    edge, server = await open_edge(tmp_path, origin.url, {"tag_ttls": rules}, tag_ttl=3600.0)
-    latest, pinned = "/v2/library/alpine/manifests/latest", "/v2/library/alpine/manifests/3.21"
-    try:
+    async with open_edge(tmp_path, origin.url, {"tag_ttls": rules}, tag_ttl=3600.0) as edge:
+        latest, pinned = "/v2/library/alpine/manifests/latest", "/v2/library/alpine/manifests/3.21"
         heads = {p: origin.count("HEAD", p) for p in (latest, pinned)}
         for _ in range(3):
             for path in (latest, pinned):
@@ -147,9 +131,6 @@ async def test_tag_ttl_rules_by_pattern(tmp_path: Path, origin: Registry, seeded
                     assert resp.status == 200
         assert origin.count("HEAD", latest) == heads[latest] + 2  # revalidated every time after the first
         assert origin.count("HEAD", pinned) == heads[pinned]  # fresh for an hour
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_token_realm_on_another_host_gets_no_request(tmp_path: Path) -> None:
@@ -175,15 +156,13 @@ async def test_token_realm_on_another_host_gets_no_request(tmp_path: Path) -> No
     token_port = token_server.port
     registry_server = TestServer(registry_app, host="127.0.0.1")
     await registry_server.start_server()
-    edge, server = await open_edge(tmp_path, f"http://127.0.0.1:{registry_server.port}", {})
     try:
-        async with edge.http.get(TAG, headers=ACCEPT) as resp:
-            assert resp.status == 403
-            assert await code_of(resp) == "DENIED"
-        assert realm_hits == []
+        async with open_edge(tmp_path, f"http://127.0.0.1:{registry_server.port}", {}) as edge:
+            async with edge.http.get(TAG, headers=ACCEPT) as resp:
+                assert resp.status == 403
+                assert await code_of(resp) == "DENIED"
+            assert realm_hits == []
     finally:
-        await edge.http.close()
-        await server.close()
         await token_server.close()
         await registry_server.close()
 
@@ -208,27 +187,20 @@ async def test_basic_auth_upstream(
     )
 
     monkeypatch.setenv("EC_BASIC_PW", "mirror-pw")
-    edge, server = await open_edge(
-        tmp_path / "a", basic_origin.url, {"username": "mirror", "password_env": "EC_BASIC_PW"}
-    )
-    try:
+    credentials = {"username": "mirror", "password_env": "EC_BASIC_PW"}
+    async with open_edge(tmp_path / "a", basic_origin.url, credentials) as edge:
         async with edge.http.get("/v2/corp/app/manifests/v1", headers=ACCEPT) as resp:
             assert resp.status == 200
             assert await resp.read() == image.manifest.data
         async with edge.http.get(f"/v2/corp/app/blobs/{image.layers[0].digest}") as resp:
             assert await resp.read() == image.layers[0].data
-    finally:
-        await edge.http.close()
-        await server.close()
     secret = base64.b64encode(b"mirror:mirror-pw").decode()
     assert "mirror-pw" not in caplog.text and secret not in caplog.text  # never in logs
-    anonymous, server = await open_edge(tmp_path / "b", basic_origin.url, {})
-    try:
-        async with anonymous.http.get("/v2/corp/app/manifests/v1", headers=ACCEPT) as resp:
-            assert resp.status == 403
-    finally:
-        await anonymous.http.close()
-        await server.close()
+    async with (
+        open_edge(tmp_path / "b", basic_origin.url, {}) as anonymous,
+        anonymous.http.get("/v2/corp/app/manifests/v1", headers=ACCEPT) as resp,
+    ):
+        assert resp.status == 403
 
 
 async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
@@ -238,8 +210,7 @@ async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
     pusher = Pusher(origin.url)
     pusher.push_image("library/swr", "latest", first)
     path = "/v2/library/swr/manifests/latest"
-    edge, server = await open_edge(tmp_path, origin.url, {}, tag_ttl=0.0, stale_while_revalidate=3600.0)
-    try:
+    async with open_edge(tmp_path, origin.url, {}, tag_ttl=0.0, stale_while_revalidate=3600.0) as edge:
         async with edge.http.get(path, headers=ACCEPT) as resp:
             assert resp.headers["X-Cache"] == "MISS"
         pusher.push_image("library/swr", "latest", second)
@@ -257,9 +228,6 @@ async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
         assert body == second.manifest.data
         assert origin.count("HEAD", path) > heads
         assert origin.count("GET", path) == gets + 1  # only the body of the new manifest was fetched
-    finally:
-        await edge.http.close()
-        await server.close()
 
 
 async def test_a_restarted_edgecache_serves_its_cache_while_upstream_is_down(
@@ -267,19 +235,14 @@ async def test_a_restarted_edgecache_serves_its_cache_while_upstream_is_down(
 ) -> None:
     config = edge_config(tmp_path / "cache", proxy.url, tag_ttl=0.0)
     image = seeded.app
-    edge, server = await start_edge(config)
-    try:
+    async with running_edge(config) as edge:
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200
         for blob in image.blobs:
             async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
                 assert await resp.read() == blob.data
-    finally:
-        await edge.http.close()
-        await server.close()
     proxy.rules.status["/v2/"] = 503  # upstream goes down; edgecache restarts on the same cache
-    edge, server = await start_edge(config)
-    try:
+    async with running_edge(config) as edge:
         async with edge.http.get(TAG, headers=ACCEPT) as resp:
             assert resp.status == 200 and resp.headers["X-Cache"] == "STALE"
             assert await resp.read() == image.manifest.data
@@ -287,6 +250,3 @@ async def test_a_restarted_edgecache_serves_its_cache_while_upstream_is_down(
             async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
                 assert resp.headers["X-Cache"] == "HIT"
                 assert await resp.read() == blob.data
-    finally:
-        await edge.http.close()
-        await server.close()
