@@ -13,13 +13,13 @@ import asyncio
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import bcrypt
 from cachetools import TTLCache
@@ -32,19 +32,6 @@ from edgecache.oci import RepoName
 log = logging.getLogger(__name__)
 FAILURE_WINDOW = 60.0
 ANONYMOUS = "anonymous"
-
-
-class AuthRequest(Protocol):
-    @property
-    def peer(self) -> str: ...
-    @property
-    def cert_subject(self) -> str | None: ...
-    @property
-    def headers(self) -> _Headers: ...
-
-
-class _Headers(Protocol):
-    def get(self, key: str, /) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +69,7 @@ class AccessPolicy:
         self._mode = config.mode
         self._rules = config.rules
         self._users: Mapping[str, bytes] = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
-        self._dummy = _dummy_hash(self._users)
+        self._unknown_cost = _highest_cost(self._users)
         ttl = config.login_cache
         self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl) if ttl > 0 else None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW)
@@ -92,19 +79,18 @@ class AccessPolicy:
         """SIGHUP: new rules and a re-read htpasswd file; remembered logins are forgotten."""
         users = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
         self._mode, self._rules, self._users = config.mode, config.rules, users
-        self._dummy = _dummy_hash(users)
+        self._unknown_cost = _highest_cost(users)
         self._max_failures = config.max_failures
         if self._good is not None:
             self._good.clear()
 
-    async def authenticate(self, request: AuthRequest) -> Identity:
-        """The request's identity. Wrong credentials are refused even where anonymous may pull."""
+    async def authenticate(self, header: str | None, peer: str, cert_subject: str | None) -> Identity:
+        """The identity of a request (its Authorization header, client address and verified client
+        certificate subject). Wrong credentials are refused even where anonymous may pull."""
         if self._mode == "mtls":
-            subject = request.cert_subject
-            return Identity(subject, True) if subject else ANONYMOUS_IDENTITY
+            return Identity(cert_subject, True) if cert_subject else ANONYMOUS_IDENTITY
         if self._mode != "htpasswd":
             return ANONYMOUS_IDENTITY
-        header = request.headers.get("Authorization")
         if not header:
             return ANONYMOUS_IDENTITY
         scheme, _, encoded = header.partition(" ")
@@ -112,7 +98,7 @@ class AccessPolicy:
             # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
-        return Identity(await self._check_password(request.peer, user, password), True)
+        return Identity(await self._check_password(peer, user, password), True)
 
     async def _check_password(self, peer: str, user: str, password: str) -> str:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
@@ -123,7 +109,7 @@ class AccessPolicy:
         if len(recent) >= self._max_failures:
             raise errors.TooManyAttempts(retry_after=FAILURE_WINDOW - (now - recent[0]))
         hashed = self._users.get(user)
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or self._dummy)
+        ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
         if not ok or hashed is None:
             self._failures[peer] = [*recent, now]
             log.info("failed login from %s", peer)  # neither the user name nor the password
@@ -157,12 +143,23 @@ class AccessPolicy:
         return _decide(rules, target)
 
 
-def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
-    """A hash unknown users are checked against, at the highest cost in the file, so an unknown
-    name takes as long as a known one with a wrong password."""
-    costs = [int(h[4:6]) for h in users.values() if h[4:6].isdigit()]
-    rounds = min(max(costs, default=10), 16)
-    return bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=max(rounds, 4)))
+def _check(password: bytes, hashed: bytes | None, unknown_cost: int) -> bool:
+    """bcrypt, in a worker thread. An unknown user is checked against a dummy hash of the file's
+    highest cost, so an unknown name takes as long as a known one with a wrong password."""
+    if hashed is None:
+        bcrypt.checkpw(password, _dummy_hash(unknown_cost))
+        return False
+    return bcrypt.checkpw(password, hashed)
+
+
+def _highest_cost(users: Mapping[str, bytes]) -> int:
+    """bcrypt hashes start `$2b$NN$`: NN is the cost (log2 of the rounds)."""
+    return max((int(h[4:6]) for h in users.values() if h[4:6].isdigit()), default=10)
+
+
+@functools.cache
+def _dummy_hash(rounds: int) -> bytes:
+    return bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=min(max(rounds, 4), 16)))
 
 
 def _applies(rule: AccessRule, identity: Identity) -> bool:

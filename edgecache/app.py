@@ -252,13 +252,13 @@ class Listeners:
         self._runners.append((runner, listen, context))
         self.urls.append(f"{'https' if context else 'http'}://{listen}")
 
-    def reload_certificates(self) -> None:
+    async def reload_certificates(self) -> None:
         """SIGHUP: re-read the certificate and key; a bad pair is refused and the old one kept."""
         server = self._instance.config.server
         if not server.tls:
             return
-        try:
-            cert = check_certificate(server.tls_cert, server.tls_key)
+        try:  # file reads and parsing: off the event loop
+            cert = await asyncio.to_thread(check_certificate, server.tls_cert, server.tls_key)
         except ConfigError as exc:
             log.error("TLS certificate not reloaded, the old one stays in use: %s", exc)
             return
@@ -332,6 +332,6 @@ async def _reload(instance: Edgecache, listeners: Listeners, load: Callable[[], 
         log.error("reload refused, configuration unchanged: %s", exc)
         sdnotify.notify("READY=1", "STATUS=reload refused: see the log")
         return
-    listeners.reload_certificates()
+    await listeners.reload_certificates()
     log.info("configuration reloaded")
     sdnotify.notify("READY=1", f"STATUS=serving on {instance.config.server.listen} (reloaded)")

@@ -32,26 +32,10 @@ Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 
 
 class HeaderLookup(Protocol):
-    """Case-insensitive request headers (aiohttp's CIMultiDictProxy, or front.Headers)."""
+    """Case-insensitive request headers (multidict's CIMultiDict and CIMultiDictProxy)."""
 
     def get(self, key: str, /) -> str | None: ...
     def getall(self, key: str, default: list[str], /) -> list[str]: ...
-
-
-class Headers:
-    """Request headers from a list of (name, value) pairs, looked up case-insensitively."""
-
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        self._values: dict[str, list[str]] = {}
-        for name, value in pairs:
-            self._values.setdefault(name.lower(), []).append(value)
-
-    def get(self, key: str, /) -> str | None:
-        values = self._values.get(key.lower())
-        return values[0] if values else None
-
-    def getall(self, key: str, default: list[str], /) -> list[str]:
-        return self._values.get(key.lower(), default)
 
 
 @dataclass(frozen=True)
@@ -145,7 +129,9 @@ class RegistryFront:
             raise errors.Unsupported("this mirror is read-only: uploads are not supported")
         if route.kind is Kind.CATALOG:
             raise errors.Unsupported("the catalog is not served by this mirror")
-        identity = await self.access.authenticate(request)
+        identity = await self.access.authenticate(
+            request.headers.get("Authorization"), request.peer, request.cert_subject
+        )
         trace.identity = identity.name
         if route.kind is Kind.BASE:
             self.access.check_base(identity)

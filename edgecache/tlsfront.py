@@ -22,6 +22,7 @@ from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.log import LogLevels
 from granian.server.embed import Server
+from multidict import CIMultiDict
 
 from edgecache import errors
 from edgecache.accesslog import record_request
@@ -30,7 +31,6 @@ from edgecache.config import ServerConfig
 from edgecache.front import (
     API_VERSION_HEADER,
     ClientRequest,
-    Headers,
     Networks,
     RegistryFront,
     client_address,
@@ -100,7 +100,7 @@ class AsgiFront:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
         trace = RequestTrace(request_id(headers.get("X-Request-Id")))
         token = CURRENT.set(trace)
         status = 500
@@ -135,7 +135,7 @@ class AsgiFront:
                 protocol=protocol,
             )
 
-    def _client_request(self, scope: Scope, headers: Headers, trace: RequestTrace) -> ClientRequest:
+    def _client_request(self, scope: Scope, headers: CIMultiDict[str], trace: RequestTrace) -> ClientRequest:
         try:
             raw_path = bytes(scope["raw_path"]).decode("ascii")
             query_string = bytes(scope["query_string"]).decode("ascii")
@@ -244,7 +244,6 @@ class TlsListener:
     """One embedded granian server on HOST:PORT, TLS with ALPN h2 and http/1.1."""
 
     def __init__(self, app: AsgiFront, host: str, port: int, server: ServerConfig) -> None:
-        self._app = app
         self._where = f"{host}:{port}"
         self._server = Server(
             app,
