@@ -291,3 +291,25 @@ async def test_sighup_rereads_htpasswd_and_rules_but_not_the_mode(
         assert (await asyncio.to_thread(curl, url, user=carol, headers=(MANIFEST_ACCEPT,))).status == 200
         team = f"{edge.url}/v2/team/app/manifests/1.0"
         assert (await request(team, None)).status == 401  # still htpasswd: anonymous is asked to log in
+
+
+async def test_x_forwarded_for_is_believed_from_a_trusted_proxy_only(
+    tmp_path: Path, recording_upstream: FaultProxy, seeded: Seeded
+) -> None:
+    """Behind a trusted load balancer the client's address is the nearest untrusted X-Forwarded-For
+    hop: the access log shows it, and failed logins are counted under it, not the balancer's."""
+    config = htpasswd_config(tmp_path, max_failures=2) + '[server]\ntrusted_proxies = ["127.0.0.0/8"]\n'
+    with spawn_edge(tmp_path, recording_upstream.url, config=config) as edge:
+        url = f"{edge.url}/v2/library/alpine/manifests/latest"
+
+        async def as_client(address: str, user: str) -> CurlResult:
+            chain = f"X-Forwarded-For: {address}, 127.0.0.9"  # the client, then another trusted hop
+            return await asyncio.to_thread(curl, url, user=user, headers=(MANIFEST_ACCEPT, chain))
+
+        for _ in range(2):
+            assert (await as_client("203.0.113.7", "bob:wrong")).status == 401
+        assert (await as_client("203.0.113.7", "bob:bob-pass-2")).status == 429  # that client is limited
+        assert (await as_client("198.51.100.4", "bob:bob-pass-2")).status == 200  # another is not
+        records = [json.loads(line) for line in edge.log_path.read_text().splitlines() if '"route"' in line]
+        assert {"203.0.113.7", "198.51.100.4"} <= {r["peer"] for r in records}
+        assert "127.0.0.9" not in {r["peer"] for r in records}

@@ -96,6 +96,14 @@ def test_tls_offers_only_modern_protocols_and_both_alpn_protocols(tls_edge: Edge
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
             cipher = tls.cipher()
             assert cipher is not None and re.search("GCM|CHACHA20", cipher[0]), cipher
+    tls12 = ssl.create_default_context(cafile=str(ca.cert_path))
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2  # the minimum still accepted
+    with tls12.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    ) as tls:
+        assert tls.version() == "TLSv1.2"
+        cipher = tls.cipher()
+        assert cipher is not None and re.search("GCM|CHACHA20", cipher[0]), cipher
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
     with warnings.catch_warnings():
