@@ -185,7 +185,7 @@ class RegistryFront:
         if route.kind is Kind.BLOB:
             assert route.digest is not None
             blob_query = BlobQuery(
-                repo, route.digest, head, single_range(headers), headers.get("If-None-Match")
+                repo, route.digest, head, tuple(headers.getall("Range", [])), headers.get("If-None-Match")
             )
             return await self.pull.blob(client, blob_query)
         if route.kind is Kind.TAGS:
@@ -228,14 +228,6 @@ def _in(address: str, networks: Networks) -> bool:
     except ValueError:
         return False
     return any(ip in network for network in networks)
-
-
-def single_range(headers: HeaderLookup) -> str | None:
-    """The Range header; more than one is ambiguous (which would a cache honour?) and refused."""
-    ranges = headers.getall("Range", [])
-    if len(ranges) > 1:
-        raise errors.RangeInvalid("only one Range header is accepted")
-    return ranges[0] if ranges else None
 
 
 def listing_params(query: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from edgecache.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
@@ -147,34 +147,36 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
-_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_RANGE = re.compile(r"(\d{0,19})-(\d{0,19})")
 
 
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The Range header against a body of `size` bytes: None for the whole body.
+def parse_range(headers: Sequence[str], size: int) -> ByteRange | None:
+    """Every Range header of a request, against a body of `size` bytes: None for the whole body.
 
-    One range only (what registry clients send). A malformed header is ignored as RFC 9110 allows;
-    a well-formed but unsatisfiable one raises RangeInvalid (416).
+    One range is served (what registry clients send). Refused with RangeInvalid (416, with the size):
+    more than one Range header, a `bytes` range that does not parse, and a range beyond the end.
+    Served whole, as RFC 9110 says: a unit other than bytes, and several ranges in one header.
     """
-    if header is None:
+    if not headers:
         return None
-    match = _RANGE.fullmatch(header.strip())
-    if match is None:
+    if len(headers) > 1:
+        raise RangeInvalid("only one Range header is accepted", size=size)
+    unit, sep, spec = headers[0].strip().partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
         return None
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
-        return None
+    match = _RANGE.fullmatch(spec.strip())
+    first, last = (match.group(1), match.group(2)) if match else ("", "")
+    if (not first and not last) or (first and last and int(last) < int(first)):
+        raise RangeInvalid("malformed byte range", size=size)
     if not first:  # suffix range: the last N bytes
         suffix = int(last)
         if suffix == 0 or size == 0:
             raise RangeInvalid("empty suffix range", size=size)
         return ByteRange(max(0, size - suffix), size - 1)
     start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
-        return None  # syntactically invalid: ignore
     if start >= size:
         raise RangeInvalid("range starts beyond the end of the blob", size=size)
+    end = int(last) if last else size - 1
     return ByteRange(start, min(end, size - 1))
 
 

@@ -100,7 +100,7 @@ class BlobQuery:
     repo: RepoName
     digest: Digest
     head: bool
-    range_header: str | None = None
+    range_headers: tuple[str, ...] = ()
     if_none_match: str | None = None
 
 
@@ -372,7 +372,7 @@ class PullService:
                 if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
                     opened.close()
                     return Reply(304, headers, None, "HIT")
-                byte_range = parse_range(query.range_header, opened.size)
+                byte_range = parse_range(query.range_headers, opened.size)
             except BaseException:
                 opened.close()
                 raise
@@ -396,7 +396,7 @@ class PullService:
             self._members.record(client, query.repo, [str(digest)])  # upstream served it to us
         if size is None:  # upstream sent no length: stream it all, chunked
             return Reply(200, headers, SpoolBody(flight, 0, None), "MISS")
-        byte_range = parse_range(query.range_header, size)
+        byte_range = parse_range(query.range_headers, size)
         status, start, length = _span(byte_range, size, headers)
         # A verified fill still being persisted is as good as the store: a hit.
         result = "HIT" if flight.done else "MISS" if led else "JOINED"

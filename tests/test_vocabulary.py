@@ -42,17 +42,21 @@ def test_names_and_tags() -> None:
 
 
 def test_ranges() -> None:
-    assert parse_range(None, 10) is None
-    assert parse_range("bytes=0-4", 10) == ByteRange(0, 4)
-    assert parse_range("bytes=5-", 10) == ByteRange(5, 9)
-    assert parse_range("bytes=-3", 10) == ByteRange(7, 9)
-    assert parse_range("bytes=-30", 10) == ByteRange(0, 9)
-    assert parse_range("bytes=2-100", 10) == ByteRange(2, 9)
-    for ignored in ["bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=x-"]:
-        assert parse_range(ignored, 10) is None
+    assert parse_range((), 10) is None
+    assert parse_range(("bytes=0-4",), 10) == ByteRange(0, 4)
+    assert parse_range(("bytes=5-",), 10) == ByteRange(5, 9)
+    assert parse_range(("bytes=-3",), 10) == ByteRange(7, 9)
+    assert parse_range(("bytes=-30",), 10) == ByteRange(0, 9)
+    assert parse_range(("bytes=2-100",), 10) == ByteRange(2, 9)
+    for ignored in ["items=0-1", "bytes=0-1,3-4"]:  # RFC 9110: other units, several ranges
+        assert parse_range((ignored,), 10) is None
+    for refused in [("bytes=5-2",), ("bytes=x-",), ("bytes=-",), ("bytes=0-1", "bytes=2-3")]:
+        with pytest.raises(errors.RangeInvalid) as malformed:
+            parse_range(refused, 10)
+        assert malformed.value.size == 10  # the 416 can say how big the blob is
     for unsatisfiable in ["bytes=10-", "bytes=-0", "bytes=99-100"]:
         with pytest.raises(errors.RangeInvalid):
-            parse_range(unsatisfiable, 10)
+            parse_range((unsatisfiable,), 10)
 
 
 def test_accept_sets() -> None:
