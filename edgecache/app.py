@@ -17,25 +17,25 @@ from typing import Any
 from aiohttp import web
 
 from edgecache import sdnotify
-from edgecache.access import AccessPolicy
-from edgecache.accesslog import AccessLogger
-from edgecache.blobstore import BlobStore, CacheDirLock
+from edgecache.access.policy import AccessPolicy
 from edgecache.config import Config, split_host_port
-from edgecache.connguard import ConnectionGuard
 from edgecache.errors import ConfigError
-from edgecache.eviction import CacheKeeper
-from edgecache.flights import Flights
-from edgecache.front import RegistryFront, Upstreams, trusted_networks
-from edgecache.manifests import ManifestCache
-from edgecache.membership import Membership
+from edgecache.fill.flights import Flights
+from edgecache.http.accesslog import AccessLogger
+from edgecache.http.aiohttp_front import AiohttpFront, ConnectionLimits, OciAppRunner, OciSite
+from edgecache.http.connguard import ConnectionGuard
+from edgecache.http.front import RegistryFront, Upstreams, trusted_networks
+from edgecache.http.granian_front import AsgiFront, TlsListener
+from edgecache.http.tls import check_certificate, mutual_tls_context
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
 from edgecache.sizes import parse_size
-from edgecache.tls import check_certificate, mutual_tls_context
-from edgecache.tlsfront import AsgiFront, TlsListener
-from edgecache.upstream import UpstreamClient
+from edgecache.store.blobs import BlobStore, CacheDirLock
+from edgecache.store.keeper import CacheKeeper
+from edgecache.store.manifests import ManifestCache
+from edgecache.store.membership import Membership
+from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
-from edgecache.web import AiohttpFront, ConnectionLimits, OciAppRunner, OciSite
 
 log = logging.getLogger("edgecache")
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}

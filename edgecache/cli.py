@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_maintenance(args: argparse.Namespace) -> int:
-    from edgecache import maintenance
+    from edgecache.ops import maintenance
     from edgecache.sizes import parse_size
 
     cache_dir = load_config(args.config, cache_dir=args.cache_dir).cache.dir
@@ -99,7 +99,7 @@ def run_maintenance(args: argparse.Namespace) -> int:
 
 
 def run_warm(args: argparse.Namespace) -> int:
-    from edgecache import maintenance, warm
+    from edgecache.ops import maintenance, warm
     from edgecache.sizes import human_size
 
     texts = list(args.refs)
@@ -143,7 +143,7 @@ def run_warm(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stats":
-        from edgecache.stats import main as stats_main
+        from edgecache.ops.stats import main as stats_main
 
         return stats_main(args.url)
     if args.command == "warm":
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
     handler = logging.StreamHandler()
     if log_format == "json":
-        from edgecache.accesslog import JsonFormatter
+        from edgecache.http.accesslog import JsonFormatter
 
         handler.setFormatter(JsonFormatter())
     else:

@@ -16,12 +16,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from cachetools import TTLCache
 
 from edgecache import errors
-from edgecache.blobstore import BlobStore, OpenBlob
 from edgecache.config import CacheConfig
-from edgecache.eviction import CacheKeeper
-from edgecache.flights import BlobFlight, Flights
-from edgecache.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
-from edgecache.membership import Membership
+from edgecache.fill.flights import BlobFlight, Flights
 from edgecache.metrics import Metrics
 from edgecache.oci import (
     ByteRange,
@@ -32,7 +28,11 @@ from edgecache.oci import (
     manifest_media_type,
     parse_range,
 )
-from edgecache.upstream import UpstreamClient
+from edgecache.store.blobs import BlobStore, OpenBlob
+from edgecache.store.keeper import CacheKeeper
+from edgecache.store.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
+from edgecache.store.membership import Membership
+from edgecache.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 BLOB_CONTENT_TYPE = "application/octet-stream"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.app import RUNNER_OPTIONS, Edgecache
 from edgecache.config import Config, load_config
-from edgecache.tlsfront import AsgiFront, TlsListener
+from edgecache.http.granian_front import AsgiFront, TlsListener
 from tests.support.certs import TestCA
 from tests.support.images import Image, Index, Pusher, build_image, build_index
 from tests.support.registry import Registry, free_port, start_registry, wait_http

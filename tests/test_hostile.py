@@ -56,10 +56,10 @@ TLS_HANDSHAKE_TIMEOUT = 2.0
 # What granian 2.8 allows a TCP connection that never sends a ClientHello: measured 10.0 s, fixed.
 GRANIAN_HANDSHAKE_LIMIT = 10.0
 SLACK = 2.0
-# The TLS listener's guard closes connections silent both ways for this long (edgecache.connguard).
+# The TLS listener's guard closes connections silent both ways for this long (edgecache.http.connguard).
 IDLE_TIMEOUT = 3.0
-H2_MAX_STREAMS = 128  # edgecache.tlsfront.MAX_STREAMS
-H2_MAX_HEADER_LIST = 16 * 1024  # edgecache.tlsfront.MAX_HEADER_BYTES
+H2_MAX_STREAMS = 128  # edgecache.http.granian_front.MAX_STREAMS
+H2_MAX_HEADER_LIST = 16 * 1024  # edgecache.http.granian_front.MAX_HEADER_BYTES
 MARKER = b"HOSTILE-ECHO-7c1e"  # put into hostile requests; must never come back
 
 PROTOCOLS = ["h1-plain", "h2-tls"]

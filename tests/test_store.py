@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edgecache.index import CacheIndex
+from edgecache.store.index import CacheIndex
 from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
@@ -313,7 +313,7 @@ async def test_disk_full_during_a_fill_is_clean(
 
 
 def test_pin_references_are_checked() -> None:
-    from edgecache.maintenance import parse_pin
+    from edgecache.ops.maintenance import parse_pin
 
     assert str(parse_pin("alpine:3.19")) == "docker.io/library/alpine:3.19"
     assert str(parse_pin("ghcr.io/owner/app")) == "ghcr.io/owner/app:*"

@@ -273,7 +273,7 @@ async def test_credentials_stay_on_the_upstream_host_across_redirects(
 async def test_redirect_from_https_to_http_is_refused() -> None:
     from yarl import URL
 
-    from edgecache.upstream import redirect_target
+    from edgecache.upstream.client import redirect_target
 
     assert redirect_target(URL("https://r.example/v2/x"), "https://cdn.example/b") == URL(
         "https://cdn.example/b"

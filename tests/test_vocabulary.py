@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from edgecache import errors
-from edgecache.auth import TokenCache, parse_challenge, realm_allowed
 from edgecache.oci import (
     ByteRange,
     Digest,
@@ -15,6 +14,7 @@ from edgecache.oci import (
     manifest_media_type,
     parse_range,
 )
+from edgecache.upstream.tokens import TokenCache, parse_challenge, realm_allowed
 
 
 def test_digest_grammar() -> None:

@@ -25,10 +25,10 @@ from granian.server.embed import Server
 from multidict import CIMultiDict
 
 from edgecache import errors
-from edgecache.accesslog import record_request
-from edgecache.chunks import read_chunks
 from edgecache.config import ServerConfig
-from edgecache.front import (
+from edgecache.http.accesslog import record_request
+from edgecache.http.chunks import read_chunks
+from edgecache.http.front import (
     API_VERSION_HEADER,
     ClientRequest,
     Networks,

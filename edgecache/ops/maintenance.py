@@ -12,12 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgecache.blobstore import BlobStore
 from edgecache.errors import ConfigError, DigestInvalid, NameInvalid, TagInvalid
-from edgecache.eviction import referenced_digests
-from edgecache.index import CacheIndex, Pin
 from edgecache.oci import Digest, RepoName, Tag, split_image_name
 from edgecache.sizes import human_size
+from edgecache.store.blobs import BlobStore
+from edgecache.store.index import CacheIndex, Pin
+from edgecache.store.keeper import referenced_digests
 
 HASH_CHUNK = 1024 * 1024
 

@@ -20,9 +20,9 @@ import sqlite3
 from cachetools import LRUCache
 
 from edgecache import errors
-from edgecache.eviction import CacheKeeper, referenced_digests
 from edgecache.oci import Digest, RepoName
-from edgecache.upstream import UpstreamClient
+from edgecache.store.keeper import CacheKeeper, referenced_digests
+from edgecache.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 MemberKey = tuple[str, str, str]  # upstream, repository (as upstream names it), digest

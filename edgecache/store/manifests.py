@@ -18,9 +18,9 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from edgecache.blobstore import BlobStore
 from edgecache.errors import DigestInvalid
 from edgecache.oci import Digest, RepoName, Tag
+from edgecache.store.blobs import BlobStore
 
 MEMORY_BYTES = 64 * 1024 * 1024
 MAX_TAGS = 100_000

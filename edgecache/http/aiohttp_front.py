@@ -22,9 +22,9 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_request import BaseRequest
 
 from edgecache import errors
-from edgecache.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
-from edgecache.chunks import read_chunks
-from edgecache.front import (
+from edgecache.http.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
+from edgecache.http.chunks import read_chunks
+from edgecache.http.front import (
     API_VERSION_HEADER,
     ClientRequest,
     RegistryFront,

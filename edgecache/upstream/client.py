@@ -22,12 +22,12 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from edgecache import errors
-from edgecache.auth import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
 from edgecache.config import UpstreamConfig
-from edgecache.health import UpstreamHealth, parse_ratelimit, parse_retry_after
 from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
 from edgecache.trace import note_upstream_status
+from edgecache.upstream.health import UpstreamHealth, parse_ratelimit, parse_retry_after
+from edgecache.upstream.tokens import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5

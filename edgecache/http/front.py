@@ -17,13 +17,13 @@ from typing import Protocol
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
-from edgecache.access import AccessPolicy
+from edgecache.access.policy import AccessPolicy
+from edgecache.http.routes import Kind, Route, parse_route
 from edgecache.metrics import Metrics
 from edgecache.oci import REGISTRY_HOST, Digest, RepoName, Tag, accepted_media_types
 from edgecache.pull import BlobQuery, BytesBody, ManifestQuery, PullService, Reply
-from edgecache.routes import Kind, Route, parse_route
 from edgecache.trace import RequestTrace
-from edgecache.upstream import UpstreamClient
+from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from edgecache.blobstore import BlobStore
-from edgecache.index import CacheIndex, Pin
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest
+from edgecache.store.blobs import BlobStore
+from edgecache.store.index import CacheIndex, Pin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,11 +19,11 @@ from typing import Any, BinaryIO, TypeVar
 from cachetools import TTLCache
 
 from edgecache import errors
-from edgecache.blobstore import BlobStore, Spool
-from edgecache.eviction import CacheKeeper
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
-from edgecache.upstream import UpstreamClient
+from edgecache.store.blobs import BlobStore, Spool
+from edgecache.store.keeper import CacheKeeper
+from edgecache.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
