@@ -20,6 +20,7 @@ from edgecache import sdnotify
 from edgecache.access.policy import AccessPolicy
 from edgecache.config import Config, split_host_port
 from edgecache.errors import ConfigError
+from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
 from edgecache.http.accesslog import AccessLogger
 from edgecache.http.aiohttp_front import AiohttpFront, ConnectionLimits, OciAppRunner, OciSite
@@ -89,6 +90,7 @@ class Edgecache:
             store,
             ManifestCache(store),
             flights,
+            Coalescer(),
             metrics,
             keeper,
             members,

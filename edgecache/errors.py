@@ -1,22 +1,28 @@
 """The error tree: every failure a client can see, each leaf knowing its OCI code and HTTP status.
 
     EdgecacheError
-    ├── ClientError                 the request itself is wrong (4xx)
+    ├── ClientError                 the request itself is wrong, or not allowed (4xx)
     │   ├── NameInvalid             NAME_INVALID        400
     │   ├── TagInvalid              TAG_INVALID         400
     │   ├── DigestInvalid           DIGEST_INVALID      400
     │   ├── RangeInvalid            RANGE_INVALID       416 (with Content-Range: bytes */N)
     │   ├── ParameterInvalid        PAGINATION_NUMBER_INVALID 400
-    │   ├── BadRequest              UNSUPPORTED         400 (malformed HTTP; HeadersTooLarge 431)
+    │   ├── BadRequest              UNSUPPORTED         400 (malformed HTTP)
+    │   │   └── HeadersTooLarge     UNSUPPORTED         431
     │   ├── Unsupported             UNSUPPORTED         405 (push, delete, catalog)
     │   ├── RouteUnknown            UNSUPPORTED         404
     │   ├── NotAcceptable           MANIFEST_UNKNOWN    404 (cached manifest type not in Accept)
-    │   └── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
+    │   ├── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
+    │   ├── Unauthorized            UNAUTHORIZED        401 (with WWW-Authenticate)
+    │   ├── AccessDenied            DENIED              403 (an access rule refused it)
+    │   ├── TooManyAttempts         TOOMANYREQUESTS     429 (failed logins from one client)
+    │   └── RequestTimeout          UNSUPPORTED         408 (request headers too slow)
+    ├── TooManyConnections          TOOMANYREQUESTS     503 (the connection cap)
     ├── NotFound                    upstream said 404
     │   ├── ManifestUnknown         MANIFEST_UNKNOWN    404
     │   ├── BlobUnknown             BLOB_UNKNOWN        404
     │   └── NameUnknown             NAME_UNKNOWN        404
-    ├── UpstreamDenied              DENIED / UNAUTHORIZED 403/401 from upstream → 403 here
+    ├── UpstreamDenied              DENIED              403 (401/403 from upstream)
     ├── UpstreamRateLimited         TOOMANYREQUESTS     429
     └── UpstreamError               the upstream failed: never reported as "not found"
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
@@ -27,10 +33,13 @@
         └── ManifestTooLarge        SIZE_INVALID        502
 
 `message` is fixed per class; `detail` is a short, safe string (never paths, exception text or secrets).
-Rendering happens in one place, the front's error middleware.
+An error is complete when built (nothing is set on it afterwards). Rendering happens in one place, the
+front's error rendering (`http.front.error_reply`).
 """
 
 from __future__ import annotations
+
+from edgecache.outcomes import CacheResult
 
 
 class EdgecacheError(Exception):
@@ -38,18 +47,18 @@ class EdgecacheError(Exception):
     status = 500
     message = "internal error"
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+    def __init__(self, detail: str = "", *, retry_after: float | None = None, negative: bool = False) -> None:
         super().__init__(detail or self.message)
         self.detail = detail
-        self.negative = False  # answered from a brief negative entry, without asking upstream
+        self.negative = negative  # answered from a brief negative entry, without asking upstream
         self.retry_after = retry_after  # seconds, sent as Retry-After when set
 
     @property
-    def cache_result(self) -> str:
+    def cache_result(self) -> CacheResult:
         """For X-Cache and the metrics: a refusal of ours, a remembered failure, or upstream's word."""
         if self.negative:
-            return "NEGATIVE"
-        return "PASS" if isinstance(self, ClientError) else "MISS"
+            return CacheResult.NEGATIVE
+        return CacheResult.PASS if isinstance(self, ClientError) else CacheResult.MISS
 
     def body(self) -> dict[str, list[dict[str, str]]]:
         return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}

@@ -213,3 +213,25 @@ def manifest_media_type(body: bytes, declared: str | None) -> str:
         if "manifests" in doc:
             return OCI_INDEX
     return OCI_MANIFEST
+
+
+def referenced_digests(body: bytes) -> list[str]:
+    """Digests a manifest or index points at: its config, layers, and child manifests.
+
+    Unparseable bodies and malformed descriptors give nothing, never an error: this feeds membership
+    and pins, which must not fail a pull that the client can still use."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    found: list[str] = []
+    descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                found.append(str(Digest.parse(descriptor["digest"])))
+            except DigestInvalid:
+                continue
+    return found

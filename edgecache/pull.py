@@ -1,8 +1,11 @@
 """The pull use case: decide hit / join / lead / revalidate / stale, and say what to send.
 
 The service returns a `Reply` (status, headers, and a body source: bytes, an open file range, or a spool
-stream); the fronts only send it. It talks to parts (store, manifest cache, flights, upstream clients)
-and never to aiohttp's server.
+stream); the fronts only send it. A request walks forward: the front chooses the upstream and converts
+the repository name once (`Target`); the service decides the answer once (`ManifestAnswer` for
+manifests), confirms and records repository membership in one place, and hands each part one job
+(store, manifest cache, coalescing, flights, the upstream). It talks to the upstream only through the
+`Upstream` Protocol, so it runs against an in-memory upstream in pure tests, and never to an HTTP server.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cachetools import TTLCache
 
 from edgecache import errors
 from edgecache.config import CacheConfig
+from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import BlobFlight, Flights
+from edgecache.fill.source import BlobSource
 from edgecache.metrics import Metrics
 from edgecache.oci import (
     ByteRange,
@@ -28,15 +34,42 @@ from edgecache.oci import (
     manifest_media_type,
     parse_range,
 )
+from edgecache.outcomes import CacheResult, ObjectKind
 from edgecache.store.blobs import BlobStore, OpenBlob
 from edgecache.store.keeper import CacheKeeper
 from edgecache.store.manifests import CachedManifest, ManifestCache, TagEntry, TagKey
 from edgecache.store.membership import Membership
-from edgecache.upstream.client import UpstreamClient
+from edgecache.upstream.client import FetchedManifest, ManifestHead, Passthrough
 
 log = logging.getLogger(__name__)
 BLOB_CONTENT_TYPE = "application/octet-stream"
 STALE_WARNING = '110 - "Response is Stale"'
+
+
+class Upstream(BlobSource, Protocol):
+    """What the use case needs of an upstream registry (upstream.client.UpstreamClient in service).
+
+    Repositories are passed as the upstream names them (`Target.repo`)."""
+
+    def tag_ttl(self, tag: str, default: float) -> float: ...
+    async def head_manifest(self, repo: RepoName, reference: str) -> ManifestHead: ...
+    async def get_manifest(self, repo: RepoName, reference: str) -> FetchedManifest: ...
+    async def head_blob(self, repo: RepoName, digest: Digest) -> int | None: ...
+    async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The repository a request is about, on the upstream chosen for it: the name as the client wrote
+    it (`alpine`) and as that upstream names it (`library/alpine`), converted once by the front."""
+
+    upstream: Upstream
+    requested: RepoName
+    repo: RepoName
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream.name
 
 
 @dataclass
@@ -78,7 +111,7 @@ class Reply:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: Body | None = None
-    cache: str = "PASS"  # HIT, MISS, JOINED, REVALIDATED, STALE, PASS
+    cache: CacheResult = CacheResult.PASS
 
     def close(self) -> None:
         """Release what an unsent body holds (an open file)."""
@@ -88,7 +121,6 @@ class Reply:
 
 @dataclass(frozen=True)
 class ManifestQuery:
-    repo: RepoName
     reference: Reference
     accept: frozenset[str] | None
     head: bool
@@ -97,11 +129,24 @@ class ManifestQuery:
 
 @dataclass(frozen=True)
 class BlobQuery:
-    repo: RepoName
     digest: Digest
     head: bool
     range_headers: tuple[str, ...] = ()
     if_none_match: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    """The decision for a manifest request, made once: which manifest, from where, and whether stale.
+
+    `manifest` is None only for a HEAD answered from what a tag entry or upstream's HEAD knows."""
+
+    digest: Digest
+    media_type: str
+    manifest: CachedManifest | None
+    size: int | None
+    result: CacheResult
+    stale: bool = False
 
 
 class PullService:
@@ -110,6 +155,7 @@ class PullService:
         store: BlobStore,
         manifests: ManifestCache,
         flights: Flights,
+        coalescer: Coalescer,
         metrics: Metrics,
         keeper: CacheKeeper,
         members: Membership,
@@ -122,6 +168,7 @@ class PullService:
         self._store = store
         self._manifests = manifests
         self._flights = flights
+        self._coalesce = coalescer
         self._metrics = metrics
         self._keeper = keeper
         self._members = members
@@ -140,74 +187,47 @@ class PullService:
         self._max_stale = cache.max_stale
         self._swr = cache.stale_while_revalidate
 
+    async def settled(self) -> None:
+        """Wait for background revalidations started so far (shutdown, tests)."""
+        while self._background:
+            await asyncio.wait(list(self._background))
+
     # -- manifests -----------------------------------------------------------------------------
 
-    async def manifest(self, client: UpstreamClient, query: ManifestQuery) -> Reply:
+    async def manifest(self, target: Target, query: ManifestQuery) -> Reply:
         if isinstance(query.reference, Digest):
-            manifest, result = await self._manifest_by_digest(
-                client, query.repo, query.reference, confirm=True
-            )
-            await self._members.record_manifest(client, query.repo, manifest.digest, manifest.body)
-            return self._manifest_reply(query, manifest.digest, manifest.media_type, manifest, None, result)
-        return await self._manifest_by_tag(client, query, query.reference)
+            answer = await self._manifest_by_digest(target, query.reference)
+        else:
+            answer = await self._manifest_by_tag(target, query, query.reference)
+        await self._remember(target, answer)
+        return self._manifest_reply(query, answer)
 
-    async def _manifest_by_digest(
-        self, client: UpstreamClient, repo: RepoName, digest: Digest, *, confirm: bool = False
-    ) -> tuple[CachedManifest, str]:
-        """The manifest `digest`; with `confirm`, only once `repo` is known to hold it (the tag
-        path needs no confirmation: the tag of this repository named the digest)."""
+    async def _manifest_by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
-        if cached is not None:
-            if confirm:
-                await self._members.ensure_manifest(client, repo, digest)
-            self._keeper.touch(digest)
-            return cached, "HIT"
+        if cached is None:
+            fetched = await self._fetch_manifest(target, digest)
+            return ManifestAnswer(digest, fetched.media_type, fetched, None, CacheResult.MISS)
+        await self._confirm_manifest(target, digest)
+        self._keeper.touch(digest)
+        return ManifestAnswer(digest, cached.media_type, cached, None, CacheResult.HIT)
 
-        async def fetch() -> CachedManifest:
-            fetched = await client.get_manifest(repo, str(digest))
-            if await Digest.of_async(fetched.body, digest.algorithm) != digest:
-                log.error("upstream %s sent a manifest that does not match %s", client.name, digest)
-                self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
-                raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
-            manifest = CachedManifest(
-                digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body
-            )
-            await self._store_manifest(client, repo, manifest)
-            return manifest
-
-        return await self._flights.coalesce(("manifest", client.name, digest), fetch), "MISS"
-
-    async def _manifest_by_tag(self, client: UpstreamClient, query: ManifestQuery, tag: Tag) -> Reply:
-        key = (client.name, client.upstream_name(query.repo), tag)
+    async def _manifest_by_tag(self, target: Target, query: ManifestQuery, tag: Tag) -> ManifestAnswer:
+        key = (target.upstream_name, target.repo, tag)
         if self._missing_tags is not None and key in self._missing_tags:
-            refused = errors.ManifestUnknown(f"upstream {client.name} has no such manifest")
-            refused.negative = True
-            raise refused
-        known = await self._manifests.tag(key)
-        ttl = client.config.tag_ttl(str(tag), self._tag_ttl)
-        if known is not None and self._manifests.age(known) < ttl + self._swr:
-            cached = await self._manifests.get(known.digest)
-            if cached is not None or (query.head and known.size is not None):
-                if cached is not None:
-                    await self._members.record_manifest(client, query.repo, cached.digest, cached.body)
-                if self._manifests.age(known) < ttl:
-                    self._keeper.touch(known.digest)
-                    return self._manifest_reply(
-                        query, known.digest, known.media_type, cached, known.size, "HIT"
-                    )
-                # Stale-while-revalidate: answer now, ask upstream once in the background.
-                self._revalidate_later(client, query, key, known)
-                reply = self._manifest_reply(
-                    query, known.digest, known.media_type, cached, known.size, "STALE"
-                )
-                reply.headers["Warning"] = STALE_WARNING
-                return reply
-        warning = None
-        try:
-            entry, cached, result = await self._flights.coalesce(
-                ("tag", key, query.head),
-                lambda: self._resolve_tag(client, query.repo, key, known, not query.head),
+            raise errors.ManifestUnknown(
+                f"upstream {target.upstream_name} has no such manifest", negative=True
             )
+        known = await self._manifests.tag(key)
+        if known is not None:
+            fresh = await self._fresh_answer(target, query, key, known)
+            if fresh is not None:
+                return fresh
+        try:
+            entry, cached, result = await self._coalesce.run(
+                ("tag", key, query.head),
+                lambda: self._resolve_tag(target, key, known, want_body=not query.head),
+            )
+            stale = False
         except errors.ManifestUnknown:
             # Authoritative: upstream says the tag is gone, so it is not served stale either.
             await self._manifests.drop_tag(key)
@@ -215,41 +235,55 @@ class PullService:
                 self._missing_tags[key] = True
             raise
         except (errors.UpstreamError, errors.UpstreamRateLimited) as exc:
-            stale = await self._stale(known)
-            if stale is None:
+            held = await self._stale(known)
+            if held is None:
                 raise
-            reason = (
-                "rate_limited"
-                if isinstance(exc, errors.UpstreamRateLimited)
-                else "down"
-                if isinstance(exc, errors.UpstreamDown)
-                else "error"
-            )
-            log.warning("upstream %s failing (%s); serving tag %s stale", client.name, reason, tag)
-            self._metrics.stale_served.labels(client.name, reason).inc()
-            entry, cached = stale
-            result = "STALE"
-            warning = STALE_WARNING
+            self._count_stale(target, tag, exc)
+            (entry, cached), result, stale = held, CacheResult.STALE, True
         if cached is None and (not query.head or entry.size is None):
-            cached, _ = await self._manifest_by_digest(client, query.repo, entry.digest)
-        if cached is not None:
-            await self._members.record_manifest(client, query.repo, cached.digest, cached.body)
-        else:
-            self._members.record(client, query.repo, [str(entry.digest)])
-        if cached is not None and await self._keeper.is_pinned_tag(client.name, str(key[1]), str(tag)):
+            cached = await self._manifests.get(entry.digest) or await self._fetch_manifest(
+                target, entry.digest
+            )
+        if cached is not None and await self._keeper.is_pinned_tag(
+            target.upstream_name, str(target.repo), str(tag)
+        ):
             await self._keeper.pin_manifest(cached.digest, cached.body)
-        reply = self._manifest_reply(query, entry.digest, entry.media_type, cached, entry.size, result)
-        if warning:
-            reply.headers["Warning"] = warning
-        return reply
+        return ManifestAnswer(entry.digest, entry.media_type, cached, entry.size, result, stale)
 
-    def _revalidate_later(
-        self, client: UpstreamClient, query: ManifestQuery, key: TagKey, known: TagEntry
-    ) -> None:
+    async def _fresh_answer(
+        self, target: Target, query: ManifestQuery, key: TagKey, known: TagEntry
+    ) -> ManifestAnswer | None:
+        """A tag entry within its TTL answers at once (HIT); within stale-while-revalidate too
+        (STALE, with one background revalidation). None when upstream must be asked."""
+        age = self._manifests.age(known)
+        ttl = target.upstream.tag_ttl(str(key[2]), self._tag_ttl)
+        if age >= ttl + self._swr:
+            return None
+        cached = await self._manifests.get(known.digest)
+        if cached is None and not (query.head and known.size is not None):
+            return None
+        if age < ttl:
+            self._keeper.touch(known.digest)
+            return ManifestAnswer(known.digest, known.media_type, cached, known.size, CacheResult.HIT)
+        self._revalidate_later(target, key, known)
+        return ManifestAnswer(known.digest, known.media_type, cached, known.size, CacheResult.STALE, True)
+
+    def _count_stale(self, target: Target, tag: Tag, exc: errors.EdgecacheError) -> None:
+        reason = (
+            "rate_limited"
+            if isinstance(exc, errors.UpstreamRateLimited)
+            else "down"
+            if isinstance(exc, errors.UpstreamDown)
+            else "error"
+        )
+        log.warning("upstream %s failing (%s); serving tag %s stale", target.upstream_name, reason, tag)
+        self._metrics.stale_served.labels(target.upstream_name, reason).inc()
+
+    def _revalidate_later(self, target: Target, key: TagKey, known: TagEntry) -> None:
         async def revalidate() -> object:
             try:
-                return await self._flights.coalesce(
-                    ("tag", key, True), lambda: self._resolve_tag(client, query.repo, key, known, False)
+                return await self._coalesce.run(
+                    ("tag", key, True), lambda: self._resolve_tag(target, key, known, want_body=False)
                 )
             except errors.EdgecacheError as exc:  # the next request sees the outcome; nobody waits here
                 log.info("background revalidation of %s failed: %s", key[2], exc.message)
@@ -260,45 +294,59 @@ class PullService:
         task.add_done_callback(self._background.discard)
 
     async def _resolve_tag(
-        self,
-        client: UpstreamClient,
-        repo: RepoName,
-        key: tuple[str, RepoName, Tag],
-        known: TagEntry | None,
-        want_body: bool,
-    ) -> tuple[TagEntry, CachedManifest | None, str]:
+        self, target: Target, key: TagKey, known: TagEntry | None, *, want_body: bool
+    ) -> tuple[TagEntry, CachedManifest | None, CacheResult]:
         """Ask upstream what the tag points at.
 
         A HEAD when it may be enough (revalidating what we hold, or a HEAD from the client): it is
         cheap and Docker Hub does not count it against the pull limit. A cold GET goes straight to GET.
         """
-        tag = str(key[2])
+        upstream, tag = target.upstream, str(key[2])
         if known is not None or not want_body:
-            head = await client.head_manifest(repo, tag)
+            head = await upstream.head_manifest(target.repo, tag)
             if head.digest is not None:
                 cached = await self._manifests.get(head.digest)
                 if cached is not None or not want_body:
                     media_type = cached.media_type if cached else manifest_media_type(b"", head.media_type)
                     entry = await self._manifests.set_tag(key, head.digest, media_type, head.size)
-                    return entry, cached, "REVALIDATED" if cached else "MISS"
-        fetched = await client.get_manifest(repo, tag)
+                    return entry, cached, CacheResult.REVALIDATED if cached else CacheResult.MISS
+        fetched = await upstream.get_manifest(target.repo, tag)
         claimed = fetched.digest
         if claimed is not None and await Digest.of_async(fetched.body, claimed.algorithm) != claimed:
-            self._metrics.digest_mismatches.labels(client.name, "manifest").inc()
+            self._metrics.digest_mismatches.labels(upstream.name, "manifest").inc()
             raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
         digest = claimed or await Digest.of_async(fetched.body)
         manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
-        await self._store_manifest(client, repo, manifest)
+        await self._store_manifest(target, manifest)
         entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
-        return entry, manifest, "MISS"
+        return entry, manifest, CacheResult.MISS
 
-    async def _store_manifest(self, client: UpstreamClient, repo: RepoName, manifest: CachedManifest) -> None:
+    async def _fetch_manifest(self, target: Target, digest: Digest) -> CachedManifest:
+        """The manifest `digest` from upstream under `target.repo`, verified and stored; concurrent
+        askers of the same repository share one GET (another repository's fetch is not shared, so
+        it cannot stand in for that repository holding it)."""
+
+        async def fetch() -> CachedManifest:
+            fetched = await target.upstream.get_manifest(target.repo, str(digest))
+            if await Digest.of_async(fetched.body, digest.algorithm) != digest:
+                log.error("upstream %s sent a manifest that does not match %s", target.upstream_name, digest)
+                self._metrics.digest_mismatches.labels(target.upstream_name, "manifest").inc()
+                raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
+            media_type = manifest_media_type(fetched.body, fetched.media_type)
+            manifest = CachedManifest(digest, media_type, fetched.body)
+            await self._store_manifest(target, manifest)
+            return manifest
+
+        return await self._coalesce.run(("manifest", target.upstream_name, target.repo, digest), fetch)
+
+    async def _store_manifest(self, target: Target, manifest: CachedManifest) -> None:
         """Keep a verified manifest (when the cache has room) and extend pins to what it references."""
-        stored = await self._keeper.admit(manifest.digest, "manifest", len(manifest.body))
+        size = len(manifest.body)
+        stored = await self._keeper.admit(manifest.digest, ObjectKind.MANIFEST, size)
         await self._manifests.put(manifest, persist=stored)
         if stored:
             await self._keeper.stored(
-                manifest.digest, "manifest", len(manifest.body), client.name, str(client.upstream_name(repo))
+                manifest.digest, ObjectKind.MANIFEST, size, target.upstream_name, str(target.repo)
             )
         if self._keeper.is_pinned(manifest.digest):
             await self._keeper.pin_manifest(manifest.digest, manifest.body)
@@ -309,48 +357,79 @@ class PullService:
         cached = await self._manifests.get(entry.digest)
         return (entry, cached) if cached is not None else None
 
-    def _manifest_reply(
-        self,
-        query: ManifestQuery,
-        digest: Digest,
-        media_type: str,
-        manifest: CachedManifest | None,
-        size: int | None,
-        result: str,
-    ) -> Reply:
+    async def _remember(self, target: Target, answer: ManifestAnswer) -> None:
+        """The one place a manifest answer is recorded: the repository holds the manifest and,
+        when its body is known, everything it references."""
+        if answer.manifest is not None:
+            await self._members.record_manifest(
+                target.upstream_name, target.repo, answer.digest, answer.manifest.body
+            )
+        else:
+            self._members.record(target.upstream_name, target.repo, [answer.digest])
+
+    def _manifest_reply(self, query: ManifestQuery, answer: ManifestAnswer) -> Reply:
         """Headers for a manifest; a HEAD answered from upstream's HEAD has `size` but no body."""
-        if query.accept is not None and media_type not in query.accept:
-            raise errors.NotAcceptable(f"manifest is {media_type}, not in the request's Accept")
-        etag = f'"{digest}"'
+        if query.accept is not None and answer.media_type not in query.accept:
+            raise errors.NotAcceptable(f"manifest is {answer.media_type}, not in the request's Accept")
+        etag = f'"{answer.digest}"'
         headers = {
-            "Content-Type": media_type,
-            "Docker-Content-Digest": str(digest),
+            "Content-Type": answer.media_type,
+            "Docker-Content-Digest": str(answer.digest),
             "ETag": etag,
         }
+        manifest = answer.manifest
         if manifest is not None:
             headers["Content-Length"] = str(len(manifest.body))
-        elif size is not None:
-            headers["Content-Length"] = str(size)
+        elif answer.size is not None:
+            headers["Content-Length"] = str(answer.size)
+        if answer.stale:
+            headers["Warning"] = STALE_WARNING
         if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
-            return Reply(304, headers, None, result)
+            return Reply(304, headers, None, answer.result)
         if query.head or manifest is None:
-            return Reply(200, headers, None, result)
-        return Reply(200, headers, BytesBody(manifest.body), result)
+            return Reply(200, headers, None, answer.result)
+        return Reply(200, headers, BytesBody(manifest.body), answer.result)
+
+    # -- membership: a digest is served for a repository only once it is known to hold it ----------
+
+    async def _confirm_blob(self, target: Target, digest: Digest) -> int | None:
+        """Confirm the repository holds the blob, asking upstream (HEAD) if we do not know; raises
+        BlobUnknown when upstream says it does not. Returns upstream's size when it was asked."""
+        if await self._members.known(target.upstream_name, target.repo, digest):
+            return None
+        size = await target.upstream.head_blob(target.repo, digest)
+        self._members.record(target.upstream_name, target.repo, [digest])
+        return size
+
+    async def _confirm_manifest(self, target: Target, digest: Digest) -> None:
+        """Confirm the repository holds the manifest, asking upstream (HEAD) if we do not know."""
+        if await self._members.known(target.upstream_name, target.repo, digest):
+            return
+        head = await target.upstream.head_manifest(target.repo, str(digest))
+        if head.digest is not None and head.digest != digest:
+            raise errors.UpstreamDigestMismatch("upstream answered for another manifest")
+        self._members.record(target.upstream_name, target.repo, [digest])
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    async def blob(self, client: UpstreamClient, query: BlobQuery) -> Reply:
+    async def blob(self, target: Target, query: BlobQuery) -> Reply:
         digest = query.digest
-        etag = f'"{digest}"'
         headers = {
             "Content-Type": BLOB_CONTENT_TYPE,
             "Docker-Content-Digest": str(digest),
-            "ETag": etag,
+            "ETag": f'"{digest}"',
             "Accept-Ranges": "bytes",
             "Cache-Control": "max-age=31536000, immutable",
         }
         if query.head:
-            return await self._blob_head(client, query, headers)
+            return await self._blob_head(target, query, headers)
+        opened = await self._open_stored(digest)
+        if opened is not None:
+            return await self._blob_hit(target, query, opened, headers)
+        return await self._blob_fill(target, query, headers)
+
+    async def _open_stored(self, digest: Digest) -> OpenBlob | None:
+        """The stored blob, open; a file whose size is not the one admitted is dropped (refetched)."""
         opened = await self._store.open_blob(digest)
         expected = self._keeper.expected_size(digest)
         if opened is not None and expected is not None and opened.size != expected:
@@ -359,65 +438,68 @@ class PullService:
             )
             opened.close()
             await self._keeper.forget(digest)
-            opened = None
-        if opened is not None:
-            try:
-                await self._members.ensure_blob(client, query.repo, digest)
-            except BaseException:
-                opened.close()
-                raise
-            self._keeper.touch(digest)
-            opened.hold(self._keeper.reading(digest))
-            try:
-                if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
-                    opened.close()
-                    return Reply(304, headers, None, "HIT")
-                byte_range = parse_range(query.range_headers, opened.size)
-            except BaseException:
-                opened.close()
-                raise
-            status, start, length = _span(byte_range, opened.size, headers)
-            return Reply(status, headers, FileBody(opened, start, length), "HIT")
+            return None
+        return opened
 
-        running = self._flights.running(client.name, digest)
-        if running is not None and running.repo != client.upstream_name(query.repo):
+    async def _blob_hit(
+        self, target: Target, query: BlobQuery, opened: OpenBlob, headers: dict[str, str]
+    ) -> Reply:
+        try:
+            await self._confirm_blob(target, query.digest)
+            self._keeper.touch(query.digest)
+            opened.hold(self._keeper.reading(query.digest))
+            if query.if_none_match is not None and _etag_matches(query.if_none_match, headers["ETag"]):
+                opened.close()
+                return Reply(304, headers, None, CacheResult.HIT)
+            byte_range = parse_range(query.range_headers, opened.size)
+        except BaseException:
+            opened.close()
+            raise
+        status, start, length = _span(byte_range, opened.size, headers)
+        return Reply(status, headers, FileBody(opened, start, length), CacheResult.HIT)
+
+    async def _blob_fill(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
+        digest = query.digest
+        running = self._flights.running(target.upstream_name, digest)
+        if running is not None and running.repo != target.repo:
             # Another repository's fill: join it only once this repository is known to hold the blob.
-            await self._members.ensure_blob(client, query.repo, digest)
-        flight, led = self._flights.blob(client, query.repo, digest)
+            await self._confirm_blob(target, digest)
+        flight, led = self._flights.blob(target.upstream, target.repo, digest)
         try:
             size = await flight.started
         except errors.BlobUnknown:
-            if flight.repo == client.upstream_name(query.repo):
+            if flight.repo == target.repo:
                 raise
             # The leader asked under a repository that lacks the blob; ours may have it.
-            flight, led = self._flights.blob(client, query.repo, digest)
+            flight, led = self._flights.blob(target.upstream, target.repo, digest)
             size = await flight.started
-        if flight.repo == client.upstream_name(query.repo):
-            self._members.record(client, query.repo, [str(digest)])  # upstream served it to us
+        if flight.repo == target.repo:
+            self._members.record(target.upstream_name, target.repo, [digest])  # upstream served it to us
         if size is None:  # upstream sent no length: stream it all, chunked
-            return Reply(200, headers, SpoolBody(flight, 0, None), "MISS")
+            return Reply(200, headers, SpoolBody(flight, 0, None), CacheResult.MISS)
         byte_range = parse_range(query.range_headers, size)
         status, start, length = _span(byte_range, size, headers)
         # A verified fill still being persisted is as good as the store: a hit.
-        result = "HIT" if flight.done else "MISS" if led else "JOINED"
+        result = CacheResult.HIT if flight.done else CacheResult.MISS if led else CacheResult.JOINED
         return Reply(status, headers, SpoolBody(flight, start, length), result)
 
-    async def _blob_head(self, client: UpstreamClient, query: BlobQuery, headers: dict[str, str]) -> Reply:
-        size = await self._store.has_blob(query.digest)
+    async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
+        digest = query.digest
+        size = await self._store.has_blob(digest)
+        result = CacheResult.HIT
         if size is not None:
-            await self._members.ensure_blob(client, query.repo, query.digest)
-            self._keeper.touch(query.digest)
-        result = "HIT"
-        if size is None:
-            flight = self._flights.running(client.name, query.digest)
-            if flight is not None and flight.repo != client.upstream_name(query.repo):
-                size = await self._members.ensure_blob(client, query.repo, query.digest)
+            await self._confirm_blob(target, digest)
+            self._keeper.touch(digest)
+        else:
+            flight = self._flights.running(target.upstream_name, digest)
+            if flight is not None and flight.repo != target.repo:
+                size = await self._confirm_blob(target, digest)
             if size is None and flight is not None:
                 size = await flight.started
-            result = "JOINED" if flight is not None else "MISS"
+            result = CacheResult.JOINED if flight is not None else CacheResult.MISS
             if size is None:
-                size = await client.head_blob(query.repo, query.digest)
-                self._members.record(client, query.repo, [str(query.digest)])
+                size = await target.upstream.head_blob(target.repo, digest)
+                self._members.record(target.upstream_name, target.repo, [digest])
         if size is not None:
             headers["Content-Length"] = str(size)
         return Reply(200, headers, None, result)
@@ -425,31 +507,24 @@ class PullService:
     # -- listings, relayed ---------------------------------------------------------------------
 
     async def tags_list(
-        self,
-        client: UpstreamClient,
-        repo: RepoName,
-        params: Mapping[str, str],
-        link_name: str,
-        ns: str | None,
+        self, target: Target, params: Mapping[str, str], link_name: str, ns: str | None
     ) -> Reply:
-        answer = await client.passthrough(repo, "tags/list", params)
+        answer = await target.upstream.passthrough(target.repo, "tags/list", params)
         if answer.status == 404:
-            raise errors.NameUnknown(f"upstream {client.name} has no such repository")
+            raise errors.NameUnknown(f"upstream {target.upstream_name} has no such repository")
         headers = {"Content-Type": answer.content_type}
         if answer.link:
             link = _rewrite_link(answer.link, link_name, ns)
             if link:
                 headers["Link"] = link
-        return Reply(200, headers, BytesBody(answer.body), "PASS")
+        return Reply(200, headers, BytesBody(answer.body), CacheResult.PASS)
 
-    async def referrers(
-        self, client: UpstreamClient, repo: RepoName, digest: Digest, params: Mapping[str, str]
-    ) -> Reply:
-        answer = await client.passthrough(repo, f"referrers/{digest}", params)
+    async def referrers(self, target: Target, digest: Digest, params: Mapping[str, str]) -> Reply:
+        answer = await target.upstream.passthrough(target.repo, f"referrers/{digest}", params)
         if answer.status == 404:
-            raise errors.ManifestUnknown(f"upstream {client.name} has no referrers for it")
+            raise errors.ManifestUnknown(f"upstream {target.upstream_name} has no referrers for it")
         headers = {"Content-Type": answer.content_type}
-        return Reply(200, headers, BytesBody(answer.body), "PASS")
+        return Reply(200, headers, BytesBody(answer.body), CacheResult.PASS)
 
 
 def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> tuple[int, int, int]:

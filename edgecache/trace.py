@@ -14,6 +14,8 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from edgecache.outcomes import CacheResult
+
 CURRENT: ContextVar[RequestTrace | None] = ContextVar("edgecache_request_trace", default=None)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -35,7 +37,7 @@ class RequestTrace:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     route: str = "unknown"
-    cache: str = "PASS"
+    cache: CacheResult = CacheResult.PASS
     upstream: str = ""
     upstream_status: int | None = None
     bytes_sent: int = 0

@@ -13,20 +13,20 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from typing import Any, BinaryIO, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
 
 from cachetools import TTLCache
 
 from edgecache import errors
+from edgecache.fill.source import BlobSource
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
+from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore, Spool
 from edgecache.store.keeper import CacheKeeper
-from edgecache.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 WRITE_BATCH = 1024 * 1024
 SEGMENT_MAX = 8 * 1024 * 1024
 MAX_RESUMES = 3
@@ -37,7 +37,7 @@ class BlobFlight:
 
     def __init__(self, key: tuple[str, Digest], repo: RepoName, spool: Spool) -> None:
         self.key = key
-        self.repo = repo  # the upstream repository the fill asks under
+        self.repo = repo  # the repository the fill asks under, as its source names it
         self.digest = key[1]
         self.spool = spool
         self.size: int | None = None
@@ -122,7 +122,6 @@ class Flights:
         self._metrics = metrics
         self._keeper = keeper
         self._blobs: dict[tuple[str, Digest], BlobFlight] = {}
-        self._calls: dict[Hashable, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Digests that just failed verification: refused for a moment instead of refetched by every retry.
         self._mismatched: TTLCache[tuple[str, Digest], bool] = TTLCache(
@@ -134,42 +133,43 @@ class Flights:
     def running(self, upstream: str, digest: Digest) -> BlobFlight | None:
         return self._blobs.get((upstream, digest))
 
-    def blob(self, client: UpstreamClient, repo: RepoName, digest: Digest) -> tuple[BlobFlight, bool]:
-        """Join the fill of this blob, or lead a new one; True when this call started it."""
-        key = (client.name, digest)
+    def blob(self, source: BlobSource, repo: RepoName, digest: Digest) -> tuple[BlobFlight, bool]:
+        """Join the fill of this blob from `source`, or lead a new one asking under `repo`;
+        True when this call started it."""
+        key = (source.name, digest)
         flight = self._blobs.get(key)
         if flight is not None:
-            self._metrics.fill_joins.labels(client.name).inc()
+            self._metrics.fill_joins.labels(source.name).inc()
             return flight, False
         if self._negative_ttl > 0 and key in self._mismatched:
-            self._metrics.negative_hits.labels(client.name).inc()
-            refused = errors.UpstreamDigestMismatch("this blob failed verification moments ago; retry later")
-            refused.negative = True
-            raise refused
-        self._metrics.fills_started.labels(client.name).inc()
-        self._metrics.fills_in_flight.labels(client.name).inc()
-        flight = BlobFlight(key, client.upstream_name(repo), self._store.new_spool(digest))
+            self._metrics.negative_hits.labels(source.name).inc()
+            raise errors.UpstreamDigestMismatch(
+                "this blob failed verification moments ago; retry later", negative=True
+            )
+        self._metrics.fills_started.labels(source.name).inc()
+        self._metrics.fills_in_flight.labels(source.name).inc()
+        flight = BlobFlight(key, repo, self._store.new_spool(digest))
         self._blobs[key] = flight
-        task = asyncio.create_task(self._fill(flight, client, repo), name=f"fill {digest}")
+        task = asyncio.create_task(self._fill(flight, source), name=f"fill {digest}")
         if self._cancel_abandoned:
             flight.on_abandoned = task.cancel
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flight, True
 
-    async def _fill(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:
+    async def _fill(self, flight: BlobFlight, source: BlobSource) -> None:
         spool = flight.spool
         try:
             resumes = 0
             while True:
                 try:
-                    await self._copy(flight, client, repo)
+                    await self._copy(flight, source)
                     break
                 except errors.UpstreamInterrupted:
                     resumes += 1
                     if resumes > MAX_RESUMES or flight.size is None:
                         raise
-                    self._metrics.fill_resumes.labels(client.name).inc()
+                    self._metrics.fill_resumes.labels(source.name).inc()
                     log.info(
                         "resuming fill of %s at byte %d (%d/%d)",
                         flight.digest,
@@ -180,14 +180,16 @@ class Flights:
             if flight.size is not None and spool.written != flight.size:
                 raise errors.UpstreamUnavailable("upstream body was truncated")
             spool.verify()
-            self._metrics.fills_completed.labels(client.name).inc()
+            self._metrics.fills_completed.labels(source.name).inc()
             # Verified bytes are correct bytes: readers get the last one now, and the fsync and
             # rename into the store happen off their path (joiners still read the spool meanwhile).
             flight.done = True
             flight.notify()
-            if await self._keeper.admit(flight.digest, "blob", spool.written):
+            if await self._keeper.admit(flight.digest, ObjectKind.BLOB, spool.written):
                 await asyncio.to_thread(spool.persist)
-                await self._keeper.stored(flight.digest, "blob", spool.written, client.name, str(flight.repo))
+                await self._keeper.stored(
+                    flight.digest, ObjectKind.BLOB, spool.written, source.name, str(flight.repo)
+                )
             else:
                 spool.discard()  # served through: the readers keep their open descriptors
         except errors.EdgecacheError as exc:
@@ -207,28 +209,28 @@ class Flights:
             log.exception("fill of %s failed unexpectedly", flight.digest)
             self._fail(flight, errors.UpstreamUnavailable("blob fill failed"), "upstream")
         finally:
-            self._metrics.fills_in_flight.labels(client.name).dec()
+            self._metrics.fills_in_flight.labels(source.name).dec()
             self._blobs.pop(flight.key, None)
             flight.finished = True
             flight._maybe_close()
 
-    async def _copy(self, flight: BlobFlight, client: UpstreamClient, repo: RepoName) -> None:
-        """Upstream body → spool, from wherever the spool ends (a Range request when resuming).
+    async def _copy(self, flight: BlobFlight, source: BlobSource) -> None:
+        """Source body → spool, from wherever the spool ends (a Range request when resuming).
 
         Network reads overlap disk writes and hashing: one batch is written in a worker thread while
         the next is read. Whatever arrived is kept when the body breaks off, so a resume continues it.
         """
         spool = flight.spool
-        async with client.open_blob(repo, flight.digest, start=spool.written) as resp:
+        async with source.open_blob(flight.repo, flight.digest, start=spool.written) as body:
             if not flight.started.done():
-                flight.size = resp.content_length
+                flight.size = body.length
                 flight.started.set_result(flight.size)
-            upstream_bytes = self._metrics.upstream_bytes.labels(client.name)
+            upstream_bytes = self._metrics.upstream_bytes.labels(source.name)
             pending: asyncio.Future[None] | None = None
             received = spool.written  # bytes of the blob that have arrived, written or not
             batch = bytearray()
             try:
-                async for chunk in resp.content.iter_chunked(WRITE_BATCH):
+                async for chunk in body.chunks(WRITE_BATCH):
                     batch += chunk
                     received += len(chunk)
                     if flight.size is not None and received > flight.size:
@@ -257,23 +259,6 @@ class Flights:
                 self._mismatched[flight.key] = True
         flight.spool.discard()
         flight.fail(error)
-
-    async def coalesce(self, key: Hashable, factory: Callable[[], Awaitable[T]]) -> T:
-        """Run factory() once for concurrent callers of the same key (tag look-ups, manifests).
-
-        The work runs in its own task, so a caller that goes away does not cancel it for the others.
-        """
-        task = self._calls.get(key)
-        if task is None:
-            task = asyncio.ensure_future(factory())
-            self._calls[key] = task
-            task.add_done_callback(lambda done: self._call_finished(key, done))
-        return await asyncio.shield(task)
-
-    def _call_finished(self, key: Hashable, task: asyncio.Future[Any]) -> None:
-        self._calls.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here: callers that went away must not leave it unread
 
     async def settled(self) -> None:
         """Wait until every fill started so far has ended (stored or failed)."""

@@ -21,7 +21,7 @@ from edgecache.access.policy import AccessPolicy
 from edgecache.http.routes import Kind, Route, parse_route
 from edgecache.metrics import Metrics
 from edgecache.oci import REGISTRY_HOST, Digest, RepoName, Tag, accepted_media_types
-from edgecache.pull import BlobQuery, BytesBody, ManifestQuery, PullService, Reply
+from edgecache.pull import BlobQuery, BytesBody, ManifestQuery, PullService, Reply, Target
 from edgecache.trace import RequestTrace
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
@@ -66,9 +66,14 @@ class Upstreams:
         self._default = clients[default]
         self._aliases = {alias.lower(): c for c in clients.values() for alias in c.config.aliases}
 
-    def choose(self, request: ClientRequest, name: str) -> tuple[UpstreamClient, RepoName]:
+    def choose(self, name: str, ns: str | None, host: str) -> Target:
+        """The upstream of a request for repository path `name`, and the repository as both sides
+        name it (converted here, once)."""
+        client, repo = self._client_and_name(name, ns, host)
+        return Target(client, repo, client.upstream_name(repo))
+
+    def _client_and_name(self, name: str, ns: str | None, host: str) -> tuple[UpstreamClient, RepoName]:
         first, _, rest = name.partition("/")
-        ns = request.query.get("ns")
         if ns is not None:
             client = self._clients.get(ns)
             if client is None:
@@ -80,7 +85,7 @@ class Upstreams:
                 return client, RepoName.parse(rest)
             if self._names_a_registry(first):
                 raise errors.UpstreamUnknown(f"this mirror has no upstream named {first[:100]!r}")
-        host = request.host.lower()
+        host = host.lower()
         client = self._aliases.get(host) or self._aliases.get(host.rsplit(":", 1)[0])
         return client or self._default, RepoName.parse(name)
 
@@ -136,16 +141,16 @@ class RegistryFront:
         if route.kind is Kind.BASE:
             self.access.check_base(identity)
             return Reply(200, {**API_VERSION_HEADER, "Content-Type": "application/json"}, BytesBody(b"{}"))
-        client, repo = self._upstreams.choose(request, route.name)
-        trace.upstream = client.name
+        target = self._upstreams.choose(route.name, request.query.get("ns"), request.host)
+        trace.upstream = target.upstream_name
         # Rules see the repository as the upstream names it (`alpine` is docker.io's library/alpine),
         # so a short name cannot slip past a rule written for the full one.
-        self.access.check(identity, client.name, client.upstream_name(repo))
-        reply = await self._dispatch(request, route, client, repo)
+        self.access.check(identity, target.upstream_name, target.repo)
+        reply = await self._dispatch(request, route, target)
         if request.method == "GET" and route.kind in (Kind.MANIFEST, Kind.BLOB):
             pull = route.kind is Kind.MANIFEST and not isinstance(route.reference, Digest)
             length = int(reply.headers.get("Content-Length", "0") or 0)
-            self._usage.record(client.name, str(client.upstream_name(repo)), pull=pull, bytes_served=length)
+            self._usage.record(target.upstream_name, str(target.repo), pull=pull, bytes_served=length)
         return reply
 
     async def operational(self, request: ClientRequest, trace: RequestTrace) -> Reply:
@@ -167,36 +172,34 @@ class RegistryFront:
         ready, detail = await self._readiness()
         return json_reply(200 if ready else 503, {"ready": ready, **detail})
 
-    async def _dispatch(
-        self, request: ClientRequest, route: Route, client: UpstreamClient, repo: RepoName
-    ) -> Reply:
+    async def _dispatch(self, request: ClientRequest, route: Route, target: Target) -> Reply:
         head = request.method == "HEAD"
         headers = request.headers
         if route.kind is Kind.MANIFEST:
             assert route.reference is not None
             query = ManifestQuery(
-                repo,
                 route.reference,
                 accepted_media_types(headers.getall("Accept", [])),
                 head,
                 headers.get("If-None-Match"),
             )
-            return await self.pull.manifest(client, query)
+            return await self.pull.manifest(target, query)
         if route.kind is Kind.BLOB:
             assert route.digest is not None
             blob_query = BlobQuery(
-                repo, route.digest, head, tuple(headers.getall("Range", [])), headers.get("If-None-Match")
+                route.digest, head, tuple(headers.getall("Range", [])), headers.get("If-None-Match")
             )
-            return await self.pull.blob(client, blob_query)
+            return await self.pull.blob(target, blob_query)
         if route.kind is Kind.TAGS:
             # The pagination Link keeps the name as the client wrote it (registry prefix included).
-            link_name = route.name if route.name.endswith(str(repo)) else str(repo)
+            requested = str(target.requested)
+            link_name = route.name if route.name.endswith(requested) else requested
             return await self.pull.tags_list(
-                client, repo, listing_params(request.query), link_name, request.query.get("ns")
+                target, listing_params(request.query), link_name, request.query.get("ns")
             )
         assert route.digest is not None
         params = {k: v for k, v in request.query.items() if k == "artifactType"}
-        return await self.pull.referrers(client, repo, route.digest, params)
+        return await self.pull.referrers(target, route.digest, params)
 
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgecache.errors import ConfigError, DigestInvalid, NameInvalid, TagInvalid
-from edgecache.oci import Digest, RepoName, Tag, split_image_name
+from edgecache.oci import Digest, RepoName, Tag, referenced_digests, split_image_name
 from edgecache.sizes import human_size
 from edgecache.store.blobs import BlobStore
 from edgecache.store.index import CacheIndex, Pin
-from edgecache.store.keeper import referenced_digests
 
 HASH_CHUNK = 1024 * 1024
 

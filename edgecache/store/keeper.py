@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -20,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from edgecache.metrics import Metrics
-from edgecache.oci import Digest
+from edgecache.oci import Digest, referenced_digests
+from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore
 from edgecache.store.index import CacheIndex, Pin
 
@@ -208,7 +208,7 @@ class CacheKeeper:
     def used(self) -> int:
         return self._held.used
 
-    async def admit(self, digest: Digest, kind: str, size: int) -> bool:
+    async def admit(self, digest: Digest, kind: ObjectKind, size: int) -> bool:
         """Make room for `size` bytes about to be stored; False: store nothing, serve it through.
 
         Room means both: within max_size, and min_free left on the file system afterwards. (The
@@ -228,7 +228,9 @@ class CacheKeeper:
                 return False
             return True
 
-    async def stored(self, digest: Digest, kind: str, size: int, upstream: str, repository: str) -> None:
+    async def stored(
+        self, digest: Digest, kind: ObjectKind, size: int, upstream: str, repository: str
+    ) -> None:
         key = str(digest)
         if key in self._held:
             return
@@ -286,7 +288,7 @@ class CacheKeeper:
             self._store.remove(kind, Digest.parse(digest))
 
     def _publish(self) -> None:
-        for kind in ("blob", "manifest"):
+        for kind in ObjectKind:
             self._metrics.cache_entries.labels(kind).set(self._held.count[kind])
             self._metrics.cache_bytes.labels(kind).set(self._held.bytes[kind])
 
@@ -307,20 +309,3 @@ class CacheKeeper:
         if new:
             self._pinned |= new
             await self._run(self.index.pin_digests, sorted(new))
-
-
-def referenced_digests(body: bytes) -> list[str]:
-    """Digests a manifest or index points at: its config, layers, and child manifests."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return []
-    if not isinstance(doc, dict):
-        return []
-    found: list[str] = []
-    descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
-    for descriptor in descriptors:
-        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-            with contextlib.suppress(Exception):
-                found.append(str(Digest.parse(descriptor["digest"])))
-    return found

@@ -1,14 +1,15 @@
-"""Which repositories are known to contain which digests.
+"""Which repositories are known to contain which digests: facts, kept; asking upstream is the use case's.
 
 Content is stored once per digest, but a digest is served for a repository only when that repository
 is known to hold it: a manifest served from it referenced the digest, a tag of it resolved to it, or
-the upstream confirmed it (it served or HEAD-answered it under that repository). Otherwise upstream is
-asked under that repository first. So a client allowed on one repository cannot read another's
-layers or manifests by digest, and content fetched with edgecache's upstream credentials is not
-handed to a repository the upstream would refuse.
+the upstream confirmed it (it served or HEAD-answered it under that repository). Otherwise the pull
+use case asks upstream under that repository first. So a client allowed on one repository cannot
+read another's layers or manifests by digest, and content fetched with edgecache's upstream
+credentials is not handed to a repository the upstream would refuse.
 
-Facts live in the index (SQLite, on its worker thread) and in a bounded memory LRU in front of it, so
-a hit costs a dictionary lookup.
+Repositories are named as the upstream names them (`library/alpine`, never `alpine`). Facts live in
+the index (SQLite, on its worker thread) and in a bounded memory LRU in front of it, so a hit costs a
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Iterable
 
 from cachetools import LRUCache
 
-from edgecache import errors
-from edgecache.oci import Digest, RepoName
-from edgecache.store.keeper import CacheKeeper, referenced_digests
-from edgecache.upstream.client import UpstreamClient
+from edgecache.oci import Digest, RepoName, referenced_digests
+from edgecache.store.keeper import CacheKeeper
 
 log = logging.getLogger(__name__)
 MemberKey = tuple[str, str, str]  # upstream, repository (as upstream names it), digest
@@ -37,13 +37,10 @@ class Membership:
         self._pending: list[MemberKey] = []
         self._writer: asyncio.Task[None] | None = None
 
-    @staticmethod
-    def _key(client: UpstreamClient, repo: RepoName, digest: Digest | str) -> MemberKey:
-        return (client.name, str(client.upstream_name(repo)), str(digest))
-
-    def record(self, client: UpstreamClient, repo: RepoName, digests: list[str]) -> None:
+    def record(self, upstream: str, repo: RepoName, digests: Iterable[Digest | str]) -> None:
         """Known at once in memory; written to the index in the background, batched."""
-        new = [k for k in (self._key(client, repo, d) for d in digests) if k not in self._known]
+        keys = ((upstream, str(repo), str(digest)) for digest in digests)
+        new = [key for key in keys if key not in self._known]
         if not new:
             return
         for key in new:
@@ -66,43 +63,23 @@ class Membership:
         if self._writer is not None:
             await self._writer
 
-    async def record_manifest(
-        self, client: UpstreamClient, repo: RepoName, digest: Digest, body: bytes
-    ) -> None:
-        """The manifest is in `repo`, and so is everything it references (once per process)."""
-        key = self._key(client, repo, digest)
+    async def record_manifest(self, upstream: str, repo: RepoName, digest: Digest, body: bytes) -> None:
+        """The manifest is in `repo`, and so is everything it references (parsed once per process)."""
+        key = (upstream, str(repo), str(digest))
         if key in self._expanded:
             return
         if len(body) > LARGE_MANIFEST:
             children = await asyncio.to_thread(referenced_digests, body)
         else:
             children = referenced_digests(body)
-        self.record(client, repo, [str(digest), *children])
+        self.record(upstream, repo, [digest, *children])
         self._expanded[key] = True
 
-    async def known(self, client: UpstreamClient, repo: RepoName, digest: Digest) -> bool:
-        key = self._key(client, repo, digest)
+    async def known(self, upstream: str, repo: RepoName, digest: Digest) -> bool:
+        key = (upstream, str(repo), str(digest))
         if key in self._known:
             return True
         found = await self._keeper.run_index(self._keeper.index.is_member, *key)
         if found:
             self._known[key] = True
         return found
-
-    async def ensure_blob(self, client: UpstreamClient, repo: RepoName, digest: Digest) -> int | None:
-        """Confirm `repo` holds the blob, asking upstream (HEAD) if we do not know; raises
-        BlobUnknown when upstream says it does not. Returns upstream's size when it was asked."""
-        if await self.known(client, repo, digest):
-            return None
-        size = await client.head_blob(repo, digest)
-        self.record(client, repo, [str(digest)])
-        return size
-
-    async def ensure_manifest(self, client: UpstreamClient, repo: RepoName, digest: Digest) -> None:
-        """Confirm `repo` holds the manifest, asking upstream (HEAD) if we do not know."""
-        if await self.known(client, repo, digest):
-            return
-        head = await client.head_manifest(repo, str(digest))
-        if head.digest is not None and head.digest != digest:
-            raise errors.UpstreamDigestMismatch("upstream answered for another manifest")
-        self.record(client, repo, [str(digest)])

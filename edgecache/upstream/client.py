@@ -50,6 +50,20 @@ class FetchedManifest:
     digest: Digest | None  # what upstream claimed in Docker-Content-Digest
 
 
+class UpstreamBody:
+    """An upstream blob body as fills read it (fill.source.BlobBody): its length and its chunks."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    @property
+    def length(self) -> int | None:
+        return self._resp.content_length
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_chunked(size)
+
+
 @dataclass(frozen=True)
 class Passthrough:
     """An upstream answer relayed as it is (tags/list, referrers): JSON bodies, small."""
@@ -122,9 +136,17 @@ class UpstreamClient:
         return self._session
 
     def upstream_name(self, repo: RepoName) -> RepoName:
+        """The repository as this upstream names it (Docker Hub: `alpine` is `library/alpine`).
+
+        Converted once, when the upstream of a request is chosen; every operation below takes the
+        upstream's name."""
         return repo.with_library_prefix() if self.config.adds_library_prefix else repo
 
-    # -- registry operations -------------------------------------------------------------------
+    def tag_ttl(self, tag: str, default: float) -> float:
+        """How long a tag of this upstream is fresh (per-tag rules from the config, else `default`)."""
+        return self.config.tag_ttl(tag, default)
+
+    # -- registry operations (repositories as the upstream names them) -------------------------
 
     async def head_manifest(self, repo: RepoName, reference: str) -> ManifestHead:
         async with self._request("HEAD", repo, f"manifests/{reference}", kind="manifest") as resp:
@@ -146,9 +168,7 @@ class UpstreamClient:
             return resp.content_length
 
     @contextlib.asynccontextmanager
-    async def open_blob(
-        self, repo: RepoName, digest: Digest, start: int = 0
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def open_blob(self, repo: RepoName, digest: Digest, start: int = 0) -> AsyncIterator[UpstreamBody]:
         """A blob GET (from `start` with a Range request when resuming); status already checked."""
         headers = {"Range": f"bytes={start}-"} if start else {}
         async with self._request("GET", repo, f"blobs/{digest}", kind="blob", headers=headers) as resp:
@@ -156,7 +176,7 @@ class UpstreamClient:
                 resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(f"bytes {start}-")
             ):
                 raise errors.UpstreamUnavailable("upstream cannot resume at the requested offset")
-            yield resp
+            yield UpstreamBody(resp)
 
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
         """GET a small JSON listing (tags/list, referrers) and relay it; 404 passes through."""
@@ -185,8 +205,7 @@ class UpstreamClient:
         allow_404: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One registry request with auth and redirects; yields a 2xx response (or 404 if allowed)."""
-        upstream_repo = self.upstream_name(repo)
-        url = URL(f"{self.base_url}/v2/{upstream_repo}/{path}", encoded=True)
+        url = URL(f"{self.base_url}/v2/{repo}/{path}", encoded=True)
         query = dict(params or {})
         if self.config.parent:
             # A parent edgecache tier: tell it which registry we mean, as containerd tells us.
@@ -196,7 +215,7 @@ class UpstreamClient:
         base_headers = dict(headers or {})
         if kind == "manifest":
             base_headers["Accept"] = MANIFEST_ACCEPT
-        scope = pull_scope(str(upstream_repo))
+        scope = pull_scope(str(repo))
         self.health.check(self.name)
         started = time.perf_counter()
         resp = await self._answer(method, url, base_headers, scope, kind, allow_404)

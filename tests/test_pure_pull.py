@@ -1,0 +1,204 @@
+"""The pull use case against an in-memory upstream (tests/support/memory_upstream.py): what it asks
+upstream, and what it answers, for tags (fresh, revalidated, stale, gone), digests and membership.
+A real store in a temporary directory and an injected clock; no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edgecache import errors
+from edgecache.fill.coalesce import Coalescer
+from edgecache.fill.flights import Flights
+from edgecache.metrics import Metrics
+from edgecache.oci import Digest, RepoName, Tag
+from edgecache.outcomes import CacheResult
+from edgecache.pull import BlobQuery, BytesBody, FileBody, ManifestQuery, PullService, Target
+from edgecache.store.blobs import BlobStore
+from edgecache.store.keeper import CacheKeeper
+from edgecache.store.manifests import ManifestCache
+from edgecache.store.membership import Membership
+from tests.support.memory_upstream import MemoryUpstream
+from tests.support.waiting import wait_until
+
+TAG_TTL = 60.0
+MAX_STALE = 3600.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    """The parts the app wires, around one in-memory upstream."""
+
+    def __init__(self, root: Path) -> None:
+        self.clock = Clock()
+        self.upstream = MemoryUpstream()
+        metrics = Metrics([self.upstream.name])
+        self.metrics = metrics
+        self.store = BlobStore(root)
+        self.store.prepare()
+        self.keeper = CacheKeeper(self.store, metrics, max_size=1 << 30)
+        self.flights = Flights(self.store, metrics, self.keeper)
+        self.members = Membership(self.keeper)
+        self.pull = PullService(
+            self.store,
+            ManifestCache(self.store, clock=self.clock),
+            self.flights,
+            Coalescer(),
+            metrics,
+            self.keeper,
+            self.members,
+            tag_ttl=TAG_TTL,
+            max_stale=MAX_STALE,
+        )
+
+    def target(self, repo: str) -> Target:
+        name = RepoName.parse(repo)
+        return Target(self.upstream, name, name)
+
+    async def get_tag(self, repo: str, tag: str, *, head: bool = False) -> tuple[int, CacheResult, dict[str, str]]:
+        reply = await self.pull.manifest(self.target(repo), ManifestQuery(Tag.parse(tag), None, head))
+        return reply.status, reply.cache, reply.headers
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    built = World(tmp_path)
+    await built.keeper.start()
+    yield built
+    await built.pull.settled()
+    await built.flights.close(grace=1)
+    await built.members.flush()
+    await built.keeper.close()
+
+
+def image(upstream: MemoryUpstream, repo: str, tag: str) -> tuple[Digest, Digest]:
+    """A one-layer image in `repo` under `tag`: (manifest digest, layer digest)."""
+    layer = upstream.add_blob(repo, os.urandom(4096))
+    config = upstream.add_blob(repo, b'{"architecture":"amd64","os":"linux"}')
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(config), "size": 37},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": str(layer), "size": 4096}],
+        }
+    ).encode()
+    return upstream.add_manifest(repo, manifest, tag), layer
+
+
+async def test_a_tag_is_fetched_once_then_hit_within_its_ttl(world: World) -> None:
+    digest, _ = image(world.upstream, "team/app", "v1")
+    status, cache, headers = await world.get_tag("team/app", "v1")
+    assert (status, cache, headers["Docker-Content-Digest"]) == (200, CacheResult.MISS, str(digest))
+    world.clock.now += TAG_TTL - 1
+    status, cache, _ = await world.get_tag("team/app", "v1")
+    assert (status, cache) == (200, CacheResult.HIT)
+    assert world.upstream.count("get_manifest") == 1 and world.upstream.count("head_manifest") == 0
+
+
+async def test_an_expired_tag_is_revalidated_with_a_head(world: World) -> None:
+    image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    world.clock.now += TAG_TTL + 1
+    _, cache, _ = await world.get_tag("team/app", "v1")
+    assert cache is CacheResult.REVALIDATED
+    assert world.upstream.count("head_manifest") == 1 and world.upstream.count("get_manifest") == 1
+
+
+async def test_a_moved_tag_is_fetched_again(world: World) -> None:
+    image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    moved, _ = image(world.upstream, "team/app", "v1")
+    world.clock.now += TAG_TTL + 1
+    _, cache, headers = await world.get_tag("team/app", "v1")
+    assert cache is CacheResult.MISS and headers["Docker-Content-Digest"] == str(moved)
+
+
+async def test_an_expired_tag_is_served_stale_while_upstream_is_down_within_max_stale(world: World) -> None:
+    digest, _ = image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    world.upstream.down = True
+    world.clock.now += TAG_TTL + 1
+    status, cache, headers = await world.get_tag("team/app", "v1")
+    assert (status, cache, headers["Docker-Content-Digest"]) == (200, CacheResult.STALE, str(digest))
+    assert "Stale" in headers["Warning"]
+    world.clock.now += MAX_STALE
+    with pytest.raises(errors.UpstreamDown):
+        await world.get_tag("team/app", "v1")
+
+
+async def test_a_missing_tag_is_remembered_briefly(world: World) -> None:
+    with pytest.raises(errors.ManifestUnknown) as first:
+        await world.get_tag("team/app", "nope")
+    assert not first.value.negative
+    with pytest.raises(errors.ManifestUnknown) as second:
+        await world.get_tag("team/app", "nope")
+    assert second.value.negative and second.value.cache_result is CacheResult.NEGATIVE
+    assert world.upstream.count("get_manifest") == 1
+
+
+async def test_layers_of_a_served_manifest_need_no_confirmation_in_that_repository(world: World) -> None:
+    _, layer = image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    first = await world.pull.blob(world.target("team/app"), BlobQuery(layer, head=False))
+    await world.flights.settled()
+    assert first.cache is CacheResult.MISS
+    first.close()
+    hit = await world.pull.blob(world.target("team/app"), BlobQuery(layer, head=False))
+    assert hit.cache is CacheResult.HIT and isinstance(hit.body, FileBody)
+    hit.close()
+    assert world.upstream.count("head_blob") == 0 and world.upstream.count("open_blob") == 1
+
+
+async def test_a_stored_blob_is_served_to_another_repository_only_if_upstream_says_it_holds_it(
+    world: World,
+) -> None:
+    _, layer = image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    (await world.pull.blob(world.target("team/app"), BlobQuery(layer, head=False))).close()
+    await world.flights.settled()
+    with pytest.raises(errors.BlobUnknown):
+        await world.pull.blob(world.target("other/repo"), BlobQuery(layer, head=False))
+    assert ("head_blob", "other/repo", str(layer)) in world.upstream.requests
+    world.upstream.blobs[("shared/repo", layer)] = world.upstream.blobs[("team/app", layer)]
+    reply = await world.pull.blob(world.target("shared/repo"), BlobQuery(layer, head=False))
+    reply.close()
+    assert reply.cache is CacheResult.HIT and world.upstream.count("open_blob") == 1
+
+
+async def test_a_manifest_by_digest_from_another_repository_is_confirmed_upstream(world: World) -> None:
+    digest, _ = image(world.upstream, "team/app", "v1")
+    await world.get_tag("team/app", "v1")
+    query = ManifestQuery(digest, None, head=False)
+    with pytest.raises(errors.ManifestUnknown):
+        await world.pull.manifest(world.target("other/repo"), query)
+    reply = await world.pull.manifest(world.target("team/app"), query)
+    assert reply.cache is CacheResult.HIT and isinstance(reply.body, BytesBody)
+    assert Digest.of(reply.body.data) == digest
+
+
+async def test_a_manifest_fetch_is_not_shared_across_repositories(world: World) -> None:
+    """Concurrent misses of one digest from two repositories: the fetch under one must not stand
+    in for the other repository holding it."""
+    digest, _ = image(world.upstream, "team/app", "v1")
+    world.upstream.manifest_gate = asyncio.Event()
+    query = ManifestQuery(digest, None, head=False)
+    held = asyncio.create_task(world.pull.manifest(world.target("team/app"), query))
+    other = asyncio.create_task(world.pull.manifest(world.target("other/repo"), query))
+    await wait_until(lambda: world.upstream.count("get_manifest") == 2, timeout=5)
+    world.upstream.manifest_gate.set()
+    assert (await held).cache is CacheResult.MISS
+    with pytest.raises(errors.ManifestUnknown):
+        await other
