@@ -1,14 +1,18 @@
 """edgecache: a pull-through caching proxy for OCI container registries.
 
 The package is layered; a module imports only from its own layer or lower ones (checked in CI by
-import-linter, see `[tool.importlinter]` in pyproject.toml):
+import-linter: `[tool.importlinter]` in pyproject.toml), and the two `|` groups never import each other:
 
-    5 wiring & operators   app, cli, sdnotify, ops/
-    4 fronts               http/        (the only aiohttp server and granian code)
-    3 use case             pull
-    2 parts                fill/ → store/, upstream/   (upstream/ holds the only aiohttp client code)
-    1 policy & config      access/, config, metrics, trace, usage
-    0 vocabulary           errors, oci, sizes
+    6 operators            cli (and __main__), ops/ (warm starts an instance: it sits above app)
+    5 wiring               app (the composition root), sdnotify
+    4 fronts               http/  front, routes, send (framework-free); aiohttp and granian adapters
+    3 use case             pull   (reaches the upstream only through its Upstream Protocol)
+    2 parts                fill/  above  store/ | upstream/ | access/
+    1 policy & config      config, metrics, trace, usage
+    0 vocabulary           oci, sizes, errors, outcomes
+
+aiohttp's server and granian are imported only by the adapters in http/ and by app; aiohttp's client
+only by upstream/ (and ops/warm, a client of edgecache itself).
 """
 
 __version__ = "0.2.0"
