@@ -85,7 +85,7 @@ class Edgecache:
             negative_ttl=config.cache.negative_ttl,
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
-        members = Membership(keeper)
+        members = Membership(keeper.worker)
         pull = PullService(
             store,
             ManifestCache(store),

@@ -94,10 +94,9 @@ async def test_a_mismatching_body_is_never_delivered_whole_nor_stored(parts: Par
     flight, _ = parts.flights.blob(parts.upstream, REPO, digest)
     await flight.started
     received = bytearray()
-    with pytest.raises(errors.UpstreamDigestMismatch):
-        with flight.open_file() as spool:
-            async for offset, length in flight.segments(0, len(BLOB) - 1):
-                received += os.pread(spool.fileno(), length, offset)
+    with pytest.raises(errors.UpstreamDigestMismatch), flight.open_file() as spool:
+        async for offset, length in flight.segments(0, len(BLOB) - 1):
+            received += os.pread(spool.fileno(), length, offset)
     assert len(received) < len(BLOB)  # the last byte was held back
     await parts.flights.settled()
     assert not parts.store.blob_path(digest).exists()

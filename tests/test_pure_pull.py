@@ -50,7 +50,7 @@ class World:
         self.store.prepare()
         self.keeper = CacheKeeper(self.store, metrics, max_size=1 << 30)
         self.flights = Flights(self.store, metrics, self.keeper)
-        self.members = Membership(self.keeper)
+        self.members = Membership(self.keeper.worker)
         self.pull = PullService(
             self.store,
             ManifestCache(self.store, clock=self.clock),
@@ -67,7 +67,9 @@ class World:
         name = RepoName.parse(repo)
         return Target(self.upstream, name, name)
 
-    async def get_tag(self, repo: str, tag: str, *, head: bool = False) -> tuple[int, CacheResult, dict[str, str]]:
+    async def get_tag(
+        self, repo: str, tag: str, *, head: bool = False
+    ) -> tuple[int, CacheResult, dict[str, str]]:
         reply = await self.pull.manifest(self.target(repo), ManifestQuery(Tag.parse(tag), None, head))
         return reply.status, reply.cache, reply.headers
 
@@ -91,8 +93,14 @@ def image(upstream: MemoryUpstream, repo: str, tag: str) -> tuple[Digest, Digest
         {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(config), "size": 37},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": str(layer), "size": 4096}],
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": str(config),
+                "size": 37,
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": str(layer), "size": 4096}
+            ],
         }
     ).encode()
     return upstream.add_manifest(repo, manifest, tag), layer

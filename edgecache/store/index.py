@@ -3,23 +3,27 @@
 It makes eviction cheap: the coldest entries come from an index on last access, never from a scan of
 the disk. It survives restarts and crashes (WAL journal; every change is one transaction), and when it
 is lost or corrupt it is rebuilt from the store at start. The disk is the truth: `reconcile` makes the
-index agree with it. All calls are blocking: the server runs them on one worker thread (`IndexWorker`),
-the CLI directly; SQLite's locking lets both work on one cache at once.
+index agree with it. All CacheIndex calls are blocking: the server runs them on one worker thread
+(`IndexWorker`), the CLI directly; SQLite's locking lets both work on one cache at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fnmatch
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -243,3 +247,37 @@ class CacheIndex:
                 [(d, k, s, now) for d, k, s in changed],
             )
         return len(changed), len(missing)
+
+
+class IndexWorker:
+    """The index on its own thread, for the server: SQLite work never blocks the event loop, and
+    one thread serialises every call on the one connection. Shared by the keeper (entries, pins)
+    and membership (repository facts)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgecache-index")
+        self._index: CacheIndex | None = None
+
+    async def open(self) -> CacheIndex:
+        """Open (or rebuild, when unreadable) the index on the worker thread."""
+        self._index = await self.run(CacheIndex, self._path)
+        return self._index
+
+    @property
+    def index(self) -> CacheIndex:
+        assert self._index is not None, "IndexWorker.open() was not awaited"
+        return self._index
+
+    @property
+    def is_open(self) -> bool:
+        return self._index is not None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one index call on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def close(self) -> None:
+        if self._index is not None:
+            await self.run(self._index.close)
+        self._executor.shutdown(wait=True)

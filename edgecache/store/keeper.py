@@ -15,14 +15,13 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, referenced_digests
 from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore
-from edgecache.store.index import CacheIndex, Pin
+from edgecache.store.index import CacheIndex, IndexWorker, Pin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,8 +84,7 @@ class CacheKeeper:
         self._high = high_watermark
         self._low = low_watermark
         self._min_free = min_free
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgecache-index")
-        self._index: CacheIndex | None = None
+        self.worker = IndexWorker(store.root / "index.db")
         self._held = Holdings()
         self._touched: dict[str, tuple[float, int]] = {}
         self._in_use: dict[str, int] = {}
@@ -106,23 +104,18 @@ class CacheKeeper:
         self._metrics.cache_limit_bytes.set(max_size)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def run_index(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run an index call on the index's worker thread (SQLite work never blocks the loop)."""
-        return await self._run(fn, *args)
+        return await self.worker.run(fn, *args)
 
     @property
     def index(self) -> CacheIndex:
-        assert self._index is not None, "CacheKeeper.start() was not awaited"
-        return self._index
+        return self.worker.index
 
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open (or rebuild) the index and make it agree with the disk, then keep it in step."""
         started = time.perf_counter()
-        self._index = await self._run(CacheIndex, self._store.root / "index.db")
+        await self.worker.open()
         on_disk = await asyncio.to_thread(self._store.inventory)
         added, dropped = await self._run(self.index.reconcile, on_disk)
         if added or dropped:
@@ -140,10 +133,9 @@ class CacheKeeper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._index is not None:
+        if self.worker.is_open:
             await self._flush()
-            await self._run(self.index.close)
-        self._executor.shutdown(wait=True)
+        await self.worker.close()
 
     async def _housekeeping(self) -> None:
         while True:

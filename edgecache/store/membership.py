@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from cachetools import LRUCache
 
 from edgecache.oci import Digest, RepoName, referenced_digests
-from edgecache.store.keeper import CacheKeeper
+from edgecache.store.index import IndexWorker
 
 log = logging.getLogger(__name__)
 MemberKey = tuple[str, str, str]  # upstream, repository (as upstream names it), digest
@@ -30,8 +30,8 @@ LARGE_MANIFEST = 64 * 1024
 
 
 class Membership:
-    def __init__(self, keeper: CacheKeeper, memory: int = 200_000) -> None:
-        self._keeper = keeper
+    def __init__(self, index: IndexWorker, memory: int = 200_000) -> None:
+        self._index = index
         self._known: LRUCache[MemberKey, bool] = LRUCache(memory)
         self._expanded: LRUCache[MemberKey, bool] = LRUCache(memory // 4)
         self._pending: list[MemberKey] = []
@@ -53,7 +53,7 @@ class Membership:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self._keeper.run_index(self._keeper.index.add_members, batch)
+                await self._index.run(self._index.index.add_members, batch)
             except sqlite3.Error as exc:
                 # Best effort: the facts stay known in memory; after a restart upstream is asked again.
                 log.warning("could not record %d repository memberships: %s", len(batch), exc)
@@ -79,7 +79,7 @@ class Membership:
         key = (upstream, str(repo), str(digest))
         if key in self._known:
             return True
-        found = await self._keeper.run_index(self._keeper.index.is_member, *key)
+        found = await self._index.run(self._index.index.is_member, *key)
         if found:
             self._known[key] = True
         return found
