@@ -7,7 +7,6 @@ socket) or as a real `python -m edgecache serve` process where a client needs on
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
@@ -29,6 +28,7 @@ from edgecache.http.granian_front import AsgiFront, TlsListener
 from tests.support.certs import TestCA
 from tests.support.images import Image, Index, Pusher, build_image, build_index
 from tests.support.registry import Registry, free_port, start_registry, wait_http
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -134,11 +134,12 @@ async def tls_edge_in_process(config: Config, pki: Path) -> AsyncIterator[Edge]:
     connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca.cert_path)))
     http = aiohttp.ClientSession(url, connector=connector, auto_decompress=False)
     try:
-        for _ in range(100):  # granian binds in its own task
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get("/healthz"):
-                    break
-            await asyncio.sleep(0.05)
+
+        async def healthy() -> bool:  # granian binds in its own task: refused until it has
+            async with http.get("/healthz") as resp:
+                return resp.status == 200
+
+        await wait_until(healthy, message=f"the TLS listener on {url} did not answer /healthz")
         yield Edge(url, http, instance, Path(config.cache.dir))
     finally:
         await http.close()
@@ -195,7 +196,9 @@ def spawn_edge(
         )
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/healthz", proc=proc, log_path=log_path)
+        # Over TLS any answer will do: with mutual TLS the handshake without a client certificate is
+        # refused, which shows the listener is up all the same.
+        wait_http(f"{url}/healthz", proc=proc, log_path=log_path, status=None if tls else 200)
         yield EdgeProcess(url, proc, cache_dir, log_path)
     finally:
         proc.terminate()

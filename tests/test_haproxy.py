@@ -4,8 +4,11 @@ no pull."""
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ import pytest
 from tests.conftest import Seeded
 from tests.support.images import Blob
 from tests.support.registry import Registry, free_port, wait_http
+from tests.support.waiting import StopWaiting, wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,13 +54,19 @@ def cluster(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator[Cluste
     for i, port in enumerate(ports):
         config = config.replace(f"10.0.0.1{i + 1}:5000", f"127.0.0.1:{port}")
     assert "10.0.0." not in config
+    # The runtime API, for the test only: it says when HAProxy's health checks have marked a node up.
+    stats = tmp_path / "haproxy.sock"
+    config = config.replace("global\n", f"global\n    stats socket {stats} level user\n", 1)
     (tmp_path / "haproxy.cfg").write_text(config)
     proxy = subprocess.Popen([haproxy, "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.DEVNULL)
     try:
         for node, port in zip(nodes, ports, strict=True):
-            wait_http(f"http://127.0.0.1:{port}/readyz", proc=node)
-        wait_http(f"http://127.0.0.1:{front_port}/v2/", proc=proxy)
-        time.sleep(2.5)  # HAProxy's health checks mark every node up (rise 2, inter 1s)
+            wait_http(f"http://127.0.0.1:{port}/readyz", proc=node, status=200)
+        # Every node up in HAProxy's eyes (rise 2, inter 1s), by a check made since it was ready.
+        wait_until_sync(
+            lambda: all_servers_up(stats, proxy, len(ports)),
+            message=lambda: f"HAProxy has not marked every node up: {server_states(stats)}",
+        )
         yield Cluster(f"http://127.0.0.1:{front_port}", nodes, [f"http://127.0.0.1:{p}" for p in ports])
     finally:
         proxy.terminate()
@@ -65,6 +75,29 @@ def cluster(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator[Cluste
                 node.terminate()
                 node.wait(15)
         proxy.wait(15)
+
+
+def server_states(stats: Path) -> dict[str, tuple[str, str]]:
+    """(status, last check) of each server of the edgecache backend, from HAProxy's `show stat`."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(stats))
+        sock.sendall(b"show stat\n")
+        data = b"".join(iter(lambda: sock.recv(65536), b""))
+    rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
+    return {
+        row["svname"]: (row["status"], row["check_status"])
+        for row in rows
+        if row["pxname"] == "edgecache" and row["svname"] not in ("BACKEND", "FRONTEND")
+    }
+
+
+def all_servers_up(stats: Path, proxy: subprocess.Popen[bytes], count: int) -> bool:
+    if proxy.poll() is not None:
+        raise StopWaiting(f"haproxy exited with {proxy.returncode}")
+    states = server_states(stats)
+    # "UP", not "UP 1/2" (going down); L7OK: the last check passed.
+    return len(states) == count and all(s == ("UP", "L7OK") for s in states.values())
 
 
 def pull(url: str, blob: Blob, repo: str, attempts: int = 3) -> None:
@@ -77,7 +110,7 @@ def pull(url: str, blob: Blob, repo: str, attempts: int = 3) -> None:
         except (urllib.error.URLError, ConnectionError, AssertionError):
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.5)  # a client's back-off before its retry: part of the behaviour under test
 
 
 def holder(cluster: Cluster, blob: Blob, repo: str) -> int:

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Edge, EdgeProcess, Seeded
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.support.registry import Registry, free_port, wait_http
+from tests.support.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "conf/prometheus/edgecache-rules.yml"
@@ -193,13 +193,16 @@ def prometheus(tmp_path: Path, edge_process: EdgeProcess) -> Iterator[str]:
         "scrape_configs:\n  - job_name: edgecache\n    static_configs:\n"
         f"      - targets: ['{edge_process.url.removeprefix('http://')}']\n"
     )
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
-    )  # fmt: skip
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
     try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30, proc=proc)
+        # /-/ready answers 503 "Service Unavailable" (not JSON) until Prometheus has started: wait for 200.
+        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=60, proc=proc, log_path=log_path, status=200)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -213,21 +216,25 @@ def prom_query(prometheus: str, expr: str) -> list[dict[str, object]]:
     return body["data"]["result"]  # type: ignore[no-any-return]
 
 
-def wait_for_value(prometheus: str, expr: str, within: float = 30.0) -> float:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = prom_query(prometheus, expr)
-        if result:
-            return float(result[0]["value"][1])  # type: ignore[index]
-        time.sleep(0.5)
-    raise AssertionError(f"Prometheus never answered {expr}")
+def wait_for_value(prometheus: str, expr: str, within: float = 60.0) -> float:
+    """The value of `expr` once Prometheus has one. An answer that is not JSON or not a success (a
+    server still starting, a rule not yet evaluated) is "not yet"."""
+    result = wait_until_sync(
+        lambda: prom_query(prometheus, expr),
+        timeout=within,
+        interval=0.5,
+        message=f"Prometheus never answered {expr}",
+    )
+    return float(result[0]["value"][1])  # type: ignore[index]
 
 
 def test_a_real_prometheus_scrapes_edgecache_and_computes_the_hit_ratio(
     prometheus: str, edge_process: EdgeProcess, seeded: Seeded
 ) -> None:
     wait_for_value(prometheus, 'up{job="edgecache"} == 1')
-    time.sleep(1.5)  # one scrape before the pulls, so the counters' increase is seen
+    # A scrape before the pulls has stored the (pre-created) counters at 0, so their increase is seen.
+    hits = 'edgecache_http_requests_total{route="blob", method="GET", status_class="2xx", cache="HIT"}'
+    assert wait_for_value(prometheus, hits) == 0
     blobs = seeded.alpine.blobs
     for _ in range(4):  # one miss, then three hits of each blob
         for blob in blobs:

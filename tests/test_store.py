@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port, wait_http
+from tests.support.waiting import wait_until_sync
 
 MiB = 1024 * 1024
 ACCEPT = {"Accept": DOCKER_MANIFEST}
@@ -186,10 +186,7 @@ def test_operator_commands_beside_a_running_server(
 
     with urllib.request.urlopen(f"{url}/v2/churn/img2/blobs/{layer.digest}") as resp:
         assert resp.read() == layer.data  # fetched again, good this time
-    for _ in range(500):  # stored just after the response
-        if path.exists():
-            break
-        time.sleep(0.01)
+    wait_until_sync(path.exists, message=f"{path} not stored again")  # stored just after the response
     prune = cli("prune", "--to", "1M", "--cache-dir", str(cache))
     assert prune.returncode == 0, prune.stderr
     assert stored_bytes(cache) <= MiB

@@ -6,7 +6,6 @@ Retry-After, Docker Hub's rate-limit headers and 404s), or a real registry with 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -23,6 +22,7 @@ from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, build_image
 from tests.support.registry import Registry, start_registry
+from tests.support.waiting import wait_until
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 TAG = "/v2/team/app/manifests/1.0"
@@ -218,13 +218,14 @@ async def test_stale_while_revalidate_answers_at_once_and_follows_the_tag(
         async with edge.http.get(path, headers=ACCEPT) as resp:  # answered from cache at once...
             assert resp.headers["X-Cache"] == "STALE"
             assert await resp.read() == first.manifest.data
+
         # ...while one HEAD goes upstream in the background, which finds the tag has moved.
-        for _ in range(500):
+        async def followed() -> bytes | None:
             async with edge.http.get(path, headers=ACCEPT) as resp:
                 body = await resp.read()
-            if resp.headers["Docker-Content-Digest"] == second.manifest.digest:
-                break
-            await asyncio.sleep(0.01)
+            return body if resp.headers["Docker-Content-Digest"] == second.manifest.digest else None
+
+        body = await wait_until(followed, message="the stale tag was never revalidated")
         assert body == second.manifest.data
         assert origin.count("HEAD", path) > heads
         assert origin.count("GET", path) == gets + 1  # only the body of the new manifest was fetched

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import ssl
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.waiting import wait_until_sync
 
 Key = ec.EllipticCurvePrivateKey
 
@@ -106,11 +107,23 @@ def served_serial(port: int) -> int:
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
 
 
-def wait_for_serial(port: int, serial: int, timeout: float = 20.0, streak: int = 10) -> bool:
-    """True once `streak` new connections in a row get the certificate `serial` (after a reload the
-    old worker may still accept a few connections until it stops)."""
-    deadline, seen = time.monotonic() + timeout, 0
-    while seen < streak and time.monotonic() < deadline:
-        seen = seen + 1 if served_serial(port) == serial else 0
-        time.sleep(0.1)
-    return seen >= streak
+def wait_for_serial(port: int, serial: int, timeout: float = 30.0, streak: int = 10) -> int:
+    """Wait until `streak` new connections in a row get the certificate `serial` (after a reload the
+    old worker may still accept a few connections until it stops; a connection refused or cut while
+    workers change counts as "not yet" and starts the streak over). Returns `streak`."""
+    seen = 0
+    last: list[int | None] = [None]
+
+    def streak_done() -> int:
+        nonlocal seen
+        in_a_row, seen = seen, 0  # an error below leaves it at 0: the streak starts over
+        last[0] = served_serial(port)
+        seen = in_a_row + 1 if last[0] == serial else 0
+        return seen if seen >= streak else 0
+
+    return wait_until_sync(
+        streak_done,
+        timeout=timeout,
+        interval=0.1,
+        message=lambda: f"new connections to {port} still get serial {last[0]}, not {serial}",
+    )

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from tests.support.waiting import StopWaiting, WaitTimeout, wait_until_sync
+
 # Unix socket paths are limited to 108 bytes (sun_path) including the NUL.
 _MAX_SOCKET_PATH = 107
 DOCKER_HUB = "docker.io"
@@ -381,19 +383,24 @@ class _Daemon:
             # a crashed/interrupted test run must not leave daemons (and their mounts) behind
             atexit.register(self.stop)
             self._atexit_registered = True
-        deadline = t0 + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                self._cleanup()
-                raise ClientError(f"{self.kind} exited with {code} during start\n{_tail(self.log_path)}")
-            if self._ready():
-                self.start_seconds = time.monotonic() - t0
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise ClientError(f"{self.kind} not ready after {self.start_timeout}s\n{_tail(self.log_path)}")
+        proc = self.proc
+
+        def ready() -> bool:  # a probe that fails or times out (daemon still starting) is "not yet"
+            if proc.poll() is not None:
+                raise StopWaiting(f"exited with {proc.returncode}")
+            return self._ready()
+
+        try:
+            wait_until_sync(ready, timeout=self.start_timeout, interval=0.1, message=f"{self.kind} not ready")
+        except StopWaiting as exc:
+            self.proc = None
+            self._cleanup()
+            raise ClientError(f"{self.kind} {exc} during start\n{_tail(self.log_path)}") from None
+        except WaitTimeout as exc:
+            self.stop()
+            raise ClientError(f"{exc}\n{_tail(self.log_path)}") from exc
+        self.start_seconds = time.monotonic() - t0
+        return self
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, wait, then SIGKILL; unmount leftovers; remove the temp dir unless keep_dir."""
@@ -754,7 +761,7 @@ class Dockerd(_Daemon):
         """`docker rmi -f REF` (layers go too, so a re-pull refetches them)."""
         self.docker("rmi", "-f", ref, timeout=60)
 
-    def set_registry_mirrors(self, mirrors: list[str], timeout: float = 15.0) -> None:
+    def set_registry_mirrors(self, mirrors: list[str], timeout: float = 30.0) -> None:
         """Point a running dockerd at other mirrors (daemon.json + SIGHUP live reload).
 
         Why: a session-scoped dockerd can then follow each test's freshly started proxy.
@@ -765,10 +772,12 @@ class Dockerd(_Daemon):
         self._write_config()
         self.proc.send_signal(signal.SIGHUP)
         wanted = [m.rstrip("/") for m in mirrors]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = json.loads(self.docker("info", "--format", "{{json .RegistryConfig}}").stdout)
-            if [m.rstrip("/") for m in info.get("Mirrors") or []] == wanted:
-                return
-            time.sleep(0.2)
-        raise ClientError(f"dockerd did not reload mirrors {mirrors}\n{self.log_tail()}")
+
+        def reloaded() -> bool:  # `docker info` may fail while the daemon reloads: "not yet"
+            info = json.loads(self.docker("info", "--format", "{{json .RegistryConfig}}", timeout=30).stdout)
+            return [m.rstrip("/") for m in info.get("Mirrors") or []] == wanted
+
+        try:
+            wait_until_sync(reloaded, timeout=timeout, interval=0.2, message=f"mirrors not {wanted}")
+        except WaitTimeout as exc:
+            raise ClientError(f"dockerd did not reload mirrors {mirrors}: {exc}\n{self.log_tail()}") from exc

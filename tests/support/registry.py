@@ -8,11 +8,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.waiting import StopWaiting, wait_until_sync
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
@@ -25,34 +26,41 @@ def free_port() -> int:
 
 def wait_http(
     url: str,
-    timeout: float = 20.0,
+    timeout: float = 30.0,
     proc: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
+    status: int | None = None,
 ) -> None:
-    """Wait until `url` answers (any status). For https only reachability is checked, not the
-    certificate: tests check certificates themselves."""
+    """Wait until `url` answers: with any HTTP status, or with `status` when given (a server that
+    says 503 while it starts is not ready). For https without `status` only reachability is
+    checked, not the certificate: tests check certificates themselves. Fails at once if `proc`
+    exits."""
     context = ssl._create_unverified_context() if url.startswith("https:") else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         if proc is not None and proc.poll() is not None:
             detail = log_path.read_text(errors="replace")[-2000:] if log_path else ""
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}\n{detail}")
+            raise StopWaiting(f"process for {url} exited with {proc.returncode}\n{detail}")
         try:
-            with urllib.request.urlopen(url, timeout=2, context=context):
-                return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means it is listening
+            with urllib.request.urlopen(url, timeout=5, context=context) as resp:
+                code = resp.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code  # any HTTP answer means it is listening
+            exc.close()
         except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLError):
-                return  # a TLS alert (e.g. a client certificate is required): it is listening
-            time.sleep(0.05)
+            if status is None and isinstance(exc.reason, ssl.SSLError):
+                return True  # a TLS alert (e.g. a client certificate is required): it is listening
+            raise
         except (ssl.SSLError, http.client.RemoteDisconnected):
-            if context is None:
+            if context is None or status is not None:
                 raise
-            return  # the handshake got far enough to be refused (mutual TLS): it is listening
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+            return True  # the handshake got far enough to be refused (mutual TLS): it is listening
+        if status is not None and code != status:
+            raise AssertionError(f"answered {code}, not {status}")
+        return True
+
+    wanted = "answer" if status is None else f"answer {status}"
+    wait_until_sync(answers, timeout=timeout, message=f"{url} did not {wanted}")
 
 
 @dataclass
@@ -103,8 +111,9 @@ http:
 """
     )
     log_path = root / "registry.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as log:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/v2/", proc=proc)
+    # /v2/ answers 200 once the registry serves; with an auth section, 401 to anyone not logged in.
+    wait_http(f"{url}/v2/", proc=proc, log_path=log_path, status=401 if "auth:" in extra_config else 200)
     return Registry(url, port, root, log_path, proc)
