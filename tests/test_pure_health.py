@@ -1,0 +1,204 @@
+"""Upstream health as the pull path sees it, on an injected clock: when edgecache stops asking a
+failing or rate-limiting upstream, for how long, and how it comes back. No sockets, no sleeping."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from edgecache import errors
+from edgecache.upstream.health import (
+    DEFAULT_RETRY_AFTER,
+    MAX_RETRY_AFTER,
+    UpstreamHealth,
+    parse_ratelimit,
+    parse_retry_after,
+)
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def health(clock: Clock, down_after: int = 3, down_for: float = 30.0) -> UpstreamHealth:
+    return UpstreamHealth(down_after, down_for, clock=clock)
+
+
+def test_a_new_upstream_is_up_and_may_be_asked(clock: Clock) -> None:
+    h = health(clock)
+    assert h.state == "up"
+    h.check("docker.io")  # no exception: requests go upstream
+
+
+def test_down_only_after_down_after_consecutive_failures(clock: Clock) -> None:
+    h = health(clock, down_after=3)
+    h.failed()
+    h.failed()
+    assert h.state == "up"
+    h.check("docker.io")
+    h.failed()
+    assert h.state == "down"
+    with pytest.raises(errors.UpstreamDown) as raised:
+        h.check("docker.io")
+    assert raised.value.status == 503
+    assert "docker.io" in str(raised.value) and "30s" in str(raised.value)
+
+
+def test_a_success_between_failures_resets_the_count(clock: Clock) -> None:
+    h = health(clock, down_after=3)
+    for _ in range(2):
+        h.failed()
+    h.succeeded()
+    for _ in range(2):
+        h.failed()
+    assert h.state == "up" and h.failures == 2
+    h.check("docker.io")
+
+
+def test_down_lasts_down_for_seconds_then_the_next_request_tries_again(clock: Clock) -> None:
+    h = health(clock, down_after=2, down_for=30.0)
+    h.failed()
+    h.failed()
+    clock.advance(29.9)
+    assert h.state == "down"
+    with pytest.raises(errors.UpstreamDown):
+        h.check("ghcr.io")
+    clock.advance(0.1)
+    assert h.state == "up"
+    h.check("ghcr.io")  # the period is over: one request is let through
+
+
+def test_one_success_after_the_period_brings_it_back_up(clock: Clock) -> None:
+    h = health(clock, down_after=2, down_for=30.0)
+    h.failed()
+    h.failed()
+    clock.advance(30)
+    h.succeeded()
+    h.failed()  # a single failure after recovery does not take it down again
+    assert h.state == "up"
+    h.check("ghcr.io")
+
+
+def test_one_more_failure_after_the_period_takes_it_down_again_for_a_full_period(clock: Clock) -> None:
+    h = health(clock, down_after=3, down_for=30.0)
+    for _ in range(3):
+        h.failed()
+    clock.advance(30)
+    assert h.state == "up"
+    h.failed()  # the trial request failed: down at once, not after three more
+    assert h.state == "down"
+    clock.advance(29)
+    assert h.state == "down"  # counted from the new failure, not the first period
+    clock.advance(1)
+    assert h.state == "up"
+
+
+def test_down_for_zero_never_blocks_requests(clock: Clock) -> None:
+    h = health(clock, down_after=1, down_for=0.0)
+    for _ in range(5):
+        h.failed()
+    assert h.state == "up"
+    h.check("docker.io")
+
+
+def test_reconfigure_changes_thresholds_for_later_failures(clock: Clock) -> None:
+    h = health(clock, down_after=3, down_for=30.0)
+    h.failed()
+    h.reconfigure(down_after=1, down_for=5.0)
+    h.failed()
+    assert h.state == "down"
+    clock.advance(5)
+    assert h.state == "up"
+
+
+def test_rate_limited_blocks_until_retry_after_and_says_how_long(clock: Clock) -> None:
+    h = health(clock)
+    h.rate_limited(60.0)
+    assert h.state == "rate_limited"
+    clock.advance(15)
+    with pytest.raises(errors.UpstreamRateLimited) as raised:
+        h.check("docker.io")
+    assert raised.value.status == 429 and raised.value.code == "TOOMANYREQUESTS"
+    assert raised.value.retry_after == pytest.approx(45.0)
+    clock.advance(45)
+    assert h.state == "up"
+    h.check("docker.io")
+
+
+def test_rate_limiting_does_not_count_as_failures(clock: Clock) -> None:
+    h = health(clock, down_after=1)
+    h.rate_limited(10.0)
+    clock.advance(10)
+    assert h.failures == 0 and h.state == "up"
+
+
+def test_rate_limited_wins_over_down_while_both_apply(clock: Clock) -> None:
+    h = health(clock, down_after=1, down_for=30.0)
+    h.failed()
+    h.rate_limited(10.0)
+    assert h.state == "rate_limited"
+    with pytest.raises(errors.UpstreamRateLimited):
+        h.check("docker.io")
+    clock.advance(10)
+    assert h.state == "down"  # the rate limit ended first; the down period still runs
+    with pytest.raises(errors.UpstreamDown):
+        h.check("docker.io")
+
+
+# -- Retry-After and Docker Hub's ratelimit headers ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, DEFAULT_RETRY_AFTER),
+        ("", DEFAULT_RETRY_AFTER),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 1.0),  # never "retry at once": at least a second
+        ("999999", MAX_RETRY_AFTER),  # an upstream cannot block us for days
+        ("-5", DEFAULT_RETRY_AFTER),
+        ("1.5", DEFAULT_RETRY_AFTER),
+        ("soon", DEFAULT_RETRY_AFTER),
+    ],
+)
+def test_retry_after_in_seconds(header: str | None, seconds: float) -> None:
+    assert parse_retry_after(header) == seconds
+
+
+def test_retry_after_as_an_http_date_counts_from_now() -> None:
+    now = 1_700_000_000.0
+    in_90s = email.utils.formatdate(now + 90, usegmt=True)
+    assert parse_retry_after(in_90s, now=now) == pytest.approx(90.0)
+    an_hour_ago = email.utils.formatdate(now - 3600, usegmt=True)
+    assert parse_retry_after(an_hour_ago, now=now) == 1.0
+    next_week = email.utils.formatdate(now + 7 * 86400, usegmt=True)
+    assert parse_retry_after(next_week, now=now) == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    ("header", "remaining"),
+    [
+        ("76;w=21600", 76.0),
+        ("100", 100.0),
+        (" 0 ; w=21600", 0.0),
+        (None, None),
+        ("", None),
+        ("lots;w=21600", None),
+    ],
+)
+def test_docker_hub_ratelimit_remaining(header: str | None, remaining: float | None) -> None:
+    assert parse_ratelimit(header) == remaining
