@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -217,7 +218,8 @@ def _coerce(key: str, value: Any, target: Any) -> Any:
     elif target is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif target is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        # nan and inf would pass every `< 0` check and make a TTL or timeout meaningless
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, target)
     if not ok:
@@ -233,6 +235,10 @@ def _build(cls: type[Any], section: str, values: Mapping[str, Any]) -> Any:
             known = ", ".join(sorted(types))
             raise ConfigError(f"{section}.{key}: unknown key (known keys: {known})")
         kwargs[key] = _coerce(f"{section}.{key}", value, types[key])
+    for required in dataclasses.fields(cls):
+        no_default = required.default is dataclasses.MISSING
+        if no_default and required.default_factory is dataclasses.MISSING and required.name not in kwargs:
+            raise ConfigError(f"{section}.{required.name}: required")
     return cls(**kwargs)
 
 
