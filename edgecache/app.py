@@ -23,7 +23,8 @@ from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
 from edgecache.http.accesslog import AccessLogger
-from edgecache.http.aiohttp_front import AiohttpFront, ConnectionLimits, OciAppRunner, OciSite
+from edgecache.http.aiohttp_front import AiohttpFront
+from edgecache.http.aiohttp_server import ConnectionLimits, OciAppRunner, OciSite
 from edgecache.http.connguard import ConnectionGuard
 from edgecache.http.front import RegistryFront, Upstreams, trusted_networks
 from edgecache.http.granian_front import AsgiFront, TlsListener

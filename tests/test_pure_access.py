@@ -5,14 +5,14 @@ No server: the policy is called directly, bcrypt at its minimum cost (4) so each
 from __future__ import annotations
 
 import base64
-import types
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import bcrypt
 import pytest
 
 from edgecache import errors
-from edgecache.access import policy as policy_module
 from edgecache.access.policy import ANONYMOUS_IDENTITY, AccessPolicy, Identity, load_htpasswd
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
@@ -59,12 +59,16 @@ def htpasswd(tmp_path: Path) -> str:
 
 
 def htpasswd_policy(
-    htpasswd: str, *rules: AccessRule, max_failures: int = 10, login_cache: float = 60.0
+    htpasswd: str,
+    *rules: AccessRule,
+    max_failures: int = 10,
+    login_cache: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AccessPolicy:
     config = AccessConfig(
         mode="htpasswd", htpasswd=htpasswd, rules=rules, max_failures=max_failures, login_cache=login_cache
     )
-    return AccessPolicy(config)
+    return AccessPolicy(config, clock=clock)
 
 
 class Clock:
@@ -76,11 +80,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """AccessPolicy takes no clock: its failure window reads `time.monotonic` of its module."""
-    fake = Clock()
-    monkeypatch.setattr(policy_module, "time", types.SimpleNamespace(monotonic=fake))
-    return fake
+def clock() -> Clock:
+    return Clock()
 
 
 # -- decisions over rules -----------------------------------------------------------------------
@@ -220,7 +221,7 @@ async def test_wrong_or_malformed_credentials_are_refused(htpasswd: str, header:
 
 
 async def test_failures_are_limited_per_client_address_for_a_minute(htpasswd: str, clock: Clock) -> None:
-    policy = htpasswd_policy(htpasswd, max_failures=3, login_cache=0)
+    policy = htpasswd_policy(htpasswd, max_failures=3, login_cache=0, clock=clock)
     for _ in range(3):
         with pytest.raises(errors.Unauthorized):
             await policy.authenticate(basic("bob", "wrong"), "10.0.0.1", None)
@@ -240,13 +241,18 @@ async def test_failures_are_limited_per_client_address_for_a_minute(htpasswd: st
 async def test_a_remembered_login_is_not_blocked_by_the_addresss_failures(
     htpasswd: str, clock: Clock
 ) -> None:
-    policy = htpasswd_policy(htpasswd, max_failures=1, login_cache=60)
+    policy = htpasswd_policy(htpasswd, max_failures=1, login_cache=30, clock=clock)
     assert await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None) == ALICE
     with pytest.raises(errors.Unauthorized):
         await policy.authenticate(basic("mallory", "guess"), "10.0.0.1", None)
     with pytest.raises(errors.TooManyAttempts):
         await policy.authenticate(basic("bob", "bob-pass"), "10.0.0.1", None)
     assert await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None) == ALICE
+    # Once login_cache (30 s) has passed, alice's login is checked again, and so meets the address's
+    # limit (mallory's failure is still within the failure window).
+    clock.now += 31
+    with pytest.raises(errors.TooManyAttempts):
+        await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)
 
 
 async def test_reconfigure_rereads_htpasswd_and_forgets_remembered_logins(tmp_path: Path) -> None:

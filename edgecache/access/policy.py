@@ -17,7 +17,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +65,15 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 
 class AccessPolicy:
-    def __init__(self, config: AccessConfig) -> None:
+    def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self._mode = config.mode
         self._rules = config.rules
         self._users: Mapping[str, bytes] = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
         self._unknown_cost = _highest_cost(self._users)
         ttl = config.login_cache
-        self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl) if ttl > 0 else None
-        self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW)
+        self._clock = clock
+        self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl, timer=clock) if ttl > 0 else None
+        self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
         self._max_failures = config.max_failures
 
     def reconfigure(self, config: AccessConfig) -> None:
@@ -104,7 +105,7 @@ class AccessPolicy:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         if self._good is not None and self._good.get(key) == user:
             return user
-        now = time.monotonic()
+        now = self._clock()
         recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= self._max_failures:
             raise errors.TooManyAttempts(retry_after=FAILURE_WINDOW - (now - recent[0]))

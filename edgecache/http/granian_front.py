@@ -3,9 +3,10 @@ the registry front through ASGI.
 
 ASGI rather than granian's faster RSGI because RSGI hands the app only a percent-decoded path, and
 validation must see the path as sent (`%2F` is not `/`); the app's own work dominates either way.
-Whole blobs go out with `http.response.pathsend` (granian reads the file in Rust); ranges and fills
-in progress are sent in 1 MiB chunks read off the loop, so memory per stream stays bounded by
-HTTP/2 flow control and granian's send buffer.
+Replies are sent by send.send_reply over an AsgiWire: whole blobs go out with
+`http.response.pathsend` (granian reads the file in Rust); ranges and fills in progress in 1 MiB
+chunks read off the loop, so memory per stream stays bounded by HTTP/2 flow control and granian's
+send buffer.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
 from granian.constants import HTTPModes, Interfaces, SSLProtocols
@@ -27,17 +29,15 @@ from multidict import CIMultiDict
 from edgecache import errors
 from edgecache.config import ServerConfig
 from edgecache.http.accesslog import record_request
-from edgecache.http.chunks import read_chunks
 from edgecache.http.front import (
-    API_VERSION_HEADER,
     ClientRequest,
     Networks,
     RegistryFront,
     client_address,
     error_reply,
 )
+from edgecache.http.send import send_reply
 from edgecache.metrics import Metrics
-from edgecache.pull import BytesBody, FileBody, Reply, SpoolBody
 from edgecache.trace import CURRENT, RequestTrace, request_id
 
 log = logging.getLogger(__name__)
@@ -52,39 +52,59 @@ class ResponseAborted(Exception):
     """Raised into granian to cut a response before its last byte (a fill failed)."""
 
 
-class ClientGone(Exception):
+class ClientGone(ConnectionError):
     """The client closed the stream or connection: stop reading and sending its body."""
 
 
-class BodyStream:
-    """Sends a body in chunks and notices when the client leaves: granian then reports
-    `http.disconnect` on receive() but accepts (and drops) further sends, so without this a
-    departed client's whole blob would still be read from disk and handed over."""
+class AsgiWire:
+    """send.Wire over ASGI. Whole blobs go out with `http.response.pathsend` (granian reads the file
+    in Rust); other file bytes are written in chunks. Chunked writes notice when the client leaves:
+    granian then reports `http.disconnect` on receive() but accepts (and drops) further sends, so
+    without this a departed client's whole blob would still be read from disk and handed over."""
 
     def __init__(self, send: Send, receive: Receive) -> None:
         self._send = send
         self._receive = receive
         self._gone: asyncio.Task[None] | None = None
+        self._ended = False
 
-    def __enter__(self) -> BodyStream:
-        self._gone = asyncio.create_task(self._wait_for_disconnect())
-        return self
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": _encode(headers)})
 
-    def __exit__(self, *exc_info: object) -> None:
+    async def write(self, data: bytes) -> None:
+        if self._gone is None:  # watched only for chunked bodies: bytes and pathsend need no task
+            self._gone = asyncio.create_task(self._wait_for_disconnect())
+        elif self._gone.done():
+            raise ClientGone()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
+        if not (last and offset == 0 and isinstance(file.name, str)):
+            return None
+        if length != os.fstat(file.fileno()).st_size:
+            return None
+        # granian opens the path and sends it from Rust; the blob is immutable and held open
+        # (protected from eviction) by the reply until send_reply returns.
+        await self._send({"type": "http.response.pathsend", "path": file.name})
+        self._ended = True
+        return length
+
+    async def end(self, data: bytes = b"") -> None:
+        if not self._ended:
+            self._ended = True
+            await self._send({"type": "http.response.body", "body": data})
+
+    def abort(self) -> None:
+        raise ResponseAborted("fill failed; response aborted")
+
+    def close(self) -> None:
+        """Stop watching for the client's departure (the response is over)."""
         if self._gone is not None:
             self._gone.cancel()
 
     async def _wait_for_disconnect(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass  # the request (GET/HEAD: empty), then nothing until the client leaves
-
-    async def write(self, chunk: bytes) -> None:
-        if self._gone is not None and self._gone.done():
-            raise ClientGone()
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def end(self) -> None:
-        await self._send({"type": "http.response.body", "body": b""})
 
 
 class AsgiFront:
@@ -105,34 +125,31 @@ class AsgiFront:
         token = CURRENT.set(trace)
         status = 500
         raw_path = scope.get("raw_path") or b""
+        method = scope.get("method", "")
+        wire = AsgiWire(send, receive)
         try:
             try:
                 request = self._client_request(scope, headers, trace)
                 reply = await self._front.respond(request, trace, admin=self._admin)
             except errors.EdgecacheError as exc:
-                trace.cache = exc.cache_result
                 reply = error_reply(exc)
             status = reply.status
-            await self._send(scope, receive, send, reply, trace)
-        except ClientGone:
-            pass  # nothing more to send; the access log shows the bytes that went out
+            await send_reply(
+                reply, wire, trace, self._metrics, head=method == "HEAD", path=scope.get("path", "")
+            )
         finally:
+            wire.close()
             CURRENT.reset(token)
-            peer = trace.peer or _peer(scope)
-            protocol = f"HTTP/{scope.get('http_version', '1.1')}"
-            path = raw_path.decode("latin-1")
-            method = scope.get("method", "")
-            sent = trace.bytes_sent
             record_request(
                 self._metrics,
                 self._log_format,
                 trace,
                 method,
-                path,
+                raw_path.decode("latin-1"),
                 status,
-                sent,
-                peer=peer,
-                protocol=protocol,
+                trace.bytes_sent,
+                peer=trace.peer or _peer(scope),
+                protocol=f"HTTP/{scope.get('http_version', '1.1')}",
             )
 
     def _client_request(self, scope: Scope, headers: CIMultiDict[str], trace: RequestTrace) -> ClientRequest:
@@ -148,66 +165,6 @@ class AsgiFront:
         trace.peer = peer
         host = headers.get("Host") or ""
         return ClientRequest(scope["method"], raw_path, query, headers, host, peer)
-
-    async def _send(
-        self, scope: Scope, receive: Receive, send: Send, reply: Reply, trace: RequestTrace
-    ) -> None:
-        trace.cache = reply.cache
-        headers = {**API_VERSION_HEADER, **reply.headers, "X-Cache": reply.cache}
-        headers["X-Request-Id"] = trace.request_id
-        body = reply.body
-        try:
-            if isinstance(body, BytesBody):
-                headers["Content-Length"] = str(len(body.data))
-            await send({"type": "http.response.start", "status": reply.status, "headers": _encode(headers)})
-            if scope["method"] == "HEAD" or body is None:
-                await send({"type": "http.response.body", "body": b""})
-            elif isinstance(body, BytesBody):
-                self._metrics.served_bytes.labels("memory").inc(len(body.data))
-                trace.bytes_sent = len(body.data)
-                await send({"type": "http.response.body", "body": body.data})
-            elif isinstance(body, FileBody) and body.offset == 0 and body.length == body.blob.size:
-                # granian opens the path and sends it from Rust; the blob is immutable and held
-                # open (protected from eviction) by us until this returns.
-                await send({"type": "http.response.pathsend", "path": body.blob.file.name})
-                self._metrics.served_bytes.labels("disk").inc(body.length)
-                trace.bytes_sent = body.length
-            else:
-                with BodyStream(send, receive) as stream:
-                    if isinstance(body, FileBody):
-                        await self._send_range(stream, body, trace)
-                    else:
-                        await self._send_spool(scope, stream, body, trace)
-        finally:
-            reply.close()
-
-    async def _send_range(self, stream: BodyStream, body: FileBody, trace: RequestTrace) -> None:
-        served = self._metrics.served_bytes.labels("disk")
-        async for chunk in read_chunks(body.blob.file.fileno(), body.offset, body.length):
-            await stream.write(chunk)
-            served.inc(len(chunk))
-            trace.bytes_sent += len(chunk)
-        await stream.end()
-
-    async def _send_spool(
-        self, scope: Scope, stream: BodyStream, body: SpoolBody, trace: RequestTrace
-    ) -> None:
-        served = self._metrics.served_bytes.labels("fill")
-        self._metrics.fill_readers.inc()
-        try:
-            with body.flight.open_file() as spool:
-                async for offset, length in body.flight.segments(body.start, body.end):
-                    async for chunk in read_chunks(spool.fileno(), offset, length):
-                        await stream.write(chunk)
-                        served.inc(len(chunk))
-                        trace.bytes_sent += len(chunk)
-            await stream.end()
-        except errors.EdgecacheError as exc:
-            # Headers are out: cut the stream before its last byte so the client retries.
-            log.warning("aborting response for %s: %s", scope.get("path"), exc.detail or exc.message)
-            raise ResponseAborted(exc.message) from None
-        finally:
-            self._metrics.fill_readers.dec()
 
 
 def _peer(scope: Scope) -> str:

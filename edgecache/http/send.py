@@ -1,0 +1,167 @@
+"""The one send path: a Reply turned into a response on the wire, the same way on every listener.
+
+The final header set (Content-Length decided here once, for GET and HEAD alike), the body from memory,
+disk or a fill's spool, the bytes-served accounting, cutting a response before its last byte when its
+fill fails, and releasing the reply all happen here. An adapter (aiohttp, granian) supplies only a
+`Wire`: how to start a response, write bytes, hand a file range to the kernel (or decline), end and
+abort. Framework-free: this module imports neither aiohttp's server nor granian.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import IO, Protocol
+
+from prometheus_client import Counter
+
+from edgecache import errors
+from edgecache.http.chunks import read_chunks
+from edgecache.http.front import API_VERSION_HEADER
+from edgecache.metrics import Metrics
+from edgecache.pull import BytesBody, FileBody, Reply, SpoolBody
+from edgecache.trace import RequestTrace
+
+log = logging.getLogger(__name__)
+# Statuses whose responses never have a body, nor a Content-Length (aiohttp strips it; so do we,
+# so that every listener answers alike).
+NO_BODY_STATUSES = frozenset({204, 304, *range(100, 200)})
+
+
+class Wire(Protocol):
+    """One response of one listener: what an adapter supplies to `send_reply`.
+
+    Raising ConnectionError from any method means the client went away: nothing more is sent."""
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        """Begin the response (an adapter may hold the head back to send it with the first bytes)."""
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes; more follow."""
+
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
+        """Send [offset, offset+length) of `file` without passing it through Python, returning the bytes
+        sent; or None, sending nothing, when this transport cannot (TLS: the caller reads chunks).
+        `last` says these bytes end the body, so an adapter may also end the response with them."""
+
+    async def end(self, data: bytes = b"") -> None:
+        """Send the last body bytes (if any) and finish the response; once only, a no-op after a
+        `sendfile` that ended it."""
+
+    def abort(self) -> None:
+        """Cut the response before its last byte, so the client sees a short body and retries. May
+        raise, when that is how its server must be told (granian)."""
+
+
+async def send_reply(
+    reply: Reply, wire: Wire, trace: RequestTrace, metrics: Metrics, *, head: bool, path: str
+) -> None:
+    """Send `reply` on `wire` and release it, whatever happens. `head` sends the headers a GET would
+    have and no body; `path` names the request in the log line of a cut response."""
+    trace.cache = reply.cache
+    cut: str | None = None
+    try:
+        await wire.start(reply.status, response_headers(reply, trace, head=head))
+        body = reply.body
+        if head or body is None or reply.status in NO_BODY_STATUSES:
+            await wire.end()
+        elif isinstance(body, BytesBody):
+            await wire.end(body.data)
+            _count(metrics.served_bytes.labels("memory"), trace, len(body.data))
+        else:
+            try:
+                if isinstance(body, FileBody):
+                    await _send_file(wire, body, metrics, trace)
+                else:
+                    await _send_spool(wire, body, metrics, trace)
+            except errors.EdgecacheError as exc:
+                cut = exc.detail or exc.message
+    except ConnectionError:
+        pass  # the client went away, or the adapter cut the connection: nothing more to send
+    finally:
+        reply.close()
+    if cut is not None:
+        # Headers are out; the only honest signal left is to cut the response before the last byte,
+        # so the client sees a short body and retries instead of keeping wrong bytes.
+        log.warning("aborting response for %s: %s", path, cut)
+        wire.abort()
+
+
+def response_headers(reply: Reply, trace: RequestTrace, *, head: bool) -> dict[str, str]:
+    """The headers sent: the reply's, the API version, X-Cache, X-Request-Id and Content-Length."""
+    headers = {**API_VERSION_HEADER}
+    headers.update((k, v) for k, v in reply.headers.items() if k.lower() != "content-length")
+    headers["X-Cache"] = str(reply.cache)
+    headers["X-Request-Id"] = trace.request_id
+    length = content_length(reply, head=head)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return headers
+
+
+def content_length(reply: Reply, *, head: bool) -> int | None:
+    """The body's length (a HEAD's: the length a GET would send), or None where none is sent: no-body
+    statuses, a fill whose upstream announced no length (sent chunked), a HEAD of unknown size."""
+    body = reply.body
+    if reply.status in NO_BODY_STATUSES:
+        return None
+    if isinstance(body, BytesBody):
+        return len(body.data)
+    if isinstance(body, FileBody | SpoolBody):
+        return body.length
+    declared = reply.headers.get("Content-Length", "")
+    if declared.isdigit():
+        return int(declared)  # a HEAD answered without a body: the size its GET would send
+    return None if head else 0
+
+
+async def _send_file(wire: Wire, body: FileBody, metrics: Metrics, trace: RequestTrace) -> None:
+    """A verified blob, or a range of it, from disk."""
+    served = metrics.served_bytes.labels("disk")
+    sent = await _send_span(wire, body.blob.file, body.offset, body.length, served, trace, last=True)
+    if sent != body.length:
+        raise errors.EdgecacheError("blob file shorter than its size")
+    await wire.end()
+
+
+async def _send_spool(wire: Wire, body: SpoolBody, metrics: Metrics, trace: RequestTrace) -> None:
+    """A fill's bytes as they land in its spool; raises the fill's error if it fails."""
+    served = metrics.served_bytes.labels("fill")
+    metrics.fill_readers.inc()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(metrics.fill_readers.dec)
+        spool = cleanup.enter_context(body.flight.open_file())
+        async for offset, length in body.flight.segments(body.start, body.end):
+            sent = await _send_span(wire, spool, offset, length, served, trace, last=False)
+            if sent != length:
+                raise errors.UpstreamUnavailable("spool shorter than its fill said")
+    await wire.end()
+
+
+async def _send_span(
+    wire: Wire,
+    file: IO[bytes],
+    offset: int,
+    length: int,
+    served: Counter,
+    trace: RequestTrace,
+    *,
+    last: bool,
+) -> int:
+    """Bytes [offset, offset+length) of `file`: by the kernel where the wire can, else in 1 MiB
+    chunks read off the event loop. Returns the bytes sent (fewer only if the file is short)."""
+    sent = await wire.sendfile(file, offset, length, last=last)
+    if sent is not None:
+        _count(served, trace, sent)
+        return sent
+    sent = 0
+    async for chunk in read_chunks(file.fileno(), offset, length):
+        await wire.write(chunk)
+        sent += len(chunk)
+        _count(served, trace, len(chunk))
+    return sent
+
+
+def _count(served: Counter, trace: RequestTrace, sent: int) -> None:
+    served.inc(sent)
+    trace.bytes_sent += sent
