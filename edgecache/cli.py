@@ -1,4 +1,5 @@
-"""The `edgecache` command line: `edgecache serve` (more subcommands arrive with their issues)."""
+"""The `edgecache` command line: serve, warm, stats, and the maintenance commands du, prune, verify and
+pin. Parsing and messages live here; the work is in `app` (serve) and `ops/` (the rest)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from edgecache import __version__
 from edgecache.config import Config, load_config
 from edgecache.errors import ConfigError
 
@@ -16,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgecache", description="Pull-through caching proxy for OCI container registries."
     )
+    parser.add_argument("--version", action="version", version=f"edgecache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the mirror")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration (see conf/edgecache.toml)")

@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from edgecache import errors
+from edgecache import __version__, errors
 from edgecache.config import UpstreamConfig
 from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
@@ -31,7 +31,7 @@ from edgecache.upstream.tokens import TokenCache, parse_challenge, pull_scope, r
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
-USER_AGENT = "edgecache/0.1"
+USER_AGENT = f"edgecache/{__version__}"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 
