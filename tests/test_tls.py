@@ -315,7 +315,7 @@ def test_sigterm_stops_within_the_grace_even_with_a_slow_download(
         # The grace (10 s), not the download (~24 s more), bounds the stop: the bound is the point,
         # wide enough above the grace for a loaded machine and still far below the download.
         assert time.monotonic() - stopping < 18
-        slow.wait(timeout=30)
+        slow.communicate(timeout=30)
         assert "edgecache stopped" in edge.log_path.read_text()
 
 
@@ -353,11 +353,10 @@ def test_a_client_that_leaves_stops_the_sending(
         for extra in ((), ("-r", f"100-{len(layer.data) - 1}")):
             before = len(blob_records())
             command = ["curl", "-sS", version, "--cacert", str(ca.cert_path), *extra, url]
-            reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            assert reader.stdout is not None
-            assert len(reader.stdout.read(1024 * 1024)) == 1024 * 1024
-            reader.kill()
-            reader.wait(10)
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as reader:
+                assert reader.stdout is not None
+                assert len(reader.stdout.read(1024 * 1024)) == 1024 * 1024
+                reader.kill()
             # The server saw the client leave (the response is logged), and the fill went on: the
             # blob is stored, so the next request is served from the store.
             wait_until_sync(

@@ -82,7 +82,7 @@ class FaultProxy:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         rules = self.rules
         if rules.hang:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # the fault itself: an upstream that never answers
         if rules.basic_auth is not None:
             expected = "Basic " + base64.b64encode(":".join(rules.basic_auth).encode()).decode()
             if request.headers.get("Authorization") != expected:
@@ -130,13 +130,13 @@ class FaultProxy:
                 if (truncate or stall) and sent + len(chunk) > limit:
                     await response.write(chunk[: max(limit - sent, 0)])
                     if stall:
-                        await asyncio.sleep(3600)  # until the reader gives up on us
+                        await asyncio.sleep(3600)  # the fault itself: stalled until the reader gives up
                     assert request.transport is not None
                     request.transport.close()
                     return response
                 await response.write(chunk)
                 sent += len(chunk)
                 if blob and self.rules.throttle:
-                    await asyncio.sleep(self.rules.throttle)
+                    await asyncio.sleep(self.rules.throttle)  # the fault itself: a slow upstream
             await response.write_eof()
             return response
