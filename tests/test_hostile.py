@@ -217,8 +217,10 @@ def exchange(
 ) -> Closed:
     """Send `payload` as is on a fresh connection and read until the server closes it."""
     tls = listener != "plain"
-    sock = connect(hostile.tls_port, hostile.ca, alpn) if tls else connect(hostile.plain_port)
+    # Timed from before the connection: the server's deadline cannot start earlier, so a lower
+    # bound on `elapsed` holds however late this thread runs after connecting.
     start = time.monotonic()
+    sock = connect(hostile.tls_port, hostile.ca, alpn) if tls else connect(hostile.plain_port)
     # Refused and closed before all of it was sent: read what the server answered all the same.
     with contextlib.suppress(OSError):
         sock.sendall(payload)
@@ -651,11 +653,14 @@ def start_tls_probes(
     of the module: one that never sends a ClientHello, and two that finish the handshake (ALPN
     http/1.1, h2) and then send nothing at all."""
 
+    # Timed from before connecting, as in exchange(): lower bounds on `elapsed` stay sound.
     def no_client_hello() -> Closed:
-        return wait_closed(connect(hostile.tls_port), GRANIAN_HANDSHAKE_LIMIT + SLACK + 1)
+        start = time.monotonic()
+        return wait_closed(connect(hostile.tls_port), GRANIAN_HANDSHAKE_LIMIT + SLACK + 1, start)
 
     def silent_after_handshake(alpn: str) -> Closed:
-        return wait_closed(connect(hostile.tls_port, hostile.ca, alpn), IDLE_TIMEOUT + SLACK + 1.5)
+        start = time.monotonic()
+        return wait_closed(connect(hostile.tls_port, hostile.ca, alpn), IDLE_TIMEOUT + SLACK + 1.5, start)
 
     return {
         "no-client-hello": pool.submit(no_client_hello),
