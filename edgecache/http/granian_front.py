@@ -188,6 +188,20 @@ class _QuietGranian(logging.Filter):
         return "experimental" not in message and "ASGI transport error" not in message
 
 
+class _GranianToEdgecache(logging.Handler):
+    """granian's records (from `_granian` and its children, such as `_granian.asgi.io`) handed to
+    edgecache's own handlers after `_QuietGranian`. A filter on the `_granian` logger would not do:
+    logging applies a logger's filters only to records logged on that very logger, not to those
+    that propagate up from its children; a handler's filters see them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(_QuietGranian())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
 _GRANIAN_LEVELS = {
     logging.DEBUG: LogLevels.debug,
     logging.INFO: LogLevels.info,
@@ -228,22 +242,20 @@ class TlsListener:
                 keep_alive_interval=int(server.header_timeout * 1000),
                 keep_alive_timeout=int(server.header_timeout),
             ),
-            # granian's records go to edgecache's handlers, at edgecache's level (--log-level).
+            # granian's records go to edgecache's handlers, filtered, at edgecache's level
+            # (--log-level); granian applies this configuration itself, so the handler is named here.
             log_level=_GRANIAN_LEVELS.get(logging.getLogger().getEffectiveLevel(), LogLevels.info),
             log_dictconfig={
                 "version": 1,
                 "disable_existing_loggers": False,
-                "handlers": {},
+                "handlers": {"edgecache": {"()": _GranianToEdgecache}},
                 "formatters": {},
-                "loggers": {"_granian": {"propagate": True, "handlers": []}},
+                "loggers": {"_granian": {"propagate": False, "handlers": ["edgecache"]}},
             },
             ssl_cert=Path(server.tls_cert),
             ssl_key=Path(server.tls_key),
             ssl_protocol_min=SSLProtocols.tls12,
         )
-        granian_log = logging.getLogger("_granian")
-        if not any(isinstance(f, _QuietGranian) for f in granian_log.filters):
-            granian_log.addFilter(_QuietGranian())
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
