@@ -21,6 +21,7 @@ from tests.support.images import (
     build_image,
 )
 from tests.support.registry import Registry
+from tests.support.waiting import wait_until
 
 ALL_MANIFESTS = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
@@ -211,10 +212,8 @@ async def test_metrics_exist_from_start_and_never_name_repositories_or_digests(
     hex_ = layer.digest.split(":", 1)[1]
     async with edge.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
         await resp.read()
-    for _ in range(200):  # the verified fill is renamed into the store just after the response
-        if (edge.cache_dir / "blobs/sha256" / hex_[:2] / hex_).exists():
-            break
-        await asyncio.sleep(0.01)
+    # the verified fill is renamed into the store just after the response
+    await wait_until((edge.cache_dir / "blobs/sha256" / hex_[:2] / hex_).exists, message="blob stored")
     async with edge.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
         await resp.read()
     assert await edge.metric("edgecache_served_bytes_total", source="fill") == len(layer.data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import Blob
 from tests.support.registry import Registry
+from tests.support.waiting import wait_until
 
 SLOW = 0.002  # seconds per 64 KiB: the 24 MiB layer takes about a second to arrive
 
@@ -39,13 +40,6 @@ def stored(edge: Edge, blob: Blob) -> Path:
     return edge.cache_dir / "blobs" / "sha256" / hex_[:2] / hex_
 
 
-async def wait_for(condition: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def read_some(edge: Edge, blob: Blob, fraction: float) -> None:
     """A client that reads part of the blob and hangs up."""
     async with edge.http.get(f"/v2/library/big/blobs/{blob.digest}") as resp:
@@ -63,7 +57,7 @@ async def test_leader_leaving_at_10_percent_does_not_stop_the_others(
     layer = seeded.big.layers[-1]
     async with edge_for(tmp_path, slow_origin.url) as edge:
         leader = asyncio.create_task(read_some(edge, layer, 0.10))
-        await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
+        await wait_until(lambda: slow_origin.count("GET", layer.digest) == 1)
 
         async def follower() -> tuple[str, bytes]:
             async with edge.http.get(f"/v2/big/blobs/{layer.digest}") as resp:
@@ -75,7 +69,7 @@ async def test_leader_leaving_at_10_percent_does_not_stop_the_others(
         assert all(body == layer.data for _, body in results)
         assert {cache for cache, _ in results} == {"JOINED"}
         assert slow_origin.count("GET", layer.digest) == 1
-        await wait_for(lambda: stored(edge, layer).exists())
+        await wait_until(lambda: stored(edge, layer).exists())
         assert stored(edge, layer).read_bytes() == layer.data
         # The same story in the metrics: one fill, four joiners, the blob once from upstream.
         assert await edge.metric("edgecache_fills_started_total", upstream="docker.io") == 1
@@ -94,7 +88,7 @@ async def test_fill_finishes_when_every_reader_has_gone_by_default(
     layer = seeded.big.layers[-1]
     async with edge_for(tmp_path, slow_origin.url) as edge:
         await read_some(edge, layer, 0.10)
-        await wait_for(lambda: stored(edge, layer).exists())
+        await wait_until(lambda: stored(edge, layer).exists())
         async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
             assert resp.headers["X-Cache"] == "HIT"
             assert await resp.read() == layer.data
@@ -107,8 +101,8 @@ async def test_fill_is_cancelled_when_every_reader_has_gone_if_configured(
     layer = seeded.big.layers[-1]
     async with edge_for(tmp_path, slow_origin.url, abandoned_fills="cancel") as edge:
         await read_some(edge, layer, 0.10)
-        await wait_for(lambda: edge.instance.flights.running("docker.io", _digest(layer)) is None)
-        await wait_for(lambda: not any(edge.cache_dir.joinpath("tmp").iterdir()))
+        await wait_until(lambda: edge.instance.flights.running("docker.io", _digest(layer)) is None)
+        await wait_until(lambda: not any(edge.cache_dir.joinpath("tmp").iterdir()))
         assert not stored(edge, layer).exists()
         assert (
             await edge.metric("edgecache_fills_failed_total", upstream="docker.io", reason="cancelled") == 1
@@ -128,7 +122,7 @@ async def test_ranges_on_a_blob_being_filled_are_answered_from_the_fill(
     async with edge_for(tmp_path, slow_origin.url) as edge:
         path = f"/v2/library/big/blobs/{layer.digest}"
         leader = asyncio.create_task(edge.http.get(path))
-        await wait_for(lambda: slow_origin.count("GET", layer.digest) == 1)
+        await wait_until(lambda: slow_origin.count("GET", layer.digest) == 1)
         # containerd fetches a layer in parallel ranges; dockerd resumes with bytes=N-.
         async with edge.http.get(path, headers={"Range": "bytes=0-65535"}) as resp:
             assert resp.status == 206
@@ -195,5 +189,5 @@ async def test_a_slow_reader_does_not_hold_back_the_fill_or_the_others(
             first = await slow.content.readexactly(64 * 1024)  # ...then it stops reading for a while
             async with edge.http.get(path) as fast:
                 assert await fast.read() == layer.data
-            await wait_for(lambda: stored(edge, layer).exists())  # the fill did not wait for it either
+            await wait_until(lambda: stored(edge, layer).exists())  # the fill did not wait for it either
             assert first + await slow.read() == layer.data
