@@ -17,6 +17,7 @@ from edgecache.access.policy import ANONYMOUS_IDENTITY, AccessPolicy, Identity, 
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
 from edgecache.oci import RepoName
+from tests.support.clock import Clock
 
 PASSWORDS = {"alice": "alice-pass", "bob": "bob-pass"}
 ALICE = Identity("alice", True)
@@ -71,17 +72,9 @@ def htpasswd_policy(
     return AccessPolicy(config, clock=clock)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(5000.0)
 
 
 # -- decisions over rules -----------------------------------------------------------------------

@@ -17,18 +17,11 @@ from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
 from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
+from tests.support.clock import Clock
 from tests.support.memory_upstream import MemoryUpstream
 
 REPO = RepoName.parse("team/app")
 BLOB = os.urandom(3 * 1024 * 1024 + 17)  # several write batches and an odd tail
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Parts:

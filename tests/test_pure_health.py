@@ -15,17 +15,7 @@ from edgecache.upstream.health import (
     parse_ratelimit,
     parse_retry_after,
 )
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import Clock
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
 from edgecache.store.manifests import ManifestCache
 from edgecache.store.membership import Membership
+from tests.support.clock import Clock
 from tests.support.memory_upstream import MemoryUpstream
 from tests.support.waiting import wait_until
 
@@ -30,19 +31,11 @@ TAG_TTL = 60.0
 MAX_STALE = 3600.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class World:
     """The parts the app wires, around one in-memory upstream."""
 
     def __init__(self, root: Path) -> None:
-        self.clock = Clock()
+        self.clock = Clock(1_700_000_000.0)
         self.upstream = MemoryUpstream()
         metrics = Metrics([self.upstream.name])
         self.metrics = metrics
