@@ -228,26 +228,28 @@ class Flights:
             upstream_bytes = self._metrics.upstream_bytes.labels(source.name)
             pending: asyncio.Future[None] | None = None
             received = spool.written  # bytes of the blob that have arrived, written or not
-            batch = bytearray()
+            batch: list[bytes] = []  # chunks as they arrived: handed to the writer, never joined
+            batched = 0
             try:
-                async for chunk in body.chunks(WRITE_BATCH):
-                    batch += chunk
+                async for chunk in body.chunks():
                     received += len(chunk)
                     if flight.size is not None and received > flight.size:
                         raise errors.UpstreamUnavailable("upstream sent more than it announced")
-                    if len(batch) >= WRITE_BATCH:
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= WRITE_BATCH:
                         if pending is not None:
                             await pending  # its bytes now count in spool.written
                             flight.notify()
-                        pending = asyncio.ensure_future(asyncio.to_thread(spool.append, bytes(batch)))
-                        upstream_bytes.inc(len(batch))
-                        batch.clear()
+                        pending = asyncio.ensure_future(asyncio.to_thread(spool.append, batch))
+                        upstream_bytes.inc(batched)
+                        batch, batched = [], 0
             finally:
                 if pending is not None:
                     await pending
                 if batch:
-                    await asyncio.to_thread(spool.append, bytes(batch))
-                    upstream_bytes.inc(len(batch))
+                    await asyncio.to_thread(spool.append, batch)
+                    upstream_bytes.inc(batched)
                 flight.notify()
 
     def _fail(self, flight: BlobFlight, error: errors.EdgecacheError, reason: str) -> None:

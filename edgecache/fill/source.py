@@ -16,9 +16,9 @@ class BlobBody(Protocol):
     @property
     def length(self) -> int | None: ...
 
-    def chunks(self, size: int) -> AsyncIterator[bytes]:
-        """The body in chunks of at most `size` bytes. A body that breaks off raises
-        errors.UpstreamInterrupted (resumable); other EdgecacheErrors end the fill."""
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body in chunks as they arrive (any size; the fill batches them). A body that breaks
+        off raises errors.UpstreamInterrupted (resumable); other EdgecacheErrors end the fill."""
         ...
 
 

@@ -60,8 +60,11 @@ class UpstreamBody:
     def length(self) -> int | None:
         return self._resp.content_length
 
-    def chunks(self, size: int) -> AsyncIterator[bytes]:
-        return self._resp.content.iter_chunked(size)
+    async def chunks(self) -> AsyncIterator[bytes]:
+        # iter_chunks hands over each buffer as the transport read it; iter_chunked and iter_any
+        # join buffers into a new bytes object first, a copy of every byte on the event loop.
+        async for data, _ in self._resp.content.iter_chunks():
+            yield data
 
 
 @dataclass(frozen=True)

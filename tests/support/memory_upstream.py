@@ -31,9 +31,9 @@ class MemoryBody:
     def length(self) -> int | None:
         return len(self.data)
 
-    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         sent = 0
-        step = min(size, self.chunk)
+        step = self.chunk
         while sent < len(self.data):
             if self.gate is not None:
                 await self.gate.wait()
