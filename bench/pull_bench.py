@@ -8,6 +8,7 @@ incompressible blob, and measures with curl (C, so the client is not the bottlen
 - warm: GET through edgecache again (sendfile from its disk);
 - 32 cold: 32 concurrent clients of the same blob through a fresh edgecache (wall time vs one cold
   client; upstream GETs counted in the origin's access log);
+- CPU seconds (user + system) of the edgecache process per cold GiB;
 - peak RSS of the edgecache process (VmHWM).
 
 Every figure is a ratio to a baseline measured in the same run (medians of --reps runs), so it holds on
@@ -126,6 +127,11 @@ class Edge:
         self.url = f"http://127.0.0.1:{self.port}"
         wait_http(f"{self.url}/v2/", proc=self.proc)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the edgecache process so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -166,11 +172,13 @@ def main() -> None:
         many_direct = statistics.median(
             concurrent_seconds(origin.url + path, args.clients) for _ in range(args.reps)
         )
-        cold, warm, many, rss, upstream_gets = [], [], [], [], []
+        cold, warm, many, rss, upstream_gets, cold_cpu = [], [], [], [], [], []
         for _ in range(args.reps):
             edge = Edge(origin, work)
             touch_memory(work, size + (64 << 20))
+            cpu_before = edge.cpu_seconds()
             cold.append(curl_seconds(edge.url + path))
+            cold_cpu.append((edge.cpu_seconds() - cpu_before) / (size / 2**30))
             warm.append(statistics.median(curl_seconds(edge.url + path) for _ in range(args.reps)))
             assert curl_digest(edge.url + path) == digest
             rss.append(edge.peak_rss_mib())
@@ -195,6 +203,7 @@ def main() -> None:
         rows = [
             ("direct from origin (baseline)", f"{mb / direct:,.0f} MB/s", "1.00x"),
             ("cold through edgecache", f"{mb / cold_s:,.0f} MB/s", f"{direct / cold_s:.2f}x direct"),
+            ("edgecache CPU per cold GiB", f"{statistics.median(cold_cpu):.2f} s", "user + system"),
             ("warm through edgecache", f"{mb / warm_s:,.0f} MB/s", f"{direct / warm_s:.2f}x direct"),
             (
                 f"{args.clients} concurrent cold clients",
