@@ -216,9 +216,12 @@ async def test_stalled_upstream_body_is_resumed(
 
 async def test_upstream_connections_are_bounded(tmp_path: Path, proxy: FaultProxy, origin: Registry) -> None:
     pusher = Pusher(origin.url)
-    images = [build_image(f"many-{i}", random_bytes=512 * 1024) for i in range(8)]
+    images = [build_image(f"many-{i}", random_bytes=2 * 1024 * 1024) for i in range(8)]
     for i, image in enumerate(images):
         pusher.push_image(f"test/many-{i}", "v1", image)
+    # Paced bodies stay in flight (they would fit in the socket buffers otherwise), so the proxy's
+    # count of requests it is answering at once is the number of upstream connections in use.
+    proxy.rules.throttle = 0.002
     config = edge_config(tmp_path / "c", proxy.url, upstream={"max_connections": 2})
     async with running_edge(config) as edge:
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from typing import BinaryIO
 from cachetools import TTLCache
 
 from edgecache import errors
-from edgecache.fill.source import BlobSource
+from edgecache.fill.source import BlobBody, BlobSource
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
 from edgecache.outcomes import ObjectKind
@@ -27,7 +28,6 @@ from edgecache.store.blobs import BlobStore, Spool
 from edgecache.store.keeper import CacheKeeper
 
 log = logging.getLogger(__name__)
-WRITE_BATCH = 1024 * 1024
 SEGMENT_MAX = 8 * 1024 * 1024
 MAX_RESUMES = 3
 
@@ -215,42 +215,33 @@ class Flights:
             flight._maybe_close()
 
     async def _copy(self, flight: BlobFlight, source: BlobSource) -> None:
-        """Source body → spool, from wherever the spool ends (a Range request when resuming).
-
-        Network reads overlap disk writes and hashing: one batch is written in a worker thread while
-        the next is read. Whatever arrived is kept when the body breaks off, so a resume continues it.
-        """
+        """Source body → spool, from wherever the spool ends (a Range request when resuming)."""
         spool = flight.spool
         async with source.open_blob(flight.repo, flight.digest, start=spool.written) as body:
             if not flight.started.done():
                 flight.size = body.length
                 flight.started.set_result(flight.size)
-            upstream_bytes = self._metrics.upstream_bytes.labels(source.name)
-            pending: asyncio.Future[None] | None = None
-            received = spool.written  # bytes of the blob that have arrived, written or not
-            batch: list[bytes] = []  # chunks as they arrived: handed to the writer, never joined
-            batched = 0
-            try:
-                async for chunk in body.chunks():
-                    received += len(chunk)
-                    if flight.size is not None and received > flight.size:
-                        raise errors.UpstreamUnavailable("upstream sent more than it announced")
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= WRITE_BATCH:
-                        if pending is not None:
-                            await pending  # its bytes now count in spool.written
-                            flight.notify()
-                        pending = asyncio.ensure_future(asyncio.to_thread(spool.append, batch))
-                        upstream_bytes.inc(batched)
-                        batch, batched = [], 0
-            finally:
-                if pending is not None:
-                    await pending
-                if batch:
-                    await asyncio.to_thread(spool.append, batch)
-                    upstream_bytes.inc(batched)
-                flight.notify()
+            await self._drain(flight, body, source.name)
+
+    async def _drain(self, flight: BlobFlight, body: BlobBody, upstream: str) -> None:
+        """Each block is written and hashed on the source's reading thread, and the loop only hears
+        that the spool has grown (readers wake once per block, about a MiB). Whatever was written
+        before the body broke off is kept, so a resume continues it."""
+        spool = flight.spool
+        upstream_bytes = self._metrics.upstream_bytes.labels(upstream)
+        notify = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, flight.notify)
+
+        def consume(block: memoryview) -> None:
+            if flight.size is not None and spool.written + len(block) > flight.size:
+                raise errors.UpstreamUnavailable("upstream sent more than it announced")
+            spool.append([block])
+            upstream_bytes.inc(len(block))
+            notify()
+
+        try:
+            await body.drain(consume)
+        finally:
+            flight.notify()
 
     def _fail(self, flight: BlobFlight, error: errors.EdgecacheError, reason: str) -> None:
         self._metrics.fills_failed.labels(flight.key[0], reason).inc()

@@ -3,7 +3,7 @@ and later tiers (a shared bucket, a parent edgecache) plug in beside the upstrea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -11,14 +11,20 @@ from edgecache.oci import Digest, RepoName
 
 
 class BlobBody(Protocol):
-    """An opened blob body: its announced length (None when not announced) and its bytes."""
+    """An opened blob body, read on the source's own threads: receiving, hashing and writing then
+    all happen off the event loop, which only hears that another block has landed."""
 
     @property
-    def length(self) -> int | None: ...
+    def length(self) -> int | None:
+        """The announced length of what follows (from the requested start), or None."""
+        ...
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body in chunks as they arrive (any size; the fill batches them). A body that breaks
-        off raises errors.UpstreamInterrupted (resumable); other EdgecacheErrors end the fill."""
+    async def drain(self, consume: Callable[[memoryview], None]) -> None:
+        """Read the body to its end, calling consume(block) on a worker thread for each block (its
+        memory is reused once consume returns). A body that breaks off raises
+        errors.UpstreamInterrupted (resumable); other EdgecacheErrors end the fill; an exception from
+        consume ends the read and is raised here. Cancelling stops the reading thread before it
+        returns, so nothing is consumed afterwards."""
         ...
 
 

@@ -195,7 +195,7 @@ class Spool:
         self._hasher = digest.hasher()
         self._closed = False
 
-    def append(self, chunks: Sequence[bytes]) -> None:
+    def append(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write and hash one batch of chunks as they arrived (called in a worker thread: pwritev and
         hashlib drop the GIL, so the event loop keeps reading meanwhile). The chunks are never
         joined: a batch costs no copy in Python."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -26,6 +27,7 @@ from edgecache.config import UpstreamConfig
 from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
 from edgecache.trace import note_upstream_status
+from edgecache.upstream.blocking import Answer, ConnectionPool
 from edgecache.upstream.health import UpstreamHealth, parse_ratelimit, parse_retry_after
 from edgecache.upstream.tokens import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
 
@@ -50,21 +52,14 @@ class FetchedManifest:
     digest: Digest | None  # what upstream claimed in Docker-Content-Digest
 
 
-class UpstreamBody:
-    """An upstream blob body as fills read it (fill.source.BlobBody): its length and its chunks."""
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
+class UpstreamAnswer(Protocol):
+    """What the request plumbing needs of an answer, from aiohttp or from the blocking transport."""
 
     @property
-    def length(self) -> int | None:
-        return self._resp.content_length
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        # iter_chunks hands over each buffer as the transport read it; iter_chunked and iter_any
-        # join buffers into a new bytes object first, a copy of every byte on the event loop.
-        async for data, _ in self._resp.content.iter_chunks():
-            yield data
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def release(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +86,8 @@ class UpstreamClient:
         self._basic: str | None = None
         self._uses_basic = False  # set once upstream has asked for Basic: then sent up front
         self._session: aiohttp.ClientSession | None = None
+        self._blocking: ConnectionPool | None = None
+        self._blocking_slots = asyncio.Semaphore(config.max_connections)
         # sock_connect, not connect: `connect` would also count the wait for a free pooled connection,
         # and requests queued behind max_connections must wait their turn, not time out.
         self._timeout = aiohttp.ClientTimeout(
@@ -99,6 +96,8 @@ class UpstreamClient:
 
     async def start(self) -> None:
         ssl_context = ssl.create_default_context(cafile=self.config.ca_bundle or None)
+        self._ssl_context = ssl_context
+        self._blocking = self._new_pool(self.config)
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -122,6 +121,15 @@ class UpstreamClient:
         self._uses_basic = False
         self._tokens = TokenCache()
         self.health.reconfigure(config.down_after, config.down_for)
+        if self._blocking is not None:  # new timeouts for new connections; reads in flight finish
+            old, self._blocking = self._blocking, self._new_pool(config)
+            old.close()
+            self._blocking_slots = asyncio.Semaphore(config.max_connections)
+
+    def _new_pool(self, config: UpstreamConfig) -> ConnectionPool:
+        return ConnectionPool(
+            self.name, self._ssl_context, config.connect_timeout, config.read_timeout, config.max_connections
+        )
 
     def _basic_credentials(self) -> str | None:
         if not self.config.username:
@@ -132,6 +140,8 @@ class UpstreamClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._blocking is not None:
+            self._blocking.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -171,15 +181,19 @@ class UpstreamClient:
             return resp.content_length
 
     @contextlib.asynccontextmanager
-    async def open_blob(self, repo: RepoName, digest: Digest, start: int = 0) -> AsyncIterator[UpstreamBody]:
-        """A blob GET (from `start` with a Range request when resuming); status already checked."""
+    async def open_blob(self, repo: RepoName, digest: Digest, start: int = 0) -> AsyncIterator[Answer]:
+        """A blob GET (from `start` with a Range request when resuming); status already checked. The
+        body is read with blocking calls on this upstream's threads (upstream.blocking)."""
         headers = {"Range": f"bytes={start}-"} if start else {}
-        async with self._request("GET", repo, f"blobs/{digest}", kind="blob", headers=headers) as resp:
+        async with self._exchange(
+            "GET", repo, f"blobs/{digest}", kind="blob", headers=headers, blocking=True
+        ) as resp:
             if start and (
                 resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(f"bytes {start}-")
             ):
                 raise errors.UpstreamUnavailable("upstream cannot resume at the requested offset")
-            yield UpstreamBody(resp)
+            assert isinstance(resp, Answer)
+            yield resp
 
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
         """GET a small JSON listing (tags/list, referrers) and relay it; 404 passes through."""
@@ -207,7 +221,28 @@ class UpstreamClient:
         params: Mapping[str, str] | None = None,
         allow_404: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One registry request with auth and redirects; yields a 2xx response (or 404 if allowed)."""
+        """One registry request on the event loop (aiohttp); see `_exchange`."""
+        async with self._exchange(
+            method, repo, path, kind=kind, headers=headers, params=params, allow_404=allow_404
+        ) as resp:
+            assert isinstance(resp, aiohttp.ClientResponse)
+            yield resp
+
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self,
+        method: str,
+        repo: RepoName,
+        path: str,
+        *,
+        kind: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        allow_404: bool = False,
+        blocking: bool = False,
+    ) -> AsyncIterator[UpstreamAnswer]:
+        """One registry request with auth and redirects; yields a 2xx response (or 404 if allowed):
+        aiohttp's, or with `blocking` an upstream.blocking.Answer whose body a worker thread reads."""
         url = URL(f"{self.base_url}/v2/{repo}/{path}", encoded=True)
         query = dict(params or {})
         if self.config.parent:
@@ -220,32 +255,52 @@ class UpstreamClient:
             base_headers["Accept"] = MANIFEST_ACCEPT
         scope = pull_scope(str(repo))
         self.health.check(self.name)
-        started = time.perf_counter()
-        resp = await self._answer(method, url, base_headers, scope, kind, allow_404)
-        timing = self._metrics.upstream_duration
-        timing.labels(self.name, kind, "first_byte").observe(time.perf_counter() - started)
+        # aiohttp's connector bounds its own connections; blocking ones hold a slot from before the
+        # request until their body is read, so both transports keep to max_connections each.
+        slots = self._blocking_slots if blocking else None
+        if slots is not None:
+            await slots.acquire()
         try:
-            yield resp
-            timing.labels(self.name, kind, "total").observe(time.perf_counter() - started)
-        except (aiohttp.ClientError, TimeoutError) as exc:  # not OSError: that is the caller's disk
-            # The answer started and then broke off: a caller may resume it with a Range.
-            log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
-            self._health_changed(self.health.failed)
-            raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
+            started = time.perf_counter()
+            resp = await self._answer(method, url, base_headers, scope, kind, allow_404, blocking)
+            timing = self._metrics.upstream_duration
+            timing.labels(self.name, kind, "first_byte").observe(time.perf_counter() - started)
+            try:
+                yield resp
+                timing.labels(self.name, kind, "total").observe(time.perf_counter() - started)
+            except (aiohttp.ClientError, TimeoutError) as exc:  # not OSError: that is the caller's disk
+                # The answer started and then broke off: a caller may resume it with a Range.
+                log.warning("upstream %s %s body interrupted: %s", self.name, kind, type(exc).__name__)
+                self._health_changed(self.health.failed)
+                raise errors.UpstreamInterrupted(f"upstream {self.name} stopped mid-body") from None
+            except errors.UpstreamInterrupted as exc:  # the blocking transport's body broke off
+                log.warning("upstream %s %s body interrupted: %s", self.name, kind, exc.detail)
+                self._health_changed(self.health.failed)
+                raise
+            finally:
+                resp.release()
         finally:
-            resp.release()
+            if slots is not None:
+                slots.release()
 
     async def _answer(
-        self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str, allow_404: bool
-    ) -> aiohttp.ClientResponse:
+        self,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        scope: str,
+        kind: str,
+        allow_404: bool,
+        blocking: bool = False,
+    ) -> UpstreamAnswer:
         """Send with auth and redirects until an answer we can use; library errors mapped here."""
         try:
-            resp = await self._send(method, url, headers, scope, kind)
+            resp = await self._send(method, url, headers, scope, kind, blocking)
             if resp.status == 401:
                 challenge_header = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
                 if await self._authenticate(challenge_header, scope):
-                    resp = await self._send(method, url, headers, scope, kind)
+                    resp = await self._send(method, url, headers, scope, kind, blocking)
             try:
                 self._check_status(resp, kind, allow_404)
             except BaseException:
@@ -257,12 +312,12 @@ class UpstreamClient:
         except TimeoutError:
             self._no_answer(kind)
             raise errors.UpstreamTimeout(f"upstream {self.name} timed out") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, http.client.HTTPException) as exc:
             log.warning("upstream %s %s %s failed: %s", self.name, method, kind, type(exc).__name__)
             self._no_answer(kind)
             raise errors.UpstreamUnavailable(f"upstream {self.name} is unreachable") from None
 
-    def _observe(self, resp: aiohttp.ClientResponse, kind: str) -> None:
+    def _observe(self, resp: UpstreamAnswer, kind: str) -> None:
         """Account for one upstream answer: metrics, rate-limit headers, health."""
         status = resp.status
         note_upstream_status(status)
@@ -295,8 +350,8 @@ class UpstreamClient:
             self._metrics.set_health(self.name, after)
 
     async def _send(
-        self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str
-    ) -> aiohttp.ClientResponse:
+        self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str, blocking: bool = False
+    ) -> UpstreamAnswer:
         """Send, following redirects ourselves: Authorization only ever goes to the upstream's origin."""
         origin = self.base_url
         for _hop in range(MAX_REDIRECTS + 1):
@@ -305,9 +360,15 @@ class UpstreamClient:
                 auth = self._authorization(scope)
                 if auth:
                     request_headers["Authorization"] = auth
-            resp = await self.session.request(
-                method, url, headers=request_headers, allow_redirects=False, timeout=self._timeout
-            )
+            resp: UpstreamAnswer
+            if blocking:
+                assert self._blocking is not None, "UpstreamClient.start() was not awaited"
+                request_headers["User-Agent"] = USER_AGENT
+                resp = await self._blocking.open(method, url, request_headers)
+            else:
+                resp = await self.session.request(
+                    method, url, headers=request_headers, allow_redirects=False, timeout=self._timeout
+                )
             self._observe(resp, kind)
             if resp.status not in REDIRECT_STATUSES:
                 return resp
@@ -382,7 +443,7 @@ class UpstreamClient:
         self._tokens.put(scope, token, float(expires_in) if isinstance(expires_in, int | float) else None)
         return token
 
-    def _check_status(self, resp: aiohttp.ClientResponse, kind: str, allow_404: bool) -> None:
+    def _check_status(self, resp: UpstreamAnswer, kind: str, allow_404: bool) -> None:
         status = resp.status
         if 200 <= status < 300 or (status == 404 and allow_404):
             return
