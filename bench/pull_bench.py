@@ -6,6 +6,8 @@ incompressible blob, and measures with curl (C, so the client is not the bottlen
 - direct: GET from the origin (its files in the page cache, like a warm registry);
 - cold: GET through a fresh edgecache (one upstream fetch, streamed while it fills);
 - warm: GET through edgecache again (sendfile from its disk);
+- two tiers: GET through a fresh edgecache whose upstream is a fresh parent edgecache in front of
+  the origin (`parent = true`), against one tier in the same run;
 - 32 cold: 32 concurrent clients of the same blob through a fresh edgecache (wall time vs one cold
   client; upstream GETs counted in the origin's access log);
 - CPU seconds (user + system) of the edgecache process per cold GiB;
@@ -116,13 +118,17 @@ def curl_digest(url: str) -> str:
 
 
 class Edge:
-    def __init__(self, origin: Registry, workdir: Path) -> None:
+    def __init__(self, origin: Registry | Edge, workdir: Path) -> None:
+        """An edgecache in front of `origin`: the registry, or a parent edgecache (then as a tier)."""
         self.port = free_port()
         self.cache = workdir / f"cache-{self.port}"
+        env = {**os.environ}
+        if isinstance(origin, Edge):
+            env["EDGECACHE_UPSTREAM_PARENT"] = "true"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--upstream", origin.url, "--cache-dir", str(self.cache), "--log-level", "warning"],
-            cwd=ROOT,
+            cwd=ROOT, env=env,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         wait_http(f"{self.url}/v2/", proc=self.proc)
@@ -172,7 +178,7 @@ def main() -> None:
         many_direct = statistics.median(
             concurrent_seconds(origin.url + path, args.clients) for _ in range(args.reps)
         )
-        cold, warm, many, rss, upstream_gets, cold_cpu = [], [], [], [], [], []
+        cold, warm, many, rss, upstream_gets, cold_cpu, two_tier = [], [], [], [], [], [], []
         for _ in range(args.reps):
             edge = Edge(origin, work)
             touch_memory(work, size + (64 << 20))
@@ -183,6 +189,14 @@ def main() -> None:
             assert curl_digest(edge.url + path) == digest
             rss.append(edge.peak_rss_mib())
             edge.stop()
+
+            parent = Edge(origin, work)
+            child = Edge(parent, work)
+            touch_memory(work, 2 * size + (64 << 20))
+            two_tier.append(curl_seconds(child.url + path))
+            assert curl_digest(child.url + path) == digest
+            child.stop()
+            parent.stop()
 
             edge = Edge(origin, work)
             touch_memory(work, size + (64 << 20))
@@ -203,6 +217,11 @@ def main() -> None:
         rows = [
             ("direct from origin (baseline)", f"{mb / direct:,.0f} MB/s", "1.00x"),
             ("cold through edgecache", f"{mb / cold_s:,.0f} MB/s", f"{direct / cold_s:.2f}x direct"),
+            (
+                "cold through two tiers (edge -> parent -> origin)",
+                f"{mb / statistics.median(two_tier):,.0f} MB/s",
+                f"{cold_s / statistics.median(two_tier):.2f}x one tier",
+            ),
             ("edgecache CPU per cold GiB", f"{statistics.median(cold_cpu):.2f} s", "user + system"),
             ("warm through edgecache", f"{mb / warm_s:,.0f} MB/s", f"{direct / warm_s:.2f}x direct"),
             (
