@@ -438,3 +438,28 @@ async def test_if_none_match_answers_304_without_a_body(edge: Edge, seeded: Seed
             path, headers={"Accept": DOCKER_MANIFEST, "If-None-Match": '"sha256:other"'}
         ) as resp:
             assert resp.status == 200
+
+
+async def test_a_bug_is_an_oci_500_with_a_request_id_never_a_plain_text_page(
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (made here by breaking the pull service) still answers in the
+    registry's JSON format, names no exception text, and the next request is served normally."""
+
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("secret internals /var/cache/edgecache")
+
+    monkeypatch.setattr(edge.instance.front.pull, "manifest", broken)
+    async with edge.http.get(
+        "/v2/library/alpine/manifests/latest", headers={"Accept": ALL_MANIFESTS}
+    ) as resp:
+        assert resp.status == 500
+        assert resp.headers["X-Request-Id"]
+        body = await resp.read()
+        assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+        assert b"secret" not in body and b"/var/cache" not in body
+    monkeypatch.undo()
+    async with edge.http.get(
+        "/v2/library/alpine/manifests/latest", headers={"Accept": ALL_MANIFESTS}
+    ) as resp:
+        assert resp.status == 200

@@ -133,6 +133,9 @@ class AsgiFront:
                 reply = await self._front.respond(request, trace, admin=self._admin)
             except errors.EdgecacheError as exc:
                 reply = error_reply(exc)
+            except Exception:  # a bug: still an OCI 500 with a request id, never granian's own page
+                log.exception("unexpected error answering %s %s", method, scope.get("path", ""))
+                reply = error_reply(errors.EdgecacheError("unexpected error"))
             status = reply.status
             await send_reply(
                 reply, wire, trace, self._metrics, head=method == "HEAD", path=scope.get("path", "")
