@@ -113,7 +113,8 @@ http:
     log_path = root / "registry.log"
     with log_path.open("wb") as log:  # the child has its own copy of the descriptor
         proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    scheme = "https" if "tls:" in extra_config else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
     # /v2/ answers 200 once the registry serves; with an auth section, 401 to anyone not logged in.
     wait_http(f"{url}/v2/", proc=proc, log_path=log_path, status=401 if "auth:" in extra_config else 200)
     return Registry(url, port, root, log_path, proc)
