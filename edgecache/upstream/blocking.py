@@ -9,7 +9,9 @@ exactly as it drives aiohttp: `open_answer` returns an `Answer` with a status an
 body is read with `readinto`.
 
 Connections are kept alive in a small pool per origin when a body was read to its end, so a run of
-small blobs does not pay a handshake each.
+small blobs does not pay a handshake each. Each upstream has threads of its own (bounded by
+UpstreamClient's max_connections slots), so a black-holed upstream can never take the threads the
+rest of edgecache uses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from edgecache import errors
 
 log = logging.getLogger(__name__)
 POOL_PER_ORIGIN = 8
+# Threads are started only as reads need them; UpstreamClient's slots (max_connections) bound how many
+# run at once, so this is only a ceiling that a reload raising max_connections never meets.
+MAX_THREADS = 512
 BLOCK = 1 << 20  # bytes per blocking read: the fill's readers hear about the body once per block
 Origin = tuple[str, str, int]
 
@@ -125,14 +130,22 @@ class ConnectionPool:
         ssl_context: ssl.SSLContext,
         connect_timeout: float,
         read_timeout: float,
-        threads: int,
     ) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"upstream-{name}")
+        self.executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix=f"upstream-{name}")
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
+
+    def reconfigure(self, connect_timeout: float, read_timeout: float) -> None:
+        """Reloaded timeouts apply to new connections; idle ones are closed so none keeps the old."""
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
     def put(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:

@@ -122,14 +122,11 @@ class UpstreamClient:
         self._tokens = TokenCache()
         self.health.reconfigure(config.down_after, config.down_for)
         if self._blocking is not None:  # new timeouts for new connections; reads in flight finish
-            old, self._blocking = self._blocking, self._new_pool(config)
-            old.close()
-            self._blocking_slots = asyncio.Semaphore(config.max_connections)
+            self._blocking.reconfigure(config.connect_timeout, config.read_timeout)
+        self._blocking_slots = asyncio.Semaphore(config.max_connections)  # holders release the old one
 
     def _new_pool(self, config: UpstreamConfig) -> ConnectionPool:
-        return ConnectionPool(
-            self.name, self._ssl_context, config.connect_timeout, config.read_timeout, config.max_connections
-        )
+        return ConnectionPool(self.name, self._ssl_context, config.connect_timeout, config.read_timeout)
 
     def _basic_credentials(self) -> str | None:
         if not self.config.username:
