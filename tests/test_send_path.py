@@ -10,6 +10,7 @@ them fails here, loudly, instead of in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -373,8 +374,9 @@ async def test_tcp_site_state_oci_site_reads_is_set_at_init() -> None:
         await runner.cleanup()
 
 
-async def test_slow_request_headers_get_the_oci_408() -> None:
-    """The header deadline, for real: half a request line, then nothing; the 408 arrives as JSON."""
+@contextlib.asynccontextmanager
+async def hardened_hello_server() -> AsyncIterator[tuple[str, int]]:
+    """A one-route app ("hello") on the hardened runner, with a 0.5 s header deadline."""
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
@@ -386,13 +388,19 @@ async def test_slow_request_headers_get_the_oci_408() -> None:
     try:
         await OciSite(runner, "127.0.0.1", 0, ssl_context=None, handshake_timeout=5.0).start()
         host, port = runner.addresses[0][:2]
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
+async def test_slow_request_headers_get_the_oci_408() -> None:
+    """The header deadline, for real: half a request line, then nothing; the 408 arrives as JSON."""
+    async with hardened_hello_server() as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET / HT")
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), timeout=30)  # until the server closes
         writer.close()
-    finally:
-        await runner.cleanup()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"Connection: close" in head
@@ -401,18 +409,9 @@ async def test_slow_request_headers_get_the_oci_408() -> None:
 
 async def test_a_complete_request_is_answered_normally() -> None:
     """The hardened handler still serves: the header timer is disarmed once a request head is in."""
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = OciAppRunner(app, limits=ConnectionLimits(max_connections=8, header_timeout=0.5))
-    await runner.setup()
-    try:
-        await OciSite(runner, "127.0.0.1", 0, ssl_context=None, handshake_timeout=5.0).start()
-        host, port = runner.addresses[0][:2]
-        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/") as resp:
-            assert resp.status == 200 and await resp.text() == "hello"
-    finally:
-        await runner.cleanup()
+    async with (
+        hardened_hello_server() as (host, port),
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{host}:{port}/") as resp,
+    ):
+        assert resp.status == 200 and await resp.text() == "hello"
