@@ -11,8 +11,9 @@ import-linter: `[tool.importlinter]` in pyproject.toml), and the two `|` groups 
     1 policy & config      config, metrics, trace, usage
     0 vocabulary           oci, sizes, errors, outcomes
 
-aiohttp's server and granian are imported only by the adapters in http/ and by app; aiohttp's client
-only by upstream/ (and ops/warm, a client of edgecache itself).
+aiohttp's server and granian are imported only by the adapters in http/ and by app. Requests to
+upstreams are made only in upstream/ (aiohttp's client, and http.client for blob bodies read on
+threads); ops/warm is a client of edgecache itself.
 """
 
 __version__ = "0.2.0"
