@@ -19,6 +19,7 @@ from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, build_image
 from tests.support.registry import Registry
+from tests.support.waiting import wait_until
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 
@@ -285,3 +286,39 @@ async def test_redirect_from_https_to_http_is_refused() -> None:
         redirect_target(URL("https://r.example/v2/x"), "http://cdn.example/b")
     with pytest.raises(Exception, match="insecure"):
         redirect_target(URL("https://r.example/v2/x"), "file:///etc/passwd")
+
+
+async def test_hung_blob_fetches_do_not_hold_up_cached_hits(
+    tmp_path: Path, proxy: FaultProxy, origin: Registry
+) -> None:
+    """Blob bodies are read on the upstream's own threads: a dozen fetches hung on a black-holed
+    upstream (more than Python's default thread pool on this machine) must not delay a hit, which
+    opens its file on the shared pool."""
+    pusher = Pusher(origin.url)
+    images = [build_image(f"hung-{i}", random_bytes=64 * 1024) for i in range(13)]
+    for i, image in enumerate(images):
+        pusher.push_image(f"test/hung-{i}", "v1", image)
+    config = edge_config(tmp_path / "c", proxy.url, upstream={"read_timeout": 120.0, "down_after": 1000})
+    async with running_edge(config) as edge:
+        cached = images[0].layers[-1]
+        async with edge.http.get(f"/v2/test/hung-0/blobs/{cached.digest}") as resp:
+            assert await resp.read() == cached.data
+        await edge.instance.flights.settled()
+        proxy.rules.hang = True
+        hung = [
+            asyncio.create_task(edge.http.get(f"/v2/test/hung-{i}/blobs/{images[i].layers[-1].digest}"))
+            for i in range(1, len(images))
+        ]
+        try:
+            await wait_until(lambda: proxy.in_flight >= len(hung), message="all fetches hung upstream")
+            for _ in range(5):  # each a hit while every upstream fetch is stuck
+                async with (
+                    asyncio.timeout(10),
+                    edge.http.get(f"/v2/test/hung-0/blobs/{cached.digest}") as resp,
+                ):
+                    assert resp.status == 200 and resp.headers["X-Cache"] == "HIT"
+                    assert await resp.read() == cached.data
+        finally:
+            for task in hung:
+                task.cancel()
+            await asyncio.gather(*hung, return_exceptions=True)
