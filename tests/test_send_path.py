@@ -67,10 +67,10 @@ class RecordingWire:
             raise ConnectionResetError("client went away")
         self.body += data
 
-    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, whole_file: bool) -> int | None:
         if not self.kernel:
             return None
-        self.sendfiles.append((offset, length, last))
+        self.sendfiles.append((offset, length, whole_file))
         file.seek(offset)
         data = file.read(length)
         self.body += data
@@ -151,6 +151,15 @@ async def test_whole_file_goes_to_the_kernel_and_is_released(blob_file: tuple[Pa
     assert wire.headers["X-Cache"] == "HIT" and trace.cache == "HIT"
     assert served(metrics, "disk") == len(data) == trace.bytes_sent
     assert file.closed
+
+
+async def test_a_range_is_never_offered_as_the_whole_file(blob_file: tuple[Path, bytes]) -> None:
+    """granian sends a whole-file span by its path: a range (even one reaching the end) must not be."""
+    path, data = blob_file
+    metrics, wire, trace = Metrics(["docker.io"]), RecordingWire(), RequestTrace("r")
+    reply, _ = file_reply(path, 100, len(data) - 100, status=206)
+    await send_reply(reply, wire, trace, metrics, head=False, path="/b")
+    assert wire.sendfiles == [(100, len(data) - 100, False)] and wire.body == data[100:]
 
 
 async def test_file_range_falls_back_to_chunks_where_the_kernel_cannot(

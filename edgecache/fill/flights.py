@@ -3,7 +3,7 @@
 A blob fill is a task owned by `Flights`, not by any request: the first asker starting it and then
 disconnecting does not stop it. Readers send the spool from their own offset and wait for more; the
 last byte is held back until the digest is verified, so no reader ever gets a complete body that is wrong.
-Memory per flight is one write batch; per reader, one read chunk.
+Memory per flight is one read block (on the source's reading thread); per reader, one read chunk.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class Flights:
         def consume(block: memoryview) -> None:
             if flight.size is not None and spool.written + len(block) > flight.size:
                 raise errors.UpstreamUnavailable("upstream sent more than it announced")
-            spool.append([block])
+            spool.append(block)
             upstream_bytes.inc(len(block))
             notify()
 

@@ -142,7 +142,7 @@ class AiohttpWire:
     async def write(self, data: bytes) -> None:
         await (await self._streaming()).write(data)
 
-    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, whole_file: bool) -> int | None:
         if self._transport().get_extra_info("sslcontext") is not None:
             return None
         await self._streaming()  # the head goes first

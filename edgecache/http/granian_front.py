@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import IO, Any
@@ -78,10 +77,8 @@ class AsgiWire:
             raise ClientGone()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
-        if not (last and offset == 0 and isinstance(file.name, str)):
-            return None
-        if length != os.fstat(file.fileno()).st_size:
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, whole_file: bool) -> int | None:
+        if not (whole_file and isinstance(file.name, str)):
             return None
         # granian opens the path and sends it from Rust; the blob is immutable and held open
         # (protected from eviction) by the reply until send_reply returns.
@@ -182,7 +179,7 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 class _QuietGranian(logging.Filter):
     """Drop granian's notes that are not news to an operator: its 'experimental' banner, the
     traceback it prints when we cut a failed fill's response on purpose (already logged by us), and
-    its note for every send after a client left (BodyStream stops sending then)."""
+    its note for every send after a client left (AsgiWire stops sending then)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ResponseAborted):

@@ -39,10 +39,11 @@ class Wire(Protocol):
     async def write(self, data: bytes) -> None:
         """Send body bytes; more follow."""
 
-    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, last: bool) -> int | None:
+    async def sendfile(self, file: IO[bytes], offset: int, length: int, *, whole_file: bool) -> int | None:
         """Send [offset, offset+length) of `file` without passing it through Python, returning the bytes
         sent; or None, sending nothing, when this transport cannot (TLS: the caller reads chunks).
-        `last` says these bytes end the body, so an adapter may also end the response with them."""
+        `whole_file` says the span is a whole stored blob and the entire body, so an adapter may send
+        the file by its path and end the response with it."""
 
     async def end(self, data: bytes = b"") -> None:
         """Send the last body bytes (if any) and finish the response; once only, a no-op after a
@@ -118,7 +119,8 @@ def content_length(reply: Reply, *, head: bool) -> int | None:
 async def _send_file(wire: Wire, body: FileBody, metrics: Metrics, trace: RequestTrace) -> None:
     """A verified blob, or a range of it, from disk."""
     served = metrics.served_bytes.labels("disk")
-    sent = await _send_span(wire, body.blob.file, body.offset, body.length, served, trace, last=True)
+    whole = body.offset == 0 and body.length == body.blob.size
+    sent = await _send_span(wire, body.blob.file, body.offset, body.length, served, trace, whole_file=whole)
     if sent != body.length:
         raise errors.EdgecacheError("blob file shorter than its size")
     await wire.end()
@@ -132,7 +134,7 @@ async def _send_spool(wire: Wire, body: SpoolBody, metrics: Metrics, trace: Requ
         cleanup.callback(metrics.fill_readers.dec)
         spool = cleanup.enter_context(body.flight.open_file())
         async for offset, length in body.flight.segments(body.start, body.end):
-            sent = await _send_span(wire, spool, offset, length, served, trace, last=False)
+            sent = await _send_span(wire, spool, offset, length, served, trace, whole_file=False)
             if sent != length:
                 raise errors.UpstreamUnavailable("spool shorter than its fill said")
     await wire.end()
@@ -146,11 +148,11 @@ async def _send_span(
     served: Counter,
     trace: RequestTrace,
     *,
-    last: bool,
+    whole_file: bool,
 ) -> int:
     """Bytes [offset, offset+length) of `file`: by the kernel where the wire can, else in 1 MiB
     chunks read off the event loop. Returns the bytes sent (fewer only if the file is short)."""
-    sent = await wire.sendfile(file, offset, length, last=last)
+    sent = await wire.sendfile(file, offset, length, whole_file=whole_file)
     if sent is not None:
         _count(served, trace, sent)
         return sent

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -195,24 +194,19 @@ class Spool:
         self._hasher = digest.hasher()
         self._closed = False
 
-    def append(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write and hash one batch of chunks as they arrived (called in a worker thread: pwritev and
-        hashlib drop the GIL, so the event loop keeps reading meanwhile). The chunks are never
-        joined: a batch costs no copy in Python."""
-        # pwritev at an explicit offset: readers share this file description (sendfile moves its
+    def append(self, data: bytes | memoryview) -> None:
+        """Write and hash one block as it was received (blocking: the fill's reading thread; pwrite
+        and hashlib drop the GIL, so the event loop runs meanwhile)."""
+        # pwrite at an explicit offset: readers share this file description (sendfile moves its
         # offset), so a plain write() could land anywhere.
+        view = memoryview(data)
         offset = self.written
-        total = sum(len(chunk) for chunk in chunks)
-        done = os.pwritev(self.fd, chunks, offset) if chunks else 0
-        if done < total:  # a short write (a full disk raises instead): finish chunk by chunk
-            view = memoryview(b"".join(chunks))[done:]
-            while view:
-                n = os.pwrite(self.fd, view, offset + done)
-                view = view[n:]
-                done += n
-        for chunk in chunks:
-            self._hasher.update(chunk)
-        self.written = offset + total
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+        self._hasher.update(data)
+        self.written = offset
 
     def verify(self) -> None:
         """Raise UpstreamDigestMismatch (and drop the spool) unless the bytes hash to the digest."""

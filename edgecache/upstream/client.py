@@ -1,6 +1,8 @@
-"""The only aiohttp client code: one session per upstream registry, token auth, redirects, error mapping.
+"""Requests to one upstream registry: token auth, redirects, error mapping, health and metrics.
 
-Library errors are mapped to the domain error tree here, at the boundary, so nothing above this module
+Two transports carry them: an aiohttp session (manifests, HEADs, tokens, listings) and, for blob
+bodies, blocking connections read on the upstream's own threads (upstream.blocking). Library errors
+are mapped to the domain error tree here, at the boundary, so nothing above this module
 knows aiohttp's client exceptions. Client credentials never arrive here: requests carry only what this
 module adds (the upstream's own credentials or tokens), and those never follow a redirect to another host.
 """
@@ -96,15 +98,14 @@ class UpstreamClient:
 
     async def start(self) -> None:
         ssl_context = ssl.create_default_context(cafile=self.config.ca_bundle or None)
-        self._ssl_context = ssl_context
-        self._blocking = self._new_pool(self.config)
+        config = self.config
+        self._blocking = ConnectionPool(self.name, ssl_context, config.connect_timeout, config.read_timeout)
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
             headers={"User-Agent": USER_AGENT},
-            auto_decompress=False,  # blobs must reach the digest check byte for byte
-            read_bufsize=1 << 20,  # large reads: fewer wake-ups per MiB on the fill path
+            auto_decompress=False,  # manifests must reach the digest check byte for byte
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,  # only configured upstreams are contacted: no proxy from the environment
         )
@@ -124,9 +125,6 @@ class UpstreamClient:
         if self._blocking is not None:  # new timeouts for new connections; reads in flight finish
             self._blocking.reconfigure(config.connect_timeout, config.read_timeout)
         self._blocking_slots = asyncio.Semaphore(config.max_connections)  # holders release the old one
-
-    def _new_pool(self, config: UpstreamConfig) -> ConnectionPool:
-        return ConnectionPool(self.name, self._ssl_context, config.connect_timeout, config.read_timeout)
 
     def _basic_credentials(self) -> str | None:
         if not self.config.username:
