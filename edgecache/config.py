@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
+import logging
 import math
 import os
 import tomllib
@@ -23,6 +24,7 @@ from edgecache.errors import ConfigError
 from edgecache.oci import REGISTRY_HOST
 from edgecache.sizes import parse_size
 
+log = logging.getLogger(__name__)
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 StrList = tuple[str, ...]
 TtlRules = tuple[tuple[str, float], ...]
@@ -91,8 +93,11 @@ class UpstreamConfig:
     username: str = ""
     password_env: str = ""
     password_file: str = ""
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    header_timeout: float = 10.0
+    stall_timeout: float = 15.0
+    min_rate: str = "16K"
+    rate_window: float = 20.0
     max_connections: int = 32
     ca_bundle: str = ""
     aliases: StrList = ()
@@ -242,6 +247,22 @@ def _build(cls: type[Any], section: str, values: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# Keys renamed since an earlier release: still read, with a warning naming the new one.
+_RENAMED = {"read_timeout": "stall_timeout"}
+
+
+def _renamed_keys(table: Mapping[str, Any], section: str) -> dict[str, Any]:
+    renamed = dict(table)
+    for old, new in _RENAMED.items():
+        if old in renamed:
+            value = renamed.pop(old)
+            if new in renamed:
+                raise ConfigError(f"{section}.{old}: renamed to {new}; set only {new}")
+            log.warning("%s.%s is now called %s; please rename it", section, old, new)
+            renamed[new] = value
+    return renamed
+
+
 def _field_types(cls: type[Any]) -> dict[str, Any]:
     """Annotations are strings under `from __future__ import annotations`; resolve them."""
     return typing.get_type_hints(cls)
@@ -315,7 +336,8 @@ def load_config(
         server["tls_key"] = tls_key
 
     built_upstreams = [
-        _build(UpstreamConfig, f"upstream[{i}]", table) for i, table in enumerate(upstream_tables)
+        _build(UpstreamConfig, f"upstream[{i}]", _renamed_keys(table, f"upstream[{i}]"))
+        for i, table in enumerate(upstream_tables)
     ] or [UpstreamConfig()]
     if default_name is None:
         default_name = built_upstreams[0].name
@@ -334,7 +356,7 @@ def load_config(
             raise ConfigError(f"default_upstream: no upstream is named {default_name!r}")
         types = _field_types(UpstreamConfig)
         changes: dict[str, Any] = {}
-        for key, value in default_overrides.items():
+        for key, value in _renamed_keys(default_overrides, "EDGECACHE_UPSTREAM").items():
             if key not in types:
                 raise ConfigError(f"EDGECACHE_UPSTREAM_{key.upper()}: unknown key")
             changes[key] = _coerce(f"upstream.{key}", value, types[key])
@@ -408,9 +430,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: url must not carry a query, fragment or credentials")
         if parts.scheme == "http" and upstream.username and not _is_loopback(parts.hostname):
             raise ConfigError(f"{key}: refusing to send credentials over plain http")
-        for timeout in ("connect_timeout", "read_timeout"):
+        for timeout in ("connect_timeout", "header_timeout", "stall_timeout", "rate_window"):
             if getattr(upstream, timeout) <= 0:
                 raise ConfigError(f"{key}: {timeout} must be > 0")
+        parse_size(upstream.min_rate, f"{key}.min_rate")
         if upstream.max_connections < 1:
             raise ConfigError(f"{key}: max_connections must be >= 1")
         if upstream.password_env and upstream.password_file:

@@ -28,8 +28,10 @@
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
         │   ├── UpstreamDown                            503 (marked down after repeated failures)
         │   └── UpstreamInterrupted                     a body cut short mid-way (resumable)
+        │       └── UpstreamStalled                     a body silent or trickling past its deadline
         ├── UpstreamTimeout         UNAVAILABLE         504
         ├── UpstreamDigestMismatch  UNAVAILABLE         502 (bytes did not hash to the digest)
+        ├── ManifestInvalid         MANIFEST_INVALID    502 (not JSON, or contradicts its mediaType)
         └── ManifestTooLarge        SIZE_INVALID        502
 
 `message` is fixed per class; `detail` is a short, safe string (never paths, exception text or secrets).
@@ -213,7 +215,7 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamDown(UpstreamUnavailable):
-    """Failing repeatedly: not contacted until its back-off period ends."""
+    """Failing repeatedly, or missed a deadline: not contacted until a probe finds it back."""
 
     message = "upstream registry is down"
     status = 503
@@ -223,6 +225,11 @@ class UpstreamInterrupted(UpstreamUnavailable):
     """The body stopped mid-way (connection dropped, stalled, cut short): a fill may resume it."""
 
 
+class UpstreamStalled(UpstreamInterrupted):
+    """The body went silent for the stall deadline, or trickled below the minimum rate: resumable,
+    but each costs a deadline, so a fill resumes it fewer times than a dropped connection."""
+
+
 class UpstreamTimeout(UpstreamError):
     message = "upstream registry timed out"
     status = 504
@@ -230,6 +237,13 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamDigestMismatch(UpstreamError):
     message = "upstream content did not match its digest"
+
+
+class ManifestInvalid(UpstreamError):
+    """Upstream's manifest is not JSON, or its Content-Type contradicts its own mediaType."""
+
+    code = "MANIFEST_INVALID"
+    message = "upstream sent an invalid manifest"
 
 
 class ManifestTooLarge(UpstreamError):

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from edgecache.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
+from edgecache.errors import DigestInvalid, ManifestInvalid, NameInvalid, RangeInvalid, TagInvalid
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -193,26 +193,47 @@ def accepted_media_types(headers: Iterable[str]) -> frozenset[str] | None:
     return frozenset(types)
 
 
-def manifest_media_type(body: bytes, declared: str | None) -> str:
-    """The media type to serve a manifest with: what upstream declared, else the body's own mediaType.
+# Content-Types that say nothing about which manifest this is: the body's own mediaType decides.
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "text/plain", "application/json"})
 
-    Parses at most MAX_MANIFEST_BYTES of JSON, and only when upstream sent no usable Content-Type.
+
+def declared_media_type(declared: str | None) -> str | None:
+    """The manifest type a Content-Type names, without parameters; None when it names none."""
+    media_type = (declared or "").split(";", 1)[0].strip().lower()
+    return None if media_type in _GENERIC_TYPES else media_type
+
+
+def manifest_media_type(body: bytes, declared: str | None) -> str:
+    """The media type to serve a manifest with, after checking the body agrees with the answer.
+
+    The body must be a JSON object; when it names its own mediaType and the Content-Type names
+    another, the answer contradicts itself (a proxy's error page, a mislabelled artifact) and is
+    refused: such a manifest would be cached and served as what it is not. Without a usable
+    Content-Type the body's mediaType decides, then its shape (an index has `manifests`).
     """
-    if declared:
-        declared = declared.split(";", 1)[0].strip()
-        if declared and declared not in ("application/octet-stream", "text/plain"):
-            return declared
     try:
         doc = json.loads(body)
-    except ValueError:
-        return OCI_MANIFEST
-    if isinstance(doc, dict):
-        media_type = doc.get("mediaType")
-        if isinstance(media_type, str) and media_type:
-            return media_type
-        if "manifests" in doc:
-            return OCI_INDEX
-    return OCI_MANIFEST
+    except (ValueError, RecursionError):
+        raise ManifestInvalid("upstream manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestInvalid("upstream manifest is not a JSON object")
+    own = doc.get("mediaType")
+    own = own if isinstance(own, str) and own else None
+    named = declared_media_type(declared)
+    if named is not None and own is not None and named != own.lower():
+        raise ManifestInvalid("upstream manifest's Content-Type contradicts its mediaType")
+    if named is not None:
+        return named
+    if own is not None:
+        return own
+    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+
+
+async def manifest_media_type_async(body: bytes, declared: str | None) -> str:
+    """manifest_media_type, parsing a large body in a worker thread, not on the event loop."""
+    if len(body) <= INLINE_HASH_LIMIT:
+        return manifest_media_type(body, declared)
+    return await asyncio.to_thread(manifest_media_type, body, declared)
 
 
 def referenced_digests(body: bytes) -> list[str]:

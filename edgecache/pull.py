@@ -26,12 +26,14 @@ from edgecache.fill.flights import BlobFlight, Flights
 from edgecache.fill.source import BlobSource
 from edgecache.metrics import Metrics
 from edgecache.oci import (
+    OCI_MANIFEST,
     ByteRange,
     Digest,
     Reference,
     RepoName,
     Tag,
-    manifest_media_type,
+    declared_media_type,
+    manifest_media_type_async,
     parse_range,
 )
 from edgecache.outcomes import CacheResult, ObjectKind
@@ -307,7 +309,9 @@ class PullService:
             if head.digest is not None:
                 cached = await self._manifests.get(head.digest)
                 if cached is not None or not want_body:
-                    media_type = cached.media_type if cached else manifest_media_type(b"", head.media_type)
+                    media_type = (
+                        cached.media_type if cached else declared_media_type(head.media_type) or OCI_MANIFEST
+                    )
                     entry = await self._manifests.set_tag(key, head.digest, media_type, head.size)
                     return entry, cached, CacheResult.REVALIDATED if cached else CacheResult.MISS
         fetched = await upstream.get_manifest(target.repo, tag)
@@ -316,7 +320,8 @@ class PullService:
             self._metrics.digest_mismatches.labels(upstream.name, "manifest").inc()
             raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
         digest = claimed or await Digest.of_async(fetched.body)
-        manifest = CachedManifest(digest, manifest_media_type(fetched.body, fetched.media_type), fetched.body)
+        media_type = await manifest_media_type_async(fetched.body, fetched.media_type)
+        manifest = CachedManifest(digest, media_type, fetched.body)
         await self._store_manifest(target, manifest)
         entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
         return entry, manifest, CacheResult.MISS
@@ -332,7 +337,7 @@ class PullService:
                 log.error("upstream %s sent a manifest that does not match %s", target.upstream_name, digest)
                 self._metrics.digest_mismatches.labels(target.upstream_name, "manifest").inc()
                 raise errors.UpstreamDigestMismatch("manifest content does not match its digest")
-            media_type = manifest_media_type(fetched.body, fetched.media_type)
+            media_type = await manifest_media_type_async(fetched.body, fetched.media_type)
             manifest = CachedManifest(digest, media_type, fetched.body)
             await self._store_manifest(target, manifest)
             return manifest

@@ -88,7 +88,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ('[[upstream]]\nname = "x"\nurl = "https://x"\nmax_connections = 0\n', {}, "max_connections"),
         ('default_upstream = "nope"\n', {}, "default_upstream"),
         ("", {"EDGECACHE_CACHE_MAX_STALE": "forever"}, "cache.max_stale"),
-        ("", {"EDGECACHE_UPSTREAM_READ_TIMEOUT": "x"}, "upstream.read_timeout"),
+        ("", {"EDGECACHE_UPSTREAM_STALL_TIMEOUT": "x"}, "upstream.stall_timeout"),
         ("this is = = not toml", {}, "not valid TOML"),
     ],
 )

@@ -251,10 +251,10 @@ def test_environment_overrides_the_default_upstream_only(tmp_path: Path) -> None
         tmp_path,
         'default_upstream = "ghcr.io"\n[[upstream]]\nname = "docker.io"\n'
         '[[upstream]]\nname = "ghcr.io"\nurl = "https://ghcr.io"\n',
-        {"EDGECACHE_UPSTREAM_READ_TIMEOUT": "5"},
+        {"EDGECACHE_UPSTREAM_STALL_TIMEOUT": "5"},
     )
-    assert config.upstream("ghcr.io").read_timeout == 5.0  # type: ignore[union-attr]
-    assert config.upstream("docker.io").read_timeout == 60.0  # type: ignore[union-attr]
+    assert config.upstream("ghcr.io").stall_timeout == 5.0  # type: ignore[union-attr]
+    assert config.upstream("docker.io").stall_timeout == 15.0  # type: ignore[union-attr]
 
 
 def test_a_single_upstream_table_is_accepted_and_becomes_the_default(tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
 
 @pytest.fixture
 async def edge_via_proxy(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[Edge]:
-    config = edge_config(tmp_path / "cache", proxy.url, upstream={"read_timeout": 1.0}, tag_ttl=0.0)
+    config = edge_config(
+        tmp_path / "cache", proxy.url, upstream={"stall_timeout": 1.0, "header_timeout": 1.0}, tag_ttl=0.0
+    )
     async with running_edge(config) as edge:
         yield edge
 
@@ -298,7 +300,11 @@ async def test_hung_blob_fetches_do_not_hold_up_cached_hits(
     images = [build_image(f"hung-{i}", random_bytes=64 * 1024) for i in range(13)]
     for i, image in enumerate(images):
         pusher.push_image(f"test/hung-{i}", "v1", image)
-    config = edge_config(tmp_path / "c", proxy.url, upstream={"read_timeout": 120.0, "down_after": 1000})
+    config = edge_config(
+        tmp_path / "c",
+        proxy.url,
+        upstream={"header_timeout": 120.0, "stall_timeout": 120.0, "down_after": 1000},
+    )
     async with running_edge(config) as edge:
         cached = images[0].layers[-1]
         async with edge.http.get(f"/v2/test/hung-0/blobs/{cached.digest}") as resp:

@@ -78,6 +78,32 @@ def test_manifest_media_type_prefers_the_declared_one() -> None:
         == "application/vnd.docker.distribution.manifest.v2+json"
     )
     assert manifest_media_type(b'{"manifests": []}', None) == "application/vnd.oci.image.index.v1+json"
+    assert manifest_media_type(
+        body, "application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"
+    ) == ("application/vnd.docker.distribution.manifest.v2+json")
+
+
+@pytest.mark.parametrize(
+    ("body", "declared"),
+    [
+        # the Content-Type names one manifest type, the body another: refused, never cached
+        (
+            b'{"mediaType": "application/vnd.oci.image.index.v1+json"}',
+            "application/vnd.oci.image.manifest.v1+json",
+        ),
+        (b'{"mediaType": "application/vnd.oci.image.manifest.v1+json"}', "text/html"),
+        (b"<html>rate limited</html>", "application/vnd.oci.image.manifest.v1+json"),
+        (b"[1, 2]", None),
+        (b"", "application/vnd.oci.image.manifest.v1+json"),
+        (b"[" * 100_000, None),
+    ],
+)
+def test_manifest_that_contradicts_itself_or_is_not_json_is_invalid(
+    body: bytes, declared: str | None
+) -> None:
+    with pytest.raises(errors.ManifestInvalid) as raised:
+        manifest_media_type(body, declared)
+    assert raised.value.status == 502 and raised.value.code == "MANIFEST_INVALID"
 
 
 def test_challenges_and_where_credentials_may_go() -> None:

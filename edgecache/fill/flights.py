@@ -29,7 +29,8 @@ from edgecache.store.keeper import CacheKeeper
 
 log = logging.getLogger(__name__)
 SEGMENT_MAX = 8 * 1024 * 1024
-MAX_RESUMES = 3
+MAX_RESUMES = 3  # a dropped connection is resumed at once, so a few tries cost little ...
+MAX_STALL_RESUMES = 1  # ... but a stall or a trickle has already cost its readers a deadline
 
 
 class BlobFlight:
@@ -160,14 +161,15 @@ class Flights:
     async def _fill(self, flight: BlobFlight, source: BlobSource) -> None:
         spool = flight.spool
         try:
-            resumes = 0
+            resumes = stalls = 0
             while True:
                 try:
                     await self._copy(flight, source)
                     break
-                except errors.UpstreamInterrupted:
+                except errors.UpstreamInterrupted as exc:
                     resumes += 1
-                    if resumes > MAX_RESUMES or flight.size is None:
+                    stalls += isinstance(exc, errors.UpstreamStalled)
+                    if resumes > MAX_RESUMES or stalls > MAX_STALL_RESUMES or flight.size is None:
                         raise
                     self._metrics.fill_resumes.labels(source.name).inc()
                     log.info(

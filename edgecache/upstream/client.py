@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import http.client
+import json
 import logging
 import ssl
 import time
@@ -31,7 +32,16 @@ from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, Repo
 from edgecache.trace import note_upstream_status
 from edgecache.upstream.blocking import Answer, ConnectionPool
 from edgecache.upstream.health import UpstreamHealth, parse_ratelimit, parse_retry_after
-from edgecache.upstream.tokens import TokenCache, parse_challenge, pull_scope, realm_allowed, same_origin
+from edgecache.upstream.pace import BodyPace, Deadlines
+from edgecache.upstream.tokens import (
+    MAX_TOKEN_BYTES,
+    TokenCache,
+    parse_challenge,
+    pull_scope,
+    realm_allowed,
+    same_origin,
+    token_from,
+)
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
@@ -90,21 +100,19 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self._blocking: ConnectionPool | None = None
         self._blocking_slots = asyncio.Semaphore(config.max_connections)
-        # sock_connect, not connect: `connect` would also count the wait for a free pooled connection,
-        # and requests queued behind max_connections must wait their turn, not time out.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
-        )
+        self._deadlines = Deadlines.of(config)
+        self._timeout = _aiohttp_timeout(self._deadlines)
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         ssl_context = ssl.create_default_context(cafile=self.config.ca_bundle or None)
-        config = self.config
-        self._blocking = ConnectionPool(self.name, ssl_context, config.connect_timeout, config.read_timeout)
+        self._blocking = ConnectionPool(self.name, ssl_context, self._deadlines)
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=60, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            headers={"User-Agent": USER_AGENT},
+            # identity: a compressed answer would not be the bytes its digest names
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             auto_decompress=False,  # manifests must reach the digest check byte for byte
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,  # only configured upstreams are contacted: no proxy from the environment
@@ -115,15 +123,14 @@ class UpstreamClient:
         """Apply a reloaded configuration of this upstream (same URL): credentials are read again and
         cached tokens dropped; TTL rules, timeouts and health thresholds apply to the next request."""
         self.config = config
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
-        )
+        self._deadlines = Deadlines.of(config)
+        self._timeout = _aiohttp_timeout(self._deadlines)
         self._basic = self._basic_credentials()
         self._uses_basic = False
         self._tokens = TokenCache()
         self.health.reconfigure(config.down_after, config.down_for)
-        if self._blocking is not None:  # new timeouts for new connections; reads in flight finish
-            self._blocking.reconfigure(config.connect_timeout, config.read_timeout)
+        if self._blocking is not None:  # new deadlines for the next request; reads in flight finish
+            self._blocking.reconfigure(self._deadlines)
         self._blocking_slots = asyncio.Semaphore(config.max_connections)  # holders release the old one
 
     def _basic_credentials(self) -> str | None:
@@ -133,6 +140,10 @@ class UpstreamClient:
         return "Basic " + base64.b64encode(creds).decode()
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         if self._session is not None:
             await self._session.close()
         if self._blocking is not None:
@@ -166,9 +177,7 @@ class UpstreamClient:
 
     async def get_manifest(self, repo: RepoName, reference: str) -> FetchedManifest:
         async with self._request("GET", repo, f"manifests/{reference}", kind="manifest") as resp:
-            if resp.content_length is not None and resp.content_length > MAX_MANIFEST_BYTES:
-                raise errors.ManifestTooLarge("upstream manifest is larger than 4 MiB")
-            body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+            body = await self._read_small(resp, MAX_MANIFEST_BYTES)
             return FetchedManifest(body, resp.headers.get("Content-Type"), _header_digest(resp.headers))
 
     async def head_blob(self, repo: RepoName, digest: Digest) -> int | None:
@@ -188,13 +197,14 @@ class UpstreamClient:
             ):
                 raise errors.UpstreamUnavailable("upstream cannot resume at the requested offset")
             assert isinstance(resp, Answer)
+            _refuse_encoded(resp.headers)
             yield resp
 
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
         """GET a small JSON listing (tags/list, referrers) and relay it; 404 passes through."""
         kind = "tags" if path.startswith("tags") else "referrers"
         async with self._request("GET", repo, path, kind=kind, params=query, allow_404=True) as resp:
-            body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+            body = await self._read_small(resp, MAX_MANIFEST_BYTES)
             return Passthrough(
                 status=resp.status,
                 content_type=resp.headers.get("Content-Type", "application/json"),
@@ -305,8 +315,9 @@ class UpstreamClient:
         except errors.EdgecacheError:
             raise
         except TimeoutError:
-            self._no_answer(kind)
-            raise errors.UpstreamTimeout(f"upstream {self.name} timed out") from None
+            log.warning("upstream %s %s %s: no answer within the deadline", self.name, method, kind)
+            self._no_answer(kind, deadline=True)
+            raise errors.UpstreamTimeout(f"upstream {self.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError, http.client.HTTPException) as exc:
             log.warning("upstream %s %s %s failed: %s", self.name, method, kind, type(exc).__name__)
             self._no_answer(kind)
@@ -332,9 +343,9 @@ class UpstreamClient:
         else:
             self._health_changed(self.health.succeeded)
 
-    def _no_answer(self, kind: str) -> None:
+    def _no_answer(self, kind: str, *, deadline: bool = False) -> None:
         self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
-        self._health_changed(self.health.failed)
+        self._health_changed(lambda: self.health.failed(deadline=deadline))
 
     def _health_changed(self, event: Callable[[], None]) -> None:
         before = self.health.state
@@ -343,6 +354,38 @@ class UpstreamClient:
         if after != before:
             log.warning("upstream %s is now %s", self.name, after)
             self._metrics.set_health(self.name, after)
+        if after == "down" and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_until_up(), name=f"probe {self.name}"
+            )
+
+    async def _probe_until_up(self) -> None:
+        """While the upstream is down, one probe at a time asks whether it is back (growing waits);
+        the first answer brings it up for every request."""
+        while (wait := self.health.probe_in()) is not None:
+            await asyncio.sleep(wait)
+            if self.health.probe_in() is None:
+                return  # a request still in flight found it back first
+            if await self._answers():
+                log.warning("upstream %s answers again", self.name)
+                self._health_changed(self.health.succeeded)
+            else:
+                self.health.probe_failed()
+
+    async def _answers(self) -> bool:
+        """Does the upstream answer its API root within the deadlines? Any status below 500 counts
+        (401 too: it is alive, and asking for credentials is its normal answer)."""
+        deadlines = self._deadlines
+        url = URL(f"{self.base_url}/v2/")
+        try:
+            async with asyncio.timeout(deadlines.connect + deadlines.headers):
+                async with self.session.get(url, allow_redirects=False, timeout=self._timeout) as resp:
+                    status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            status = 0
+        outcome = f"{status // 100}xx" if status else "error"
+        self._metrics.upstream_requests.labels(self.name, "probe", outcome).inc()
+        return 0 < status < 500 and status != 429
 
     async def _send(
         self, method: str, url: URL, headers: dict[str, str], scope: str, kind: str, blocking: bool = False
@@ -361,9 +404,13 @@ class UpstreamClient:
                 request_headers["User-Agent"] = USER_AGENT
                 resp = await self._blocking.open(method, url, request_headers)
             else:
-                resp = await self.session.request(
-                    method, url, headers=request_headers, allow_redirects=False, timeout=self._timeout
-                )
+                # sock_read bounds each wait; this bounds the whole, so headers that trickle in a
+                # byte at a time cannot hold the request either.
+                deadlines = self._deadlines
+                async with asyncio.timeout(deadlines.connect + deadlines.headers):
+                    resp = await self.session.request(
+                        method, url, headers=request_headers, allow_redirects=False, timeout=self._timeout
+                    )
             self._observe(resp, kind)
             if resp.status not in REDIRECT_STATUSES:
                 return resp
@@ -422,21 +469,59 @@ class UpstreamClient:
             log.warning("upstream %s: token realm outside the upstream's domain refused", self.name)
             raise errors.UpstreamDenied("upstream token realm is not trusted")
         headers = {"Authorization": self._basic} if self._basic else {}
-        async with self.session.get(
-            URL(realm).update_query(query), headers=headers, allow_redirects=False, timeout=self._timeout
-        ) as resp:
+        deadlines = self._deadlines
+        try:
+            async with asyncio.timeout(deadlines.connect + deadlines.headers):
+                resp = await self.session.get(
+                    URL(realm).update_query(query),
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                )
+        except TimeoutError:
+            log.warning("upstream %s: token service did not answer in time", self.name)
+            self._no_answer("token", deadline=True)
+            raise errors.UpstreamTimeout(
+                f"upstream {self.name} token service did not answer in time"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream %s: token service unreachable: %s", self.name, type(exc).__name__)
+            self._no_answer("token")
+            raise errors.UpstreamUnavailable(f"upstream {self.name} token service is unreachable") from None
+        async with resp:
             self._observe(resp, "token")
             if resp.status in (401, 403):
-                raise errors.UpstreamDenied(f"upstream {self.name} refused the credentials")
+                raise errors.UpstreamDenied(f"upstream {self.name} token service refused the credentials")
             if resp.status != 200:
-                raise errors.UpstreamUnavailable(f"upstream {self.name} token service failed")
-            doc: Any = await resp.json(content_type=None)
-        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not token:
-            raise errors.UpstreamUnavailable(f"upstream {self.name} token service sent no token")
-        expires_in = doc.get("expires_in")
-        self._tokens.put(scope, token, float(expires_in) if isinstance(expires_in, int | float) else None)
+                raise errors.UpstreamUnavailable(f"upstream {self.name} token service answered {resp.status}")
+            body = await self._read_small(resp, MAX_TOKEN_BYTES, what="token answer")
+        try:
+            token, expires_in = token_from(json.loads(body))
+        except (ValueError, RecursionError) as exc:  # not JSON, no token, a token of the wrong shape
+            log.warning("upstream %s: token service sent an unusable answer: %s", self.name, exc)
+            raise errors.UpstreamUnavailable(
+                f"upstream {self.name} token service sent no usable token"
+            ) from None
+        self._tokens.put(scope, token, expires_in)
         return token
+
+    async def _read_small(self, resp: aiohttp.ClientResponse, limit: int, what: str = "manifest") -> bytes:
+        """A small answer's body (manifest, listing, token): refused over `limit`, when encoded, or
+        when it trickles below the minimum rate (a silence is bounded by the header deadline)."""
+        _refuse_encoded(resp.headers)
+        too_large = errors.ManifestTooLarge if what == "manifest" else errors.UpstreamUnavailable
+        if resp.content_length is not None and resp.content_length > limit:
+            raise too_large(f"upstream {what} is larger than {limit // 1024} KiB")
+        pace = BodyPace(self._deadlines)
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in resp.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                raise too_large(f"upstream {what} is larger than {limit // 1024} KiB")
+            chunks.append(chunk)
+            pace.note(len(chunk))
+        return b"".join(chunks)
 
     def _check_status(self, resp: UpstreamAnswer, kind: str, allow_404: bool) -> None:
         status = resp.status
@@ -477,12 +562,18 @@ def _header_digest(headers: CIMultiDictProxy[str]) -> Digest | None:
         return None
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        total += len(chunk)
-        if total > limit:
-            raise errors.ManifestTooLarge("upstream answer exceeds 4 MiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _refuse_encoded(headers: Mapping[str, str]) -> None:
+    """An answer in a content coding (gzip despite `Accept-Encoding: identity`) is not the bytes its
+    digest names: refused before anything is stored or sent."""
+    coding = headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise errors.UpstreamUnavailable("upstream sent an encoded body despite Accept-Encoding: identity")
+
+
+def _aiohttp_timeout(deadlines: Deadlines) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for small answers: sock_read bounds the wait for the headers and any silence
+    in the body after them (the stall deadline is for blob bodies, read elsewhere).
+
+    sock_connect, not connect: `connect` would also count the wait for a free pooled connection, and
+    requests queued behind max_connections must wait their turn, not time out."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=deadlines.connect, sock_read=deadlines.headers)

@@ -9,6 +9,7 @@ them anywhere else.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -17,7 +18,9 @@ from urllib.parse import urlsplit
 
 _PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 DEFAULT_TOKEN_LIFETIME = 60.0
+MAX_TOKEN_LIFETIME = 3600.0  # an answer saying "for a year" is kept an hour at most
 EXPIRY_MARGIN = 10.0
+MAX_TOKEN_BYTES = 64 * 1024  # Docker Hub's tokens are a few KiB; anything near this is not a token
 MAX_CACHED_TOKENS = 4096
 
 
@@ -39,6 +42,33 @@ def parse_challenge(header: str) -> Challenge | None:
     params = {m[1].lower(): (m[2] if m[2] is not None else m[3]) for m in _PARAM.finditer(rest)}
     params = {k: v.replace('\\"', '"') for k, v in params.items()}
     return Challenge(scheme.lower(), params)
+
+
+def token_from(doc: object) -> tuple[str, float | None]:
+    """The bearer token and its lifetime from a token service's JSON answer (`token`, or OAuth2's
+    `access_token`; `expires_in` in seconds). Raises ValueError for an answer with no usable token;
+    a lifetime that is not a positive finite number is ignored (the default applies)."""
+    if not isinstance(doc, dict):
+        raise ValueError("the answer is not a JSON object")
+    token = doc.get("token") or doc.get("access_token")
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError("the answer has no token")
+    if len(token) > MAX_TOKEN_BYTES or any(c in token for c in "\r\n\0"):
+        raise ValueError("the token cannot be sent in a header")
+    return token.strip(), _lifetime(doc.get("expires_in"))
+
+
+def _lifetime(expires_in: object) -> float | None:
+    """Seconds from `expires_in`, clamped to MAX_TOKEN_LIFETIME; None when absent or absurd."""
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+        return None
+    try:
+        seconds = float(expires_in)
+    except OverflowError:  # an integer too large for a float: "for ever"
+        seconds = math.inf
+    if math.isnan(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_TOKEN_LIFETIME)
 
 
 def pull_scope(repository: str) -> str:
@@ -115,6 +145,7 @@ class TokenCache:
             if len(self._tokens) >= MAX_CACHED_TOKENS:
                 self._tokens.clear()
         lifetime = expires_in if expires_in and expires_in > 0 else DEFAULT_TOKEN_LIFETIME
+        lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
         self._tokens[scope] = CachedToken(token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
 
     def drop(self, scope: str) -> None:
