@@ -122,3 +122,54 @@ async def test_wrong_credentials_are_denied_not_retried_forever(
         async with edge.http.get("/v2/corp/secret/manifests/v1") as resp:
             assert resp.status == 403
         assert len(token_server.token_requests(scope_contains="corp/secret")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, b"<html>not json</html>"),
+        (200, b"[]"),
+        (200, b'{"token": ""}'),
+        (200, b'{"token": 5, "expires_in": 300}'),
+        (200, b'{"token": "a\\r\\nX-Injected: 1"}'),
+        (200, b'{"token": "' + b"x" * (50 * 1024 * 1024) + b'"}'),  # 50 MiB: refused by its length
+        (500, b"internal error"),
+        (404, b"no such page"),
+    ],
+    ids=["html", "list", "empty", "number", "crlf", "50MiB", "500", "404"],
+)
+async def test_broken_token_service_is_a_502_in_oci_json(
+    anonymous_edge: Edge, token_server: TokenServer, status: int, body: bytes
+) -> None:
+    """Whatever a token service answers, the client gets a registry error (502 UNAVAILABLE), never a
+    404 that says the image does not exist, never a framework's 500 page."""
+    token_server.raw_answer = (status, body)
+    try:
+        async with anonymous_edge.http.get(
+            "/v2/library/alpine/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+        ) as resp:
+            assert resp.status == 502
+            assert resp.headers["Content-Type"] == "application/json"
+            assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        token_server.raw_answer = None
+    async with anonymous_edge.http.get(
+        "/v2/library/alpine/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+    ) as resp:
+        assert resp.status == 200  # nothing broken was remembered
+
+
+@pytest.mark.parametrize("expires_in", ["1e400", "-30", '"never"', "true", "0", str(10**30)])
+async def test_absurd_token_lifetimes_are_clamped_and_pulls_go_on(
+    anonymous_edge: Edge, token_server: TokenServer, images: dict[str, Image], expires_in: str
+) -> None:
+    token, _ = token_server.issue(None, ["repository:library/alpine:pull"])
+    token_server.raw_answer = (200, f'{{"token": "{token}", "expires_in": {expires_in}}}'.encode())
+    try:
+        async with anonymous_edge.http.get(
+            "/v2/library/alpine/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.read() == images["public"].manifest.data
+    finally:
+        token_server.raw_answer = None

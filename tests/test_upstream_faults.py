@@ -328,3 +328,59 @@ async def test_hung_blob_fetches_do_not_hold_up_cached_hits(
             for task in hung:
                 task.cancel()
             await asyncio.gather(*hung, return_exceptions=True)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_refusing_a_repository_is_denied_not_an_outage(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded, status: int
+) -> None:
+    """A repository edgecache may not read upstream is the client's 403 DENIED, every time; it does
+    not count as an upstream failure, so other repositories go on being served."""
+    proxy.rules.status["/v2/team/app/"] = status
+    for _ in range(5):  # more than down_after
+        async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+            assert resp.status == 403
+            assert await error_code(resp) == "DENIED"
+        async with edge_via_proxy.http.get(f"/v2/team/app/blobs/{seeded.app.config.digest}") as resp:
+            assert resp.status == 403
+    async with edge_via_proxy.http.get("/v2/library/alpine/manifests/latest", headers=ACCEPT) as resp:
+        assert resp.status == 200
+    assert await edge_via_proxy.metric("edgecache_upstream_health", upstream="docker.io", state="up") == 1.0
+    failures = await edge_via_proxy.metric(
+        "edgecache_upstream_requests_total", upstream="docker.io", kind="manifest", status_class="error"
+    )
+    assert failures == 0
+
+
+async def test_upstream_is_asked_for_identity_encoding_and_an_encoded_answer_is_refused(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    layer = seeded.alpine.layers[-1]
+    proxy.rules.gzip = ("/blobs/", "/manifests/")  # compressed although the request said identity
+    async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        assert resp.status == 502
+        assert await error_code(resp) == "UNAVAILABLE"
+    async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+        assert resp.status == 502
+    await edge_via_proxy.instance.flights.settled()
+    assert blob_files(edge_via_proxy) == []
+    asked = [s for s in proxy.seen if "/blobs/" in s.path_qs or "/manifests/" in s.path_qs]
+    assert asked and all(s.headers.get("Accept-Encoding") == "identity" for s in asked)
+    proxy.rules.gzip = ()
+    async with edge_via_proxy.http.get(f"/v2/library/alpine/blobs/{layer.digest}") as resp:
+        assert resp.status == 200 and await resp.read() == layer.data
+
+
+async def test_manifest_whose_content_type_contradicts_its_media_type_is_refused(
+    edge_via_proxy: Edge, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    # The OCI manifest's body says image.manifest; the answer's Content-Type says index.
+    proxy.rules.add_headers["/manifests/"] = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+    for reference in ("1.0", seeded.app.manifest.digest):
+        async with edge_via_proxy.http.get(f"/v2/team/app/manifests/{reference}", headers=ACCEPT) as resp:
+            assert resp.status == 502
+            assert await error_code(resp) == "MANIFEST_INVALID"
+    assert blob_files(edge_via_proxy) == []
+    proxy.rules.add_headers.clear()
+    async with edge_via_proxy.http.get("/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == OCI_MANIFEST

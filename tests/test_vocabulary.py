@@ -14,7 +14,13 @@ from edgecache.oci import (
     manifest_media_type,
     parse_range,
 )
-from edgecache.upstream.tokens import TokenCache, parse_challenge, realm_allowed
+from edgecache.upstream.tokens import (
+    MAX_TOKEN_LIFETIME,
+    TokenCache,
+    parse_challenge,
+    realm_allowed,
+    token_from,
+)
 
 
 def test_digest_grammar() -> None:
@@ -132,4 +138,38 @@ def test_token_cache_expires_before_the_token_does() -> None:
     now[0] += 49
     assert cache.get("scope") == "t"
     now[0] += 2  # within the safety margin of expiry
+    assert cache.get("scope") is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "lifetime"),
+    [
+        ({"token": "t", "expires_in": 300}, 300.0),
+        ({"access_token": "t", "expires_in": 7.5}, 7.5),
+        ({"token": "t", "expires_in": float("inf")}, MAX_TOKEN_LIFETIME),
+        ({"token": "t", "expires_in": 10**400}, MAX_TOKEN_LIFETIME),
+        ({"token": "t", "expires_in": float("nan")}, None),
+        ({"token": "t", "expires_in": -1}, None),
+        ({"token": "t", "expires_in": True}, None),
+        ({"token": "t", "expires_in": "300"}, None),
+        ({"token": "t"}, None),
+    ],
+)
+def test_token_lifetimes_from_a_token_answer(doc: dict[str, object], lifetime: float | None) -> None:
+    assert token_from(doc) == ("t", lifetime)
+
+
+@pytest.mark.parametrize(
+    "doc", [[], "t", {}, {"token": ""}, {"token": " "}, {"token": 5}, {"token": "a\r\nb"}, {"token": None}]
+)
+def test_token_answers_without_a_usable_token(doc: object) -> None:
+    with pytest.raises(ValueError):
+        token_from(doc)
+
+
+def test_cached_tokens_never_outlive_the_lifetime_cap() -> None:
+    now = [0.0]
+    cache = TokenCache(clock=lambda: now[0])
+    cache.put("scope", "t", 1e12)
+    now[0] = MAX_TOKEN_LIFETIME
     assert cache.get("scope") is None

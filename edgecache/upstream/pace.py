@@ -50,7 +50,7 @@ class BodyPace:
         self._window_bytes = 0
 
     def note(self, received: int) -> None:
-        """Count `received` bytes; raises UpstreamInterrupted when a whole window ran below the rate."""
+        """Count `received` bytes; raises UpstreamStalled when a whole window ran below the rate."""
         if self._min_rate <= 0:
             return
         self._window_bytes += received
@@ -60,5 +60,5 @@ class BodyPace:
             return
         if self._window_bytes < self._min_rate * elapsed:
             rate = self._window_bytes / elapsed
-            raise errors.UpstreamInterrupted(f"upstream body trickled at {rate:.0f} B/s")
+            raise errors.UpstreamStalled(f"upstream body trickled at {rate:.0f} B/s")
         self._window_start, self._window_bytes = now, 0

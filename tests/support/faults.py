@@ -1,14 +1,16 @@
 """A small fault-injecting proxy in front of the real origin registry (faults cannot be had otherwise).
 
 It forwards to the origin and can, per request: demand Basic credentials, answer a fixed status,
-redirect blob GETs to another host (as Docker Hub and ghcr do to their CDNs), cut a body short, or
-hang. It records every request's method, path and headers so tests can check what reached "upstream".
+redirect blob GETs to another host (as Docker Hub and ghcr do to their CDNs), cut a body short, stall
+or trickle it half-way, compress it, or hang (accept the request and never answer: a black hole).
+It records every request's method, path and headers so tests can check what reached "upstream".
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,6 +35,9 @@ class FaultRules:
     truncate_blobs: int = 0  # how many blob bodies to cut off half-way from now on
     stall_blobs: int = 0  # how many blob bodies to stop sending half-way (connection left open)
     throttle: float = 0.0  # seconds to wait between 64 KiB chunks of blob bodies (a slow WAN link)
+    trickle_blobs: int = 0  # how many blob bodies to trickle from half-way: a byte every trickle_gap
+    trickle_gap: float = 0.2
+    gzip: tuple[str, ...] = ()  # path substrings whose bodies are sent gzip-compressed
     hang: bool = False
     replace_body: dict[str, bytes] = field(default_factory=dict)  # path substring → body (sent chunked)
     add_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # path substring → headers
@@ -113,6 +118,15 @@ class FaultProxy:
                         await response.write(body[i : i + 256 * 1024])
                     await response.write_eof()
                     return response
+            if any(part in request.path_qs for part in self.rules.gzip):
+                # the fault itself: a coding the client asked not to get (Accept-Encoding: identity)
+                body = gzip.compress(await upstream.read())
+                response.headers["Content-Encoding"] = "gzip"
+                response.content_length = len(body)
+                await response.prepare(request)
+                await response.write(body)
+                await response.write_eof()
+                return response
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
@@ -124,13 +138,18 @@ class FaultProxy:
             blob = "/blobs/" in request.path
             truncate = blob and self.rules.truncate_blobs > 0
             stall = blob and not truncate and self.rules.stall_blobs > 0
+            trickle = blob and not (truncate or stall) and self.rules.trickle_blobs > 0
             self.rules.truncate_blobs -= truncate
             self.rules.stall_blobs -= stall
+            self.rules.trickle_blobs -= trickle
             async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if (truncate or stall) and sent + len(chunk) > limit:
+                if (truncate or stall or trickle) and sent + len(chunk) > limit:
                     await response.write(chunk[: max(limit - sent, 0)])
                     if stall:
                         await asyncio.sleep(3600)  # the fault itself: stalled until the reader gives up
+                    if trickle:  # the fault itself: a byte at a time, never silent for long
+                        await self._trickle(response, chunk[max(limit - sent, 0) :], upstream)
+                        return response
                     assert request.transport is not None
                     request.transport.close()
                     return response
@@ -140,3 +159,20 @@ class FaultProxy:
                     await asyncio.sleep(self.rules.throttle)  # the fault itself: a slow upstream
             await response.write_eof()
             return response
+
+    async def _trickle(
+        self, response: web.StreamResponse, first: bytes, upstream: aiohttp.ClientResponse
+    ) -> None:
+        """The rest of a body a byte at a time, until it ends or the reader hangs up."""
+        rest = first
+        while True:
+            for i in range(len(rest)):
+                await asyncio.sleep(self.rules.trickle_gap)
+                try:
+                    await response.write(rest[i : i + 1])
+                except (ConnectionError, RuntimeError):
+                    return  # the reader gave up on the trickle: the point of the fault
+            rest = await upstream.content.read(64 * 1024)
+            if not rest:
+                await response.write_eof()
+                return

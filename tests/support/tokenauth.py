@@ -11,6 +11,7 @@ the origin — signature, issuer, audience, expiry and granted access — not by
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import re
@@ -255,6 +256,8 @@ class TokenServer:
         self.service = service
         self.issuer = issuer
         self.use_kid = False  # True: sign with a libtrust `kid` header instead of `x5c`
+        # (status, body) sent instead of a token: a broken token service, the fault itself
+        self.raw_answer: tuple[int, bytes] | None = None
         self.key = SigningKey.generate(issuer)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -422,13 +425,16 @@ def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
                 self.rfile.read(length)
             status, body = server._handle(self)
             data = json.dumps(body).encode()
+            if server.raw_answer is not None:
+                status, data = server.raw_answer
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             if status == 401:
                 self.send_header("WWW-Authenticate", 'Basic realm="edgecache test token issuer"')
             self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(OSError):  # a client that refuses a huge answer hangs up
+                self.wfile.write(data)
 
         do_GET = do_POST = _serve
 
