@@ -364,6 +364,20 @@ CASES = [
         raw=True,
         h2=Expect(reset=PROTOCOL_ERROR),
     ),
+    Case(
+        "raw-cr",
+        "/v2/library/al\rpine/manifests/latest",
+        Expect(400, "UNSUPPORTED"),
+        raw=True,
+        h2=Expect(reset=PROTOCOL_ERROR),
+    ),
+    Case(
+        "raw-lf",
+        "/v2/library/al\npine/manifests/latest",
+        Expect(400, "UNSUPPORTED"),
+        raw=True,
+        h2=Expect(reset=PROTOCOL_ERROR),
+    ),
     Case("pct-utf8", "/v2/library/%C3%A9/manifests/latest", NAME_INVALID),
     # Raw UTF-8: aiohttp's parser refuses it; on HTTP/2 the front refuses a non-ASCII :path.
     Case("raw-utf8", "/v2/library/é/manifests/latest", Expect(400, "UNSUPPORTED"), raw=True),
