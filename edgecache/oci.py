@@ -1,4 +1,5 @@
-"""OCI distribution vocabulary: digests, repository names, tags, media types, Accept sets, ranges.
+"""OCI distribution vocabulary: digests, repository names, tags and pages of tag lists, media types,
+Accept sets, ranges.
 
 Everything a request carries is parsed here into a validated value object before anything is opened or
 fetched. The grammars are distribution's (reference/regexp.go) and the OCI distribution spec's.
