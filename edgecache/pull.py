@@ -27,7 +27,6 @@ from edgecache.fill.flights import BlobFlight, Flights
 from edgecache.fill.source import BlobSource
 from edgecache.metrics import Metrics
 from edgecache.oci import (
-    INLINE_HASH_LIMIT,
     ByteRange,
     Digest,
     Reference,
@@ -48,6 +47,9 @@ from edgecache.upstream.client import FetchedManifest, ManifestHead, Passthrough
 log = logging.getLogger(__name__)
 BLOB_CONTENT_TYPE = "application/octet-stream"
 STALE_WARNING = '110 - "Response is Stale"'
+# A tag list up to this size is paged on the event loop (well under a millisecond); a larger one, up
+# to 4 MiB of JSON to parse and sort, on a worker thread.
+INLINE_TAG_LIST_BYTES = 64 * 1024
 
 
 class Upstream(BlobSource, Protocol):
@@ -516,10 +518,13 @@ class PullService:
         """The upstream's tag list, paged here as the spec says (sorted, after `last`, at most `n`),
         whether or not the upstream honoured n and last (they are passed on all the same). The body
         and the Link name the repository as the client wrote it (`link_name`)."""
-        answer = await target.upstream.passthrough(target.repo, "tags/list", params)
+        n = int(params["n"]) if "n" in params else None
+        # n=0 is answered here (an empty list); upstream is asked for one tag, which is enough to
+        # learn whether the repository exists, and which no upstream can refuse as a page size.
+        asked = {**params, "n": "1"} if n == 0 else params
+        answer = await target.upstream.passthrough(target.repo, "tags/list", asked)
         if answer.status == 404:
             raise errors.NameUnknown(f"upstream {target.upstream_name} has no such repository")
-        n = int(params["n"]) if "n" in params else None
         page = await _tag_page(answer.body, n, params.get("last"))
         headers = {"Content-Type": "application/json"}
         link = _next_tags_link(page, n, answer.link, link_name, ns)
@@ -555,7 +560,7 @@ async def _tag_page(body: bytes, n: int | None, last: str | None) -> TagPage:
     """`page_tag_list`, on a worker thread for a large list (parsing and sorting 4 MiB of tags is tens
     of ms of CPU: not on the event loop)."""
     try:
-        if len(body) <= INLINE_HASH_LIMIT:
+        if len(body) <= INLINE_TAG_LIST_BYTES:
             return page_tag_list(body, n, last)
         return await asyncio.to_thread(page_tag_list, body, n, last)
     except ValueError:

@@ -248,7 +248,8 @@ async def test_n_zero_has_no_link_even_when_the_upstream_sends_one(world: World)
     world.upstream.listing = tag_list(
         ["a", "b"], '<https://up.example/v2/library/x/tags/list?n=1&last=a>; rel="next"'
     )
-    assert await list_tags(world, {"n": "0"}) == ([], None)
+    assert await list_tags(world, {"n": "0", "last": "a"}) == ([], None)
+    assert world.upstream.listing_queries == [{"n": "1", "last": "a"}]  # a page size any upstream takes
 
 
 async def test_a_large_tag_list_is_paged_off_the_event_loop(world: World) -> None:
