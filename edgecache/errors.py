@@ -12,6 +12,7 @@
     │   ├── Unsupported             UNSUPPORTED         405 (push, delete, catalog)
     │   ├── RouteUnknown            UNSUPPORTED         404
     │   ├── NotAcceptable           MANIFEST_UNKNOWN    404 (cached manifest type not in Accept)
+    │   ├── ReferenceUnknown        MANIFEST_UNKNOWN    404 (a reference outside the tag grammar)
     │   ├── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
     │   ├── Unauthorized            UNAUTHORIZED        401 (with WWW-Authenticate)
     │   ├── AccessDenied            DENIED              403 (an access rule refused it)
@@ -125,6 +126,16 @@ class RouteUnknown(ClientError):
 
 
 class NotAcceptable(ClientError):
+    code = "MANIFEST_UNKNOWN"
+    message = "manifest unknown"
+    status = 404
+
+
+class ReferenceUnknown(ClientError):
+    """A manifest reference that is neither a tag nor a digest (`.INVALID_MANIFEST_NAME`): no manifest
+    can exist under it, so it is unknown (the spec's 404 for a missing manifest), and upstream is not
+    asked. A malformed digest stays DIGEST_INVALID."""
+
     code = "MANIFEST_UNKNOWN"
     message = "manifest unknown"
     status = 404

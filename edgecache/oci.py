@@ -1,4 +1,5 @@
-"""OCI distribution vocabulary: digests, repository names, tags, media types, Accept sets, ranges.
+"""OCI distribution vocabulary: digests, repository names, tags and pages of tag lists, media types,
+Accept sets, ranges.
 
 Everything a request carries is parsed here into a validated value object before anything is opened or
 fetched. The grammars are distribution's (reference/regexp.go) and the OCI distribution spec's.
@@ -130,6 +131,40 @@ def split_image_name(name: str) -> tuple[str, str]:
 def parse_reference(text: str) -> Reference:
     """A manifest reference is a digest when it has a colon, a tag otherwise (as distribution does)."""
     return Digest.parse(text) if ":" in text else Tag.parse(text)
+
+
+@dataclass(frozen=True, slots=True)
+class TagPage:
+    """One page of a repository's tags; `more` when tags remain after it (a `Link` to the next page)."""
+
+    tags: list[str]
+    more: bool
+
+
+def page_tags(tags: Iterable[str], n: int | None, last: str | None) -> TagPage:
+    """The page the spec asks for: tags in lexical (byte) order, strictly after `last`, at most `n`;
+    n=0 is an empty page with nothing more (the spec forbids a Link for it).
+
+    Done here, not left to the upstream: some ignore n and last and list tags unsorted (distribution
+    2.8 does). Tags outside the tag grammar are dropped: a page's last tag goes into a Link."""
+    ordered = sorted({tag for tag in tags if _TAG.fullmatch(tag) and (last is None or tag > last)})
+    if n is None:
+        return TagPage(ordered, more=False)
+    return TagPage(ordered[:n], more=0 < n < len(ordered))
+
+
+def page_tag_list(body: bytes, n: int | None, last: str | None) -> TagPage:
+    """`page_tags` of an upstream's tags/list body (at most MAX_MANIFEST_BYTES, read by the client).
+
+    `"tags": null` is no tags (distribution's answer for a repository without any). Raises ValueError
+    when the body is not a tag list."""
+    doc = json.loads(body)
+    tags = doc.get("tags") if isinstance(doc, dict) else None
+    if tags is None and isinstance(doc, dict):
+        tags = []
+    if not isinstance(tags, list):
+        raise ValueError("not a tag list")
+    return page_tags((tag for tag in tags if isinstance(tag, str)), n, last)
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,15 +343,11 @@ CASES = [
     Case("encoded-backslash", "/v2/library%5Calpine/manifests/latest", NAME_INVALID),
     Case("literal-backslash", "/v2/library\\alpine/manifests/latest", NAME_INVALID),
     Case("pct-nul", "/v2/library/alp%00ine/manifests/latest", NAME_INVALID),
-    # aiohttp routes on the percent-decoded path, and its catch-all `{tail:.*}` does not match across
-    # a decoded line feed: its own 404 (wrapped as the registry's UNSUPPORTED) comes before the front.
-    # granian hands the raw path to the front, which refuses the name. Both refuse; codes differ.
-    Case(
-        "pct-crlf",
-        "/v2/library/alpine%0d%0aX-Injected:%201/manifests/latest",
-        NAME_INVALID,
-        h1=Expect(404, "UNSUPPORTED"),
-    ),
+    # aiohttp routes on the percent-decoded path: its catch-all matches across a decoded line feed too,
+    # so the front sees the raw path and refuses the name, as it does on granian.
+    Case("pct-crlf", "/v2/library/alpine%0d%0aX-Injected:%201/manifests/latest", NAME_INVALID),
+    Case("pct-lf", "/v2/library/alp%0aine/manifests/latest", NAME_INVALID),
+    Case("pct-cr", "/v2/library/alp%0dine/tags/list", NAME_INVALID),
     # Raw control bytes in the target: aiohttp's parser refuses the request line (JSON 400); on
     # HTTP/2 hyper refuses the :path before the app and resets the stream.
     Case(
@@ -368,12 +364,28 @@ CASES = [
         raw=True,
         h2=Expect(reset=PROTOCOL_ERROR),
     ),
+    Case(
+        "raw-cr",
+        "/v2/library/al\rpine/manifests/latest",
+        Expect(400, "UNSUPPORTED"),
+        raw=True,
+        h2=Expect(reset=PROTOCOL_ERROR),
+    ),
+    Case(
+        "raw-lf",
+        "/v2/library/al\npine/manifests/latest",
+        Expect(400, "UNSUPPORTED"),
+        raw=True,
+        h2=Expect(reset=PROTOCOL_ERROR),
+    ),
     Case("pct-utf8", "/v2/library/%C3%A9/manifests/latest", NAME_INVALID),
     # Raw UTF-8: aiohttp's parser refuses it; on HTTP/2 the front refuses a non-ASCII :path.
     Case("raw-utf8", "/v2/library/é/manifests/latest", Expect(400, "UNSUPPORTED"), raw=True),
     Case("name-256", "/v2/" + "a" * 256 + "/manifests/latest", NAME_INVALID),
     Case("name-600", "/v2/" + "/".join(["abcdefghi"] * 60) + "/manifests/latest", NAME_INVALID),
-    Case("tag-129", f"{ALPINE}/manifests/" + "t" * 129, Expect(400, "TAG_INVALID")),
+    # Not a tag (nor a digest): no manifest can exist under it, so 404, without asking upstream.
+    Case("tag-129", f"{ALPINE}/manifests/" + "t" * 129, Expect(404, "MANIFEST_UNKNOWN")),
+    Case("tag-leading-dot", f"{ALPINE}/manifests/.INVALID_MANIFEST_NAME", Expect(404, "MANIFEST_UNKNOWN")),
     Case("tag-128", f"{ALPINE}/manifests/" + "t" * 128, Expect(404, "MANIFEST_UNKNOWN")),
     Case("digest-md5", f"{ALPINE}/blobs/md5:" + "0" * 32, DIGEST_INVALID),
     Case("manifest-md5", f"{ALPINE}/manifests/md5:" + "0" * 32, DIGEST_INVALID),

@@ -23,6 +23,7 @@ from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
 from edgecache.store.manifests import ManifestCache
 from edgecache.store.membership import Membership
+from edgecache.upstream.client import Passthrough
 from tests.support.clock import Clock
 from tests.support.memory_upstream import MemoryUpstream
 from tests.support.waiting import wait_until
@@ -203,3 +204,63 @@ async def test_a_manifest_fetch_is_not_shared_across_repositories(world: World) 
     assert (await held).cache is CacheResult.MISS
     with pytest.raises(errors.ManifestUnknown):
         await other
+
+
+# -- tags/list: paged by edgecache whether or not the upstream pages -------------------------------
+
+
+def tag_list(tags: list[str], link: str | None = None, name: str = "library/x") -> Passthrough:
+    return Passthrough(200, "application/json", json.dumps({"name": name, "tags": tags}).encode(), link)
+
+
+async def list_tags(
+    world: World, params: dict[str, str], *, name: str = "x", ns: str | None = None
+) -> tuple[list[str], str | None]:
+    """(tags, Link) of a tags/list answer, checking the body names the repository as the client did."""
+    reply = await world.pull.tags_list(world.target("library/x"), params, name, ns)
+    assert reply.status == 200 and isinstance(reply.body, BytesBody)
+    doc = json.loads(reply.body.data)
+    assert doc["name"] == name and reply.headers["Content-Type"] == "application/json"
+    return doc["tags"], reply.headers.get("Link")
+
+
+async def test_an_upstream_that_ignores_n_and_last_is_paged_here(world: World) -> None:
+    world.upstream.listing = tag_list(["latest", "1.0", "b", "a", "2"])
+    tags, link = await list_tags(world, {"n": "2", "last": "1.0"}, ns="docker.io")
+    assert tags == ["2", "a"]
+    assert link == '</v2/x/tags/list?last=a&n=2&ns=docker.io>; rel="next"'
+    assert world.upstream.listing_queries == [{"n": "2", "last": "1.0"}]  # still passed on
+    tags, link = await list_tags(world, {"n": "2", "last": "a"})
+    assert (tags, link) == (["b", "latest"], None)
+
+
+async def test_an_upstream_that_pages_keeps_its_next_page(world: World) -> None:
+    """The upstream honoured n: its page is all we have, and its Link leads on (pointed at us)."""
+    world.upstream.listing = tag_list(
+        ["b", "a"], '<https://up.example/v2/library/x/tags/list?n=2&last=b&x=1>; rel="next"'
+    )
+    tags, link = await list_tags(world, {"n": "2"}, name="docker.io/x")
+    assert tags == ["a", "b"]
+    assert link == '</v2/docker.io/x/tags/list?n=2&last=b>; rel="next"'
+
+
+async def test_n_zero_has_no_link_even_when_the_upstream_sends_one(world: World) -> None:
+    world.upstream.listing = tag_list(
+        ["a", "b"], '<https://up.example/v2/library/x/tags/list?n=1&last=a>; rel="next"'
+    )
+    assert await list_tags(world, {"n": "0", "last": "a"}) == ([], None)
+    assert world.upstream.listing_queries == [{"n": "1", "last": "a"}]  # a page size any upstream takes
+
+
+async def test_a_large_tag_list_is_paged_off_the_event_loop(world: World) -> None:
+    tags = [f"v{i}" for i in range(20_000, 0, -1)]  # ~200 KiB of JSON
+    world.upstream.listing = tag_list(tags)
+    page, link = await list_tags(world, {"n": "3", "last": "v9"})
+    assert page == ["v90", "v900", "v9000"]
+    assert link == '</v2/x/tags/list?last=v9000&n=3>; rel="next"'
+
+
+async def test_a_tag_list_that_does_not_parse_is_an_upstream_failure(world: World) -> None:
+    world.upstream.listing = Passthrough(200, "application/json", b"<html>busy</html>", None)
+    with pytest.raises(errors.UpstreamUnavailable):
+        await world.pull.tags_list(world.target("library/x"), {}, "x", None)

@@ -32,6 +32,9 @@ from edgecache.trace import CURRENT, RequestTrace, request_id
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Every path, to the front. aiohttp matches routes on the percent-decoded path and `.` stops at a
+# decoded line feed (`%0a`), which would be its own 404 instead of the front's NAME_INVALID.
+EVERY_PATH = r"/{tail:[\s\S]*}"
 
 
 class AiohttpFront:
@@ -50,7 +53,7 @@ class AiohttpFront:
             reply = await self._front.respond(self._client_request(request), request[TRACE_KEY], admin=admin)
             return await send(request, reply)
 
-        app.router.add_route("*", "/{tail:.*}", handle)
+        app.router.add_route("*", EVERY_PATH, handle)
         return app
 
     def build_admin_app(self, log_format: str = "text") -> web.Application:
@@ -64,7 +67,7 @@ class AiohttpFront:
             reply = await self._front.operational(client_request, request[TRACE_KEY])
             return await send(request, reply)
 
-        app.router.add_route("*", "/{tail:.*}", handle)
+        app.router.add_route("*", EVERY_PATH, handle)
         return app
 
     def _new_app(self, log_format: str) -> web.Application:

@@ -176,7 +176,8 @@ class RegistryFront:
         head = request.method == "HEAD"
         headers = request.headers
         if route.kind is Kind.MANIFEST:
-            assert route.reference is not None
+            if route.reference is None:
+                raise errors.ReferenceUnknown("the reference is neither a tag nor a digest")
             query = ManifestQuery(
                 route.reference,
                 accepted_media_types(headers.getall("Accept", [])),
@@ -234,10 +235,12 @@ def _in(address: str, networks: Networks) -> bool:
 
 
 def listing_params(query: Mapping[str, str]) -> dict[str, str]:
+    """The tags/list query, checked: `n` a non-negative integer (ASCII digits: `²` is a digit to
+    str.isdigit, not to int), `last` a tag."""
     params: dict[str, str] = {}
     n = query.get("n")
     if n is not None:
-        if not n.isdigit() or len(n) > 6:
+        if not (n.isascii() and n.isdigit()) or len(n) > 6:
             raise errors.ParameterInvalid("n must be a non-negative integer")
         params["n"] = n
     last = query.get("last")

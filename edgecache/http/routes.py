@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from edgecache import errors
-from edgecache.errors import NameInvalid
+from edgecache.errors import NameInvalid, TagInvalid
 from edgecache.oci import MAX_NAME_LENGTH, Digest, Reference, parse_reference
 
 
@@ -28,7 +28,9 @@ class Kind(Enum):
 @dataclass(frozen=True)
 class Route:
     """A matched API route. `name` is still raw: it may carry a registry prefix (`ghcr.io/owner/app`)
-    that only the upstream choice can tell from a repository name, so it is validated after that."""
+    that only the upstream choice can tell from a repository name, so it is validated after that.
+    A manifest route's `reference` is None when it is neither a tag nor a digest: the front answers
+    404 for it once the name is checked (nothing can be stored under it)."""
 
     kind: Kind
     name: str = ""
@@ -36,14 +38,19 @@ class Route:
     digest: Digest | None = None
 
 
-_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
-    (Kind.BASE, re.compile(r"/v2/?")),
-    (Kind.CATALOG, re.compile(r"/v2/_catalog")),
-    (Kind.UPLOAD, re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?")),
-    (Kind.MANIFEST, re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]*)")),
-    (Kind.BLOB, re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]*)")),
-    (Kind.TAGS, re.compile(r"/v2/(?P<name>.+)/tags/list")),
-    (Kind.REFERRERS, re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]*)")),
+# DOTALL: a control character (CR, LF, NUL) in a name must reach the name check (400 NAME_INVALID),
+# not make the route unknown (404), whatever an adapter lets through.
+_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern, re.DOTALL))
+    for kind, pattern in (
+        (Kind.BASE, r"/v2/?"),
+        (Kind.CATALOG, r"/v2/_catalog"),
+        (Kind.UPLOAD, r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?"),
+        (Kind.MANIFEST, r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]*)"),
+        (Kind.BLOB, r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]*)"),
+        (Kind.TAGS, r"/v2/(?P<name>.+)/tags/list"),
+        (Kind.REFERRERS, r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]*)"),
+    )
 )
 
 
@@ -59,8 +66,16 @@ def parse_route(raw_path: str) -> Route:
         if len(name) > 2 * MAX_NAME_LENGTH:
             raise NameInvalid("repository name too long")
         if kind is Kind.MANIFEST:
-            return Route(kind, name, reference=parse_reference(match["ref"]))
+            return Route(kind, name, reference=_manifest_reference(match["ref"]))
         if kind in (Kind.BLOB, Kind.REFERRERS):
             return Route(kind, name, digest=Digest.parse(match["ref"]))
         return Route(kind, name)
     raise errors.RouteUnknown("not a distribution API path")
+
+
+def _manifest_reference(text: str) -> Reference | None:
+    """A digest (malformed: DIGEST_INVALID), a tag, or None for what can be neither."""
+    try:
+        return parse_reference(text)
+    except TagInvalid:
+        return None

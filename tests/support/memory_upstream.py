@@ -58,6 +58,8 @@ class MemoryUpstream:
     cut_once_at: int | None = None
     down: bool = False
     tampered: set[Digest] = field(default_factory=set)  # served with one byte changed
+    listing: Passthrough | None = None  # what passthrough answers (tags/list), else an empty JSON object
+    listing_queries: list[dict[str, str]] = field(default_factory=list)  # the query of each passthrough
 
     def add_blob(self, repo: str, data: bytes) -> Digest:
         digest = Digest.of(data)
@@ -120,5 +122,6 @@ class MemoryUpstream:
 
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough:
         self.requests.append(("passthrough", str(repo), path))
+        self.listing_queries.append(dict(query))
         self._check()
-        return Passthrough(200, "application/json", b"{}", None)
+        return self.listing or Passthrough(200, "application/json", b"{}", None)
