@@ -34,6 +34,8 @@ ROUTES = (
 METHODS = ("GET", "HEAD", "other")
 CACHE_RESULTS = ("HIT", "MISS", "JOINED", "REVALIDATED", "STALE", "NEGATIVE", "PASS")
 MISMATCH_KINDS = ("blob", "manifest")
+QUARANTINE_REASONS = ("changed", "corrupt")
+SCRUB_RESULTS = ("ok", "changed", "corrupt", "gone")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 _API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
 _CACHED_ROUTES = ("manifest", "blob")
@@ -188,6 +190,28 @@ class Metrics:
             self.evictions.labels(reason)
         for kind in ("blob", "manifest"):
             self.passthrough.labels(kind)
+        self.store_quarantined = Counter(
+            "edgecache_store_quarantined_total",
+            "Stored files moved to quarantine/ and fetched again: changed (size, mtime or inode not "
+            "the admitted file's, seen by a hit or the scrubber) or corrupt (bytes that no longer hash "
+            "to the digest: the scrubber, or a manifest read from disk)",
+            ["reason"],
+            registry=r,
+        )
+        self.scrub_bytes = Counter(
+            "edgecache_scrub_bytes_total", "Stored bytes the background scrubber re-hashed", registry=r
+        )
+        self.scrub_files = Counter(
+            "edgecache_scrub_files_total",
+            "Stored files the background scrubber checked, by result (ok, changed, corrupt, gone: "
+            "evicted or removed before it got there)",
+            ["result"],
+            registry=r,
+        )
+        for reason in QUARANTINE_REASONS:
+            self.store_quarantined.labels(reason)
+        for result in SCRUB_RESULTS:
+            self.scrub_files.labels(result)
         self.cache_limit_bytes = Gauge(
             "edgecache_cache_limit_bytes", "The cache's size limit in bytes (0: none configured)", registry=r
         )

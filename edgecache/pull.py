@@ -440,15 +440,12 @@ class PullService:
         return await self._blob_fill(target, query, headers)
 
     async def _open_stored(self, digest: Digest) -> OpenBlob | None:
-        """The stored blob, open; a file whose size is not the one admitted is dropped (refetched)."""
+        """The stored blob, open; a file that is not the one admitted (its size, mtime or inode, from
+        the fstat the open made) is quarantined and the request becomes a miss: it is never served."""
         opened = await self._store.open_blob(digest)
-        expected = self._keeper.expected_size(digest)
-        if opened is not None and expected is not None and opened.size != expected:
-            log.error(
-                "cached %s has %d bytes, not %d: dropped, fetching again", digest, opened.size, expected
-            )
+        if opened is not None and not self._keeper.unchanged(digest, opened.identity):
             opened.close()
-            await self._keeper.forget(digest)
+            await self._keeper.quarantine(digest, ObjectKind.BLOB, opened.identity, "changed")
             return None
         return opened
 

@@ -188,9 +188,9 @@ class Flights:
             flight.done = True
             flight.notify()
             if await self._keeper.admit(flight.digest, ObjectKind.BLOB, spool.written):
-                await asyncio.to_thread(spool.persist)
+                identity = await asyncio.to_thread(spool.persist)
                 await self._keeper.stored(
-                    flight.digest, ObjectKind.BLOB, spool.written, source.name, str(flight.repo)
+                    flight.digest, ObjectKind.BLOB, spool.written, source.name, str(flight.repo), identity
                 )
             else:
                 spool.discard()  # served through: the readers keep their open descriptors

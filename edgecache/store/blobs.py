@@ -6,6 +6,7 @@ Layout (drawn once, here):
     <root>/manifests/<alg>/<2 hex>/<hex>   "<media type>\\n" + the exact manifest bytes
     <root>/tags/<upstream>/<repository>/_tags/<tag>   JSON: digest, media type, size, last confirmed
     <root>/tmp/<random>                    spools of fills in progress; emptied at start-up
+    <root>/quarantine/<alg>-<hex>          stored files found changed or corrupt, kept for the operator
     <root>/lock                            flock'd by the running process
 
 Write path: spool in tmp/ → hash while writing → compare digest → fsync → rename → fsync directory.
@@ -23,20 +24,24 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from edgecache.errors import ConfigError, DigestInvalid, UpstreamDigestMismatch
 from edgecache.oci import Digest
+from edgecache.store.identity import FileIdentity
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class OpenBlob:
-    """An open, verified blob: the front sends `file` with the kernel, then closes it."""
+    """An open, verified blob: the front sends `file` with the kernel, then closes it.
+
+    `identity` comes from the same fstat as `size`, so checking it costs the hit nothing more."""
 
     file: IO[bytes]
     size: int
+    identity: FileIdentity | None = None
     _held: list[contextlib.AbstractContextManager[object]] = field(default_factory=list)
 
     def hold(self, guard: contextlib.AbstractContextManager[object]) -> None:
@@ -104,10 +109,26 @@ class BlobStore:
 
     def remove(self, kind: str, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(kind, digest))
+            os.unlink(self.path(kind, digest))
 
-    def _path(self, kind: str, digest: Digest) -> Path:
+    def path(self, kind: str, digest: Digest) -> Path:
         return self.blob_path(digest) if kind == "blob" else self.manifest_path(digest)
+
+    def quarantine(self, kind: str, digest: Digest, seen: FileIdentity | None) -> bool | None:
+        """Move a stored file that turned out wrong to quarantine/ (a worker-thread call), where the
+        operator can look at it; nothing is served from there. With `seen`, only if the file there is
+        still that one (a refetch may have stored a good one meanwhile). True: moved; False: another
+        file is there now, left alone; None: there is no file."""
+        path = self.path(kind, digest)
+        try:
+            if seen is not None and FileIdentity.of(os.stat(path)) != seen:
+                return False
+            quarantine = self.root / "quarantine"
+            quarantine.mkdir(exist_ok=True)
+            os.replace(path, quarantine / f"{digest.algorithm}-{digest.hex}")
+        except FileNotFoundError:
+            return None
+        return True
 
     def prepare(self) -> None:
         """Create the layout and drop spools a previous process left behind (start-up only)."""
@@ -130,7 +151,8 @@ class BlobStore:
             file = open(self.blob_path(digest), "rb")  # noqa: SIM115 - closed by the sender
         except FileNotFoundError:
             return None
-        return OpenBlob(file, os.fstat(file.fileno()).st_size)
+        st = os.fstat(file.fileno())
+        return OpenBlob(file, st.st_size, FileIdentity.of(st))
 
     async def has_blob(self, digest: Digest) -> int | None:
         """The size of a cached blob, or None."""
@@ -139,15 +161,21 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+    async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | Literal["missing", "corrupt"]:
+        """(media type, body) of a stored manifest; "corrupt" when the stored file does not hash to
+        its digest (the caller quarantines it and fetches it again)."""
         return await asyncio.to_thread(self._read_manifest, digest)
 
-    def _read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+    def _read_manifest(self, digest: Digest) -> tuple[str, bytes] | Literal["missing", "corrupt"]:
+        # Manifests are small and read whole: re-hashing them on every read from disk (the memory
+        # LRU takes most reads) is cheap, so a changed manifest file is never served.
         try:
             data = self.manifest_path(digest).read_bytes()
         except FileNotFoundError:
-            return None
+            return "missing"
         media_type, _, body = data.partition(b"\n")
+        if Digest.of(body, digest.algorithm) != digest:
+            return "corrupt"
         return media_type.decode(), body
 
     async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
@@ -214,12 +242,13 @@ class Spool:
             self.discard()
             raise UpstreamDigestMismatch("blob content does not match its digest")
 
-    def persist(self) -> Path:
-        """fsync and rename the verified spool into the store (a worker-thread call)."""
+    def persist(self) -> FileIdentity:
+        """fsync and rename the verified spool into the store (a worker-thread call); the stored
+        file's identity, taken after the rename, so hits can tell when it changes."""
         os.fsync(self.fd)
         final = self._store.blob_path(self.digest)
         _rename_durably(self.path, final)
-        return final
+        return FileIdentity.of(os.fstat(self.fd))
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgecache.store.identity import FileIdentity
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -33,7 +35,10 @@ CREATE TABLE IF NOT EXISTS entries (
     last_access REAL NOT NULL,
     hits INTEGER NOT NULL DEFAULT 0,
     upstream TEXT NOT NULL DEFAULT '',
-    repository TEXT NOT NULL DEFAULT ''
+    repository TEXT NOT NULL DEFAULT '',
+    mtime_ns INTEGER,                -- with size and inode: the stored file's identity (NULL: unknown)
+    inode INTEGER,
+    verified_at REAL                 -- when its bytes last hashed to the digest (NULL: never here)
 );
 CREATE INDEX IF NOT EXISTS entries_by_access ON entries (last_access);
 CREATE TABLE IF NOT EXISTS pins (
@@ -53,6 +58,9 @@ CREATE TABLE IF NOT EXISTS members (  -- this repository is known to contain thi
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS members_by_digest ON members (digest);
 """
+# Columns added after 0.3.0's first index.db files; an older file gets them (NULL: unknown) at open.
+ADDED_COLUMNS = (("mtime_ns", "INTEGER"), ("inode", "INTEGER"), ("verified_at", "REAL"))
+AFTER_MIGRATION = "CREATE INDEX IF NOT EXISTS entries_by_verified ON entries (verified_at);"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,15 @@ class Entry:
     hits: int
     upstream: str
     repository: str
+    mtime_ns: int | None = None
+    inode: int | None = None
+    verified_at: float | None = None
+
+    @property
+    def identity(self) -> FileIdentity | None:
+        if self.mtime_ns is None or self.inode is None:
+            return None
+        return FileIdentity(self.size, self.mtime_ns, self.inode)
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,7 @@ class CacheIndex:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        _migrate(db)
         return db
 
     def close(self) -> None:
@@ -124,14 +142,61 @@ class CacheIndex:
 
     # -- entries -------------------------------------------------------------------------------
 
-    def add(self, digest: str, kind: str, size: int, upstream: str = "", repository: str = "") -> None:
+    def add(
+        self,
+        digest: str,
+        kind: str,
+        size: int,
+        upstream: str = "",
+        repository: str = "",
+        identity: FileIdentity | None = None,
+    ) -> None:
+        """A verified file was just stored: admission counts as a verification."""
+        mtime_ns, inode = (identity.mtime_ns, identity.inode) if identity else (None, None)
+        now = time.time()
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO entries (digest, kind, size, last_access, upstream, repository) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET size = excluded.size, "
-                "last_access = excluded.last_access",
-                (digest, kind, size, time.time(), upstream, repository),
+                "INSERT INTO entries (digest, kind, size, last_access, upstream, repository, mtime_ns, "
+                "inode, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                "SET size = excluded.size, last_access = excluded.last_access, mtime_ns = "
+                "excluded.mtime_ns, inode = excluded.inode, verified_at = excluded.verified_at",
+                (digest, kind, size, now, upstream, repository, mtime_ns, inode, now),
             )
+
+    def identities(self) -> dict[str, FileIdentity]:
+        """{digest: identity} of every entry whose identity is known (start-up, outside changes)."""
+        rows = self._db.execute(
+            "SELECT digest, size, mtime_ns, inode FROM entries "
+            "WHERE mtime_ns IS NOT NULL AND inode IS NOT NULL"
+        )
+        return {digest: FileIdentity(size, mtime_ns, inode) for digest, size, mtime_ns, inode in rows}
+
+    def record_identities(self, rows: Iterable[tuple[str, FileIdentity]]) -> None:
+        """Identities first seen by a hit, where none was known (never replacing a known one)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE entries SET mtime_ns = ?, inode = ? WHERE digest = ? AND size = ? "
+                "AND mtime_ns IS NULL",
+                [(i.mtime_ns, i.inode, digest, i.size) for digest, i in rows],
+            )
+
+    def mark_verified(self, rows: Iterable[tuple[str, FileIdentity | None, float]]) -> None:
+        """The scrubber re-hashed these: (digest, identity it saw, when). With no identity, only the
+        time moves (the entry goes to the back of the queue; what is known of the file stays)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE entries SET verified_at = ?, mtime_ns = coalesce(?, mtime_ns), "
+                "inode = coalesce(?, inode) WHERE digest = ?",
+                [
+                    (when, i.mtime_ns if i else None, i.inode if i else None, digest)
+                    for digest, i, when in rows
+                ],
+            )
+
+    def least_recently_verified(self, limit: int) -> list[Entry]:
+        """The scrubber's queue: never verified (NULL sorts first), then the longest ago."""
+        rows = self._db.execute("SELECT * FROM entries ORDER BY verified_at LIMIT ?", (limit,))
+        return [Entry(*row) for row in rows]
 
     def touch(self, accesses: Iterable[tuple[str, float, int]]) -> None:
         """Record hits in one transaction: (digest, time, count) batched by the caller."""
@@ -241,12 +306,32 @@ class CacheIndex:
         now = time.time()
         with self._transaction() as db:
             db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in missing])
+            # Found on disk, or not the size indexed: nothing is known of these files, so their
+            # identity and verification are unknown until the scrubber hashes them (or a hit records
+            # what it sees, still to be hashed).
             db.executemany(
                 "INSERT INTO entries (digest, kind, size, last_access) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (digest) DO UPDATE SET kind = excluded.kind, size = excluded.size",
+                "ON CONFLICT (digest) DO UPDATE SET kind = excluded.kind, size = excluded.size, "
+                "mtime_ns = NULL, inode = NULL, verified_at = NULL",
                 [(d, k, s, now) for d, k, s in changed],
             )
         return len(changed), len(missing)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns an index.db from before them lacks (NULL: unknown, never trusted)."""
+    # One transaction: the CLI may open the same index.db at the same moment as the server.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+        for name, sql_type in ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE entries ADD COLUMN {name} {sql_type}")
+        db.execute(AFTER_MIGRATION)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class IndexWorker:

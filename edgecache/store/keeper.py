@@ -5,6 +5,10 @@ per request). Before a verified blob or manifest is renamed into the store, `adm
 it by evicting the least recently used unpinned entries that nobody is reading; when even that is
 not enough (pinned content fills the limit), the content is served through without being stored.
 So the verified content on disk stays at or below `max_size`; spools of fills in flight come on top.
+
+Each stored file's identity (size, mtime, inode: `store.identity`) is kept in memory beside what is
+held, so a hit compares it with its own fstat and makes no SQLite call. A file that changed is
+quarantined (moved to quarantine/, its entry dropped) and the request becomes a miss.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from cachetools import LRUCache
+
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, referenced_digests
 from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore
-from edgecache.store.index import CacheIndex, IndexWorker, Pin
+from edgecache.store.identity import FileIdentity
+from edgecache.store.index import CacheIndex, Entry, IndexWorker, Pin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +93,9 @@ class CacheKeeper:
         self._min_free = min_free
         self.worker = IndexWorker(store.root / "index.db")
         self._held = Holdings()
+        self._identities: dict[str, FileIdentity] = {}  # known identities of what is held
+        self._first_seen: dict[str, FileIdentity] = {}  # seen by hits where none was known: to write
+        self._reported: LRUCache[str, bool] = LRUCache(10_000)  # quarantines logged, once per digest
         self._touched: dict[str, tuple[float, int]] = {}
         self._in_use: dict[str, int] = {}
         self._pins: list[Pin] = []
@@ -121,6 +131,7 @@ class CacheKeeper:
         if added or dropped:
             log.info("cache index reconciled with the store: %d added, %d dropped", added, dropped)
         self._held = Holdings(on_disk)
+        self._identities = await self._run(self.index.identities)
         self._seen_version = await self._run(self.index.data_version)
         await self._reload_pins()
         self._publish()
@@ -148,6 +159,9 @@ class CacheKeeper:
                 log.exception("cache housekeeping failed")
 
     async def _flush(self) -> None:
+        if self._first_seen:
+            seen, self._first_seen = self._first_seen, {}
+            await self._run(self.index.record_identities, list(seen.items()))
         if not self._touched:
             return
         batch, self._touched = self._touched, {}
@@ -163,6 +177,9 @@ class CacheKeeper:
         await self._reload_pins()
         entries = await self._run(self.index.all_entries)
         self._held = Holdings({e.digest: (e.kind, e.size) for e in entries})
+        identities = {e.digest: e.identity for e in entries}
+        self._identities = {d: i for d, i in identities.items() if i is not None}
+        self._identities.update((d, i) for d, i in self._first_seen.items() if d in identities)
         self._publish()
 
     async def _reload_pins(self) -> None:
@@ -181,6 +198,33 @@ class CacheKeeper:
     def expected_size(self, digest: Digest) -> int | None:
         entry = self._held.get(str(digest))
         return entry[1] if entry else None
+
+    def unchanged(self, digest: Digest, seen: FileIdentity | None) -> bool:
+        """Whether an opened stored file is the one admitted (the hit path: memory only).
+
+        Its size must be the one admitted; its mtime and inode the ones recorded. Where none were
+        recorded (an index from before them, a file found on disk at start), what this hit sees is
+        recorded now, so a later change is caught; the scrubber still hashes it first in its queue.
+        A file the keeper does not hold (stored a moment ago, not yet indexed) is not judged.
+        """
+        key = str(digest)
+        held = self._held.get(key)
+        if held is None or seen is None:
+            return True
+        if seen.size != held[1]:
+            return False
+        recorded = self._identities.get(key)
+        if recorded is None:
+            self._identities[key] = self._first_seen[key] = seen
+            return True
+        return recorded == seen
+
+    def identity_of(self, digest: Digest) -> FileIdentity | None:
+        return self._identities.get(str(digest))
+
+    def held(self, digest: Digest) -> tuple[str, int] | None:
+        """(kind, size) of a stored entry, or None."""
+        return self._held.get(str(digest))
 
     @contextlib.contextmanager
     def reading(self, digest: Digest) -> Iterator[None]:
@@ -221,23 +265,80 @@ class CacheKeeper:
             return True
 
     async def stored(
-        self, digest: Digest, kind: ObjectKind, size: int, upstream: str, repository: str
+        self,
+        digest: Digest,
+        kind: ObjectKind,
+        size: int,
+        upstream: str,
+        repository: str,
+        identity: FileIdentity | None = None,
     ) -> None:
+        """A verified file was renamed into the store; `identity` is what its rename left on disk."""
         key = str(digest)
-        if key in self._held:
+        if key in self._held and (identity is None or self._identities.get(key) == identity):
             return
         self._held.add(key, kind, size)
-        await self._run(self.index.add, key, kind, size, upstream, repository)
+        self._first_seen.pop(key, None)
+        if identity is not None:
+            self._identities[key] = identity
+        else:
+            self._identities.pop(key, None)
+        await self._run(self.index.add, key, kind, size, upstream, repository, identity)
         self._publish()
 
-    async def forget(self, digest: Digest) -> None:
-        """A stored file turned out wrong (size mismatch): drop it so the next request refetches."""
+    async def quarantine(self, digest: Digest, kind: str, seen: FileIdentity | None, reason: str) -> None:
+        """Move a stored file that is not what was admitted to quarantine/ and drop its entry, so the
+        next request refetches it. `reason` is "changed" (its identity) or "corrupt" (its bytes).
+
+        With `seen` (the identity the caller judged), a file that is no longer that one (a refetch
+        stored a good one meanwhile) is left alone.
+        """
         key = str(digest)
-        entry = self._held.remove(key)
-        if entry is not None:
-            await asyncio.to_thread(self._store.remove, entry[0], digest)
-            await self._run(self.index.remove, [key])
-            self._publish()
+        moved = await asyncio.to_thread(self._store.quarantine, kind, digest, seen)
+        if moved is False:
+            return
+        await self._drop(key)
+        if moved:
+            self._metrics.store_quarantined.labels(reason).inc()
+            if key not in self._reported:
+                self._reported[key] = True
+                what = "changed on disk" if reason == "changed" else "does not match its digest"
+                log.error("stored %s %s %s: moved to quarantine/, fetching it again", kind, digest, what)
+
+    async def missing(self, digest: Digest, kind: str) -> None:
+        """A held entry has no file (removed behind edgecache's back): drop the entry."""
+        if not await asyncio.to_thread(self._store.path(kind, digest).exists):
+            await self._drop(str(digest))
+
+    async def _drop(self, key: str) -> None:
+        if self._held.remove(key) is None:
+            return
+        self._identities.pop(key, None)
+        self._first_seen.pop(key, None)
+        await self._run(self.index.remove, [key])
+        self._publish()
+
+    async def manifest_corrupt(self, digest: Digest) -> None:
+        """A stored manifest read from disk did not hash to its digest (ManifestCache's callback)."""
+        await self.quarantine(digest, ObjectKind.MANIFEST, None, "corrupt")
+
+    # -- for the scrubber ----------------------------------------------------------------------
+
+    async def least_recently_verified(self, limit: int) -> list[Entry]:
+        return await self._run(self.index.least_recently_verified, limit)
+
+    async def verified(self, rows: list[tuple[Digest, FileIdentity | None, float]]) -> None:
+        """The scrubber hashed these and found them intact: record when, and the identity it saw where
+        none was known (it is trusted now: the bytes behind it hashed to the digest)."""
+        recorded = []
+        for digest, identity, when in rows:
+            key = str(digest)
+            if identity is not None and key in self._held:
+                self._identities.setdefault(key, identity)
+            # A file stored again since it was hashed keeps the identity its admission recorded.
+            known = self._identities.get(key) == identity
+            recorded.append((key, identity if known else None, when))
+        await self._run(self.index.mark_verified, recorded)
 
     async def _evict_if_needed(self) -> None:
         over = self.used - int(self.max_size * self._high) if self.max_size else 0
@@ -270,6 +371,8 @@ class CacheKeeper:
             await self._run(self.index.remove, [e.digest for e in chosen])
             for entry in chosen:
                 self._held.remove(entry.digest)
+                self._identities.pop(entry.digest, None)
+                self._first_seen.pop(entry.digest, None)
                 self._metrics.evictions.labels(reason).inc()
             log.info("evicted %d entries (%d bytes, %s)", len(chosen), sum(e.size for e in chosen), reason)
         self._publish()

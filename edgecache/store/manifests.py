@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +45,15 @@ TagKey = tuple[str, RepoName, Tag]
 
 
 class ManifestCache:
-    def __init__(self, store: BlobStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        clock: Callable[[], float] = time.time,
+        on_corrupt: Callable[[Digest], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._on_corrupt = on_corrupt  # a stored manifest that no longer hashes to its digest
         self._memory: LRUCache[Digest, CachedManifest] = LRUCache(
             maxsize=MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
@@ -58,7 +64,9 @@ class ManifestCache:
         if cached is not None:
             return cached
         stored = await self._store.read_manifest(digest)
-        if stored is None:
+        if isinstance(stored, str):  # missing, or corrupt: checked on every read from disk, never
+            if stored == "corrupt" and self._on_corrupt is not None:  # served, fetched again
+                await self._on_corrupt(digest)
             return None
         manifest = CachedManifest(digest, stored[0], stored[1])
         self._memory[digest] = manifest
