@@ -36,6 +36,7 @@ from edgecache.store.blobs import BlobStore, CacheDirLock
 from edgecache.store.keeper import CacheKeeper
 from edgecache.store.manifests import ManifestCache
 from edgecache.store.membership import Membership
+from edgecache.store.scrub import Scrubber
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
 
@@ -57,6 +58,7 @@ class Edgecache:
     front: RegistryFront
     http: AiohttpFront
     members: Membership
+    scrubber: Scrubber
     log_format: str = "text"
     _started: bool = field(default=False, repr=False)
 
@@ -89,7 +91,7 @@ class Edgecache:
         members = Membership(keeper.worker)
         pull = PullService(
             store,
-            ManifestCache(store),
+            ManifestCache(store, on_corrupt=keeper.manifest_corrupt),
             flights,
             Coalescer(),
             metrics,
@@ -104,17 +106,22 @@ class Edgecache:
         upstreams = Upstreams(clients, config.default_upstream)
         front = RegistryFront(pull, upstreams, metrics, Usage(), readiness, access)
         http = AiohttpFront(front, metrics, config.server.trusted_proxies)
-        return cls(config, lock, store, metrics, keeper, flights, clients, front, http, members, log_format)
+        scrubber = Scrubber(store, keeper, metrics, rate=config.cache.scrub_rate)
+        return cls(
+            config, lock, store, metrics, keeper, flights, clients, front, http, members, scrubber, log_format
+        )
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
         await self.keeper.start()
+        self.scrubber.start()
         for client in self.clients.values():
             await client.start()
 
     async def close(self) -> None:
+        await self.scrubber.close()
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
@@ -124,8 +131,9 @@ class Edgecache:
 
     def apply(self, new: Config) -> None:
         """Take what can change at run time from a reloaded configuration: upstream credentials,
-        timeouts, tag TTL rules and health thresholds; cache TTLs, size limits and watermarks; access
-        rules and the htpasswd file (not the access mode: that decides what the listeners are)."""
+        timeouts, tag TTL rules and health thresholds; cache TTLs, size limits, watermarks and the scrub
+        rate; access rules and the htpasswd file (not the access mode: that decides what the listeners
+        are)."""
         access = new.access
         if (access.mode, access.client_ca) != (self.config.access.mode, self.config.access.client_ca):
             access = dataclasses.replace(
@@ -143,6 +151,7 @@ class Edgecache:
             low_watermark=new.cache.low_watermark,
             min_free=parse_size(new.cache.min_free, "cache.min_free"),
         )
+        self.scrubber.reconfigure(new.cache.scrub_rate)
         kept = restart_needed(self.config, new)
         self.config = new if not kept else self.config
 

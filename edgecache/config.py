@@ -83,6 +83,7 @@ class CacheConfig:
     max_stale: float = 86400.0
     negative_ttl: float = 30.0
     abandoned_fills: str = "finish"
+    scrub_rate: float = 20.0  # MB/s the background scrubber re-hashes stored files at; 0: off
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,8 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.stale_while_revalidate: must be >= 0 seconds")
     if config.cache.negative_ttl < 0:
         raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
+    if config.cache.scrub_rate < 0:
+        raise ConfigError("cache.scrub_rate: must be >= 0 MB/s (0 turns the scrubber off)")
     if config.cache.abandoned_fills not in ("finish", "cancel"):
         raise ConfigError(
             f'cache.abandoned_fills: must be "finish" or "cancel", got {config.cache.abandoned_fills!r}'
