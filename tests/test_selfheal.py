@@ -1,0 +1,216 @@
+"""A store that heals itself: a stored blob changed behind edgecache's back is never served complete.
+
+Real `edgecache serve` processes, real files, the real origin behind a recording proxy. Each test
+damages a stored file the way an operator, a stray process or a bad disk would, then checks what a
+client gets (status, a complete body that hashes to the digest) and what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgecache.store.index import CacheIndex
+from tests.conftest import EdgeProcess, spawn_edge
+from tests.support.faults import FaultProxy
+from tests.support.images import Image, Pusher, build_image
+from tests.support.registry import Registry
+from tests.support.waiting import wait_until
+
+MiB = 1024 * 1024
+REPO = "selfheal/app"
+
+
+@pytest.fixture(scope="module")
+def image(origin: Registry) -> Image:
+    """An image whose last layer is 2 MiB of incompressible bytes, under a repository of its own."""
+    built = build_image("selfheal", random_bytes=2 * MiB)
+    Pusher(origin.url).push_image(REPO, "v1", built)
+    return built
+
+
+@pytest.fixture
+async def upstream(origin: Registry) -> AsyncIterator[FaultProxy]:
+    """The origin behind a proxy that records every request edgecache makes."""
+    proxy = await FaultProxy(origin.url).start()
+    yield proxy
+    await proxy.stop()
+
+
+def blob_path(cache: Path, digest: str) -> Path:
+    hex_ = digest.split(":", 1)[1]
+    return cache / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+async def metric(http: aiohttp.ClientSession, edge: EdgeProcess, name: str, **labels: str) -> float:
+    async with http.get(f"{edge.url}/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def pull(http: aiohttp.ClientSession, edge: EdgeProcess, digest: str) -> tuple[int, str, bytes]:
+    """GET a blob to the end: (status, X-Cache, body); a body cut short raises."""
+    async with http.get(f"{edge.url}/v2/{REPO}/blobs/{digest}") as resp:
+        body = await resp.read()
+        assert int(resp.headers["Content-Length"]) == len(body)
+        return resp.status, resp.headers["X-Cache"], body
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def cached(http: aiohttp.ClientSession, edge: EdgeProcess, digest: str) -> Path:
+    """GET the blob once (a miss), then wait until it is stored and admitted (the keeper holds it)."""
+    status, cache, body = await pull(http, edge, digest)
+    assert (status, cache, sha256(body)) == (200, "MISS", digest)
+    path = blob_path(edge.cache_dir, digest)
+
+    async def admitted() -> bool:
+        return path.exists() and await metric(http, edge, "edgecache_cache_entries", kind="blob") == 1
+
+    await wait_until(admitted, message=f"{digest} not stored")
+    return path
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """One byte changed in place: same size, same inode (r+b writes into the file)."""
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def assert_healed(
+    http: aiohttp.ClientSession, edge: EdgeProcess, upstream: FaultProxy, digest: str, reason: str
+) -> None:
+    """The damaged file is in quarantine/, the next GET is a complete 200 with the right bytes from
+    exactly one more upstream GET, and the GET after that is a hit again."""
+    gets = upstream.count("GET", f"/blobs/{digest}")
+    status, cache, body = await pull(http, edge, digest)
+    assert (status, cache, sha256(body)) == (200, "MISS", digest)
+    assert upstream.count("GET", f"/blobs/{digest}") == gets + 1
+    quarantined = edge.cache_dir / "quarantine" / digest.replace(":", "-")
+    assert quarantined.exists()
+    assert await metric(http, edge, "edgecache_store_quarantined_total", reason=reason) == 1
+    await wait_until(lambda: sha256(blob_path(edge.cache_dir, digest).read_bytes()) == digest)
+    status, cache, body = await pull(http, edge, digest)
+    assert (status, cache, sha256(body)) == (200, "HIT", digest)
+    assert upstream.count("GET", f"/blobs/{digest}") == gets + 1
+    log = edge.log_path.read_text()
+    assert sum(1 for line in log.splitlines() if "quarantine" in line and digest in line) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+async def test_a_changed_blob_is_quarantined_and_fetched_again(
+    tmp_path: Path, upstream: FaultProxy, image: Image, damage: str
+) -> None:
+    """The default configuration (the scrubber on at 20 MB/s): whichever sees the change first, the
+    next hit's stat check or the scrubber, the client never gets the damaged bytes."""
+    digest = image.layers[-1].digest
+    with spawn_edge(tmp_path, upstream.url) as edge:
+        async with aiohttp.ClientSession() as http:
+            path = await cached(http, edge, digest)
+            if damage == "flip":
+                flip_byte(path, MiB)
+            else:
+                os.truncate(path, MiB)  # what a full disk or a killed copy leaves
+            await assert_healed(http, edge, upstream, digest, "changed")
+
+
+async def test_silent_corruption_is_found_by_the_scrubber(
+    tmp_path: Path, upstream: FaultProxy, image: Image
+) -> None:
+    """A byte flipped with the mtime put back: size, mtime and inode are those admitted, so no stat
+    can tell (bit rot looks the same). With the scrubber off, a hit serves what is on disk; turned on
+    by a reload, it re-hashes the file, quarantines it, and the next GET fetches the right bytes."""
+    digest = image.layers[-1].digest
+    config = "[cache]\nscrub_rate = 0.0\n"
+    with spawn_edge(tmp_path, upstream.url, config=config) as edge:
+        async with aiohttp.ClientSession() as http:
+            path = await cached(http, edge, digest)
+            st = path.stat()
+            flip_byte(path, MiB)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_ino == st.st_ino
+            status, cache, body = await pull(http, edge, digest)
+            assert (status, cache) == (200, "HIT") and sha256(body) != digest  # the stat check's limit
+
+            (tmp_path / "edgecache.toml").write_text("[cache]\nscrub_rate = 100.0\n")
+            edge.proc.send_signal(signal.SIGHUP)
+
+            async def quarantined() -> bool:
+                return await metric(http, edge, "edgecache_store_quarantined_total", reason="corrupt") == 1
+
+            await wait_until(quarantined, message="the scrubber did not quarantine the corrupt blob")
+            assert await metric(http, edge, "edgecache_scrub_files_total", result="corrupt") == 1
+            await assert_healed(http, edge, upstream, digest, "corrupt")
+            assert await metric(http, edge, "edgecache_store_quarantined_total", reason="changed") == 0
+
+
+async def test_scrub_rate_0_turns_the_scrubber_off(
+    tmp_path: Path, upstream: FaultProxy, image: Image
+) -> None:
+    """With scrub_rate = 0 nothing is re-hashed: no bytes scrubbed, nothing verified after admission,
+    and the stat check still guards every hit."""
+    digest = image.layers[-1].digest
+    with spawn_edge(tmp_path, upstream.url, config="[cache]\nscrub_rate = 0.0\n") as edge:
+        async with aiohttp.ClientSession() as http:
+            path = await cached(http, edge, digest)
+            admitted_at = _verified_at(edge.cache_dir, digest)
+            for _ in range(3):
+                assert (await pull(http, edge, digest))[:2] == (200, "HIT")
+            assert await metric(http, edge, "edgecache_scrub_bytes_total") == 0
+            assert _verified_at(edge.cache_dir, digest) == admitted_at  # admission, never since
+            assert "store scrubber on" not in edge.log_path.read_text()
+            flip_byte(path, 0)
+            await assert_healed(http, edge, upstream, digest, "changed")
+
+
+def _verified_at(cache: Path, digest: str) -> float | None:
+    index = CacheIndex(cache / "index.db")
+    try:
+        entry = index.get(digest)
+        assert entry is not None
+        return entry.verified_at
+    finally:
+        index.close()
+
+
+async def test_an_index_from_before_identities_is_migrated_and_checked(
+    tmp_path: Path, upstream: FaultProxy, image: Image
+) -> None:
+    """An index.db written before the identity columns existed: start-up adds them (unknown), the
+    first hit records what it sees, the scrubber hashes it, and a later change is still caught."""
+    digest = image.layers[-1].digest
+    with spawn_edge(tmp_path, upstream.url, config="[cache]\nscrub_rate = 0.0\n") as edge:
+        async with aiohttp.ClientSession() as http:
+            await cached(http, edge, digest)
+    index = CacheIndex(tmp_path / "cache" / "index.db")  # the server has stopped: make it old
+    index._db.executescript(
+        "DROP INDEX entries_by_verified; ALTER TABLE entries DROP COLUMN mtime_ns; "
+        "ALTER TABLE entries DROP COLUMN inode; ALTER TABLE entries DROP COLUMN verified_at;"
+    )
+    index.close()
+    with spawn_edge(tmp_path, upstream.url, config="[cache]\nscrub_rate = 100.0\n") as edge:
+        async with aiohttp.ClientSession() as http:
+            assert (await pull(http, edge, digest))[:2] == (200, "HIT")
+
+            async def scrubbed() -> bool:
+                return _verified_at(edge.cache_dir, digest) is not None
+
+            await wait_until(scrubbed, message="the scrubber did not verify the migrated entry")
+            flip_byte(blob_path(edge.cache_dir, digest), 10)
+            await assert_healed(http, edge, upstream, digest, "changed")
