@@ -7,9 +7,13 @@ client gets (status, a complete body that hashes to the digest) and what reached
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgecache.store.index import CacheIndex
 from tests.conftest import EdgeProcess, spawn_edge
 from tests.support.faults import FaultProxy
-from tests.support.images import Image, Pusher, build_image
+from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry
 from tests.support.waiting import wait_until
 
@@ -214,3 +218,57 @@ async def test_an_index_from_before_identities_is_migrated_and_checked(
             await wait_until(scrubbed, message="the scrubber did not verify the migrated entry")
             flip_byte(blob_path(edge.cache_dir, digest), 10)
             await assert_healed(http, edge, upstream, digest, "changed")
+
+
+async def test_a_changed_manifest_is_never_served(tmp_path: Path, upstream: FaultProxy, image: Image) -> None:
+    """Manifests are re-hashed whenever they are read from disk (after a restart, or once out of the
+    memory cache): a changed one is quarantined and fetched again."""
+    digest = image.manifest.digest
+    url_path = f"/v2/{REPO}/manifests/{digest}"
+    headers = {"Accept": DOCKER_MANIFEST}
+    config = "[cache]\nscrub_rate = 0.0\n"
+    with spawn_edge(tmp_path, upstream.url, config=config) as edge:
+        async with aiohttp.ClientSession() as http, http.get(edge.url + url_path, headers=headers) as resp:
+            assert resp.status == 200 and await resp.read() == image.manifest.data
+    path = edge.cache_dir / "manifests" / "sha256" / digest[7:9] / digest[7:]
+    stored = path.read_bytes()
+    path.write_bytes(stored.replace(b'"schemaVersion"', b'"schemaversion"'))  # same size, one byte
+    with spawn_edge(tmp_path, upstream.url, config=config) as edge:
+        gets = upstream.count("GET", f"/manifests/{digest}")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(edge.url + url_path, headers=headers) as resp:
+                assert resp.status == 200 and await resp.read() == image.manifest.data
+            assert upstream.count("GET", f"/manifests/{digest}") == gets + 1
+            assert await metric(http, edge, "edgecache_store_quarantined_total", reason="corrupt") == 1
+            assert (edge.cache_dir / "quarantine" / digest.replace(":", "-")).exists()
+            await wait_until(lambda: path.read_bytes() == stored, message="manifest not stored again")
+
+
+async def test_a_cache_copied_to_another_disk_is_kept_after_a_verify(
+    tmp_path: Path, upstream: FaultProxy, image: Image
+) -> None:
+    """Copying the cache directory changes every inode, so every blob would look changed and be
+    fetched again; `edgecache verify` re-hashes them and records the identities they have now."""
+    digest = image.layers[-1].digest
+    config = "[cache]\nscrub_rate = 0.0\n"
+    with spawn_edge(tmp_path, upstream.url, config=config) as edge:
+        async with aiohttp.ClientSession() as http:
+            await cached(http, edge, digest)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "cache").rename(moved / "cache")
+    shutil.copytree(moved / "cache", tmp_path / "cache")  # new inodes (copy2 keeps mtimes)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edgecache", "verify", "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    with spawn_edge(tmp_path, upstream.url, config=config) as edge:
+        gets = upstream.count("GET", f"/blobs/{digest}")
+        async with aiohttp.ClientSession() as http:
+            status, cache, body = await pull(http, edge, digest)
+            assert (status, cache, sha256(body)) == (200, "HIT", digest)
+            assert upstream.count("GET", f"/blobs/{digest}") == gets

@@ -16,6 +16,7 @@ from edgecache.errors import ConfigError, DigestInvalid, NameInvalid, TagInvalid
 from edgecache.oci import Digest, RepoName, Tag, referenced_digests, split_image_name
 from edgecache.sizes import human_size
 from edgecache.store.blobs import BlobStore
+from edgecache.store.identity import FileIdentity
 from edgecache.store.index import CacheIndex, Pin
 
 HASH_CHUNK = 1024 * 1024
@@ -79,7 +80,9 @@ def prune(cache_dir: str, to_size: int) -> int:
 
 
 def verify(cache_dir: str, sample: int | None = None, progress: bool = True) -> int:
-    """Re-hash stored content; what does not match its digest is moved to quarantine/."""
+    """Re-hash stored content; what does not match its digest is moved to quarantine/. What matches
+    is recorded as verified, with the identity it has now (so after the cache directory was copied to
+    another disk, which changes every inode, a verify spares the server refetching every blob)."""
     store, index = _open(cache_dir)
     items = sorted(store.inventory().items())
     if sample is not None and sample < len(items):
@@ -87,37 +90,47 @@ def verify(cache_dir: str, sample: int | None = None, progress: bool = True) -> 
     total_bytes = sum(size for _, (_, size) in items) or 1
     done_bytes = bad = 0
     started = time.monotonic()
+    verified: list[tuple[str, FileIdentity | None, float]] = []
     for n, (text, (kind, size)) in enumerate(items, 1):
         digest = Digest.parse(text)
-        path = store.blob_path(digest) if kind == "blob" else store.manifest_path(digest)
-        if not _matches(path, digest, kind):
+        path = store.path(kind, digest)
+        intact, identity = _matches(path, digest, kind)
+        if not intact:
             bad += 1
-            quarantine = store.root / "quarantine"
-            quarantine.mkdir(exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(path, quarantine / f"{digest.algorithm}-{digest.hex}")
+            store.quarantine(kind, digest, None)
             index.remove([text])
             print(f"\nquarantined {text} ({kind}): content does not match its digest", file=sys.stderr)
+        elif identity is not None:
+            # Manifests keep no identity (their reads re-hash them); blobs the one just hashed.
+            verified.append((text, identity if kind == "blob" else None, time.time()))
+        if len(verified) >= 256:
+            index.mark_verified(verified)
+            verified.clear()
         done_bytes += size
         if progress:
             _progress(n, len(items), done_bytes, total_bytes, started)
+    index.mark_verified(verified)
     if progress:
         print(file=sys.stderr)
     print(f"verified {len(items)} entries ({human_size(done_bytes)}): {bad} quarantined")
     return 1 if bad else 0
 
 
-def _matches(path: Path, digest: Digest, kind: str) -> bool:
+def _matches(path: Path, digest: Digest, kind: str) -> tuple[bool, FileIdentity | None]:
+    """Whether the file hashes to its digest, and its identity when it stayed the same file
+    throughout (None: gone, or changed while being read: not to be recorded)."""
     hasher = digest.hasher()
     try:
         with path.open("rb") as fh:
+            before = FileIdentity.of(os.fstat(fh.fileno()))
             if kind == "manifest":
                 fh.readline()  # the stored media type line
             while chunk := fh.read(HASH_CHUNK):
                 hasher.update(chunk)
+            after = FileIdentity.of(os.fstat(fh.fileno()))
     except FileNotFoundError:
-        return True  # evicted meanwhile: nothing wrong to report
-    return hasher.hexdigest() == digest.hex
+        return True, None  # evicted meanwhile: nothing wrong to report
+    return hasher.hexdigest() == digest.hex, before if before == after else None
 
 
 def _progress(n: int, total: int, done: int, total_bytes: int, started: float) -> None:
