@@ -60,6 +60,8 @@ CREATE INDEX IF NOT EXISTS members_by_digest ON members (digest);
 """
 # Columns added after 0.3.0's first index.db files; an older file gets them (NULL: unknown) at open.
 ADDED_COLUMNS = (("mtime_ns", "INTEGER"), ("inode", "INTEGER"), ("verified_at", "REAL"))
+# Named, never `*`: Entry's fields, in order, whatever columns a later version adds.
+ENTRY_COLUMNS = "digest, kind, size, last_access, hits, upstream, repository, mtime_ns, inode, verified_at"
 AFTER_MIGRATION = "CREATE INDEX IF NOT EXISTS entries_by_verified ON entries (verified_at);"
 
 
@@ -195,7 +197,7 @@ class CacheIndex:
 
     def least_recently_verified(self, limit: int) -> list[Entry]:
         """The scrubber's queue: never verified (NULL sorts first), then the longest ago."""
-        rows = self._db.execute("SELECT * FROM entries ORDER BY verified_at LIMIT ?", (limit,))
+        rows = self._db.execute(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY verified_at LIMIT ?", (limit,))
         return [Entry(*row) for row in rows]
 
     def touch(self, accesses: Iterable[tuple[str, float, int]]) -> None:
@@ -227,7 +229,7 @@ class CacheIndex:
         return row is not None
 
     def get(self, digest: str) -> Entry | None:
-        row = self._db.execute("SELECT * FROM entries WHERE digest = ?", (digest,)).fetchone()
+        row = self._db.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE digest = ?", (digest,)).fetchone()
         return Entry(*row) if row else None
 
     def totals(self) -> dict[str, tuple[int, int]]:
@@ -244,7 +246,7 @@ class CacheIndex:
     def coldest(self, limit: int) -> list[Entry]:
         """Least recently used first, pinned content left out."""
         rows = self._db.execute(
-            "SELECT * FROM entries WHERE digest NOT IN (SELECT digest FROM pinned) "
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE digest NOT IN (SELECT digest FROM pinned) "
             "ORDER BY last_access LIMIT ?",
             (limit,),
         )
@@ -260,7 +262,8 @@ class CacheIndex:
         return [tuple(row) for row in rows]
 
     def all_entries(self) -> list[Entry]:
-        return [Entry(*row) for row in self._db.execute("SELECT * FROM entries ORDER BY digest")]
+        rows = self._db.execute(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY digest")
+        return [Entry(*row) for row in rows]
 
     # -- pins ----------------------------------------------------------------------------------
 
