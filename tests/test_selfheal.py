@@ -1,6 +1,7 @@
 """A store that heals itself: a stored blob changed behind edgecache's back is never served complete.
 
-Real `edgecache serve` processes, real files, the real origin behind a recording proxy. Each test
+Real `edgecache serve` processes (in-process where a test follows the scrubber mid-file), real files,
+the real origin behind a recording proxy. Each test
 damages a stored file the way an operator, a stray process or a bad disk would, then checks what a
 client gets (status, a complete body that hashes to the digest) and what reached the upstream.
 """
@@ -22,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.store.index import CacheIndex
-from tests.conftest import EdgeProcess, spawn_edge
+from tests.conftest import EdgeProcess, edge_config, running_edge, spawn_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry
@@ -272,3 +273,42 @@ async def test_a_cache_copied_to_another_disk_is_kept_after_a_verify(
             status, cache, body = await pull(http, edge, digest)
             assert (status, cache, sha256(body)) == (200, "HIT", digest)
             assert upstream.count("GET", f"/blobs/{digest}") == gets
+
+
+async def test_a_blob_evicted_while_it_is_scrubbed_is_left_alone(
+    tmp_path: Path, origin: Registry, image: Image
+) -> None:
+    """The scrubber hashes through its open descriptor: a file pruned half-way is read to the end,
+    nothing is quarantined, the entry is not brought back, and the next GET simply fetches it again."""
+    digest = image.layers[-1].digest
+    async with running_edge(edge_config(tmp_path / "cache", origin.url, scrub_rate=0.0)) as edge:
+        async with edge.http.get(f"/v2/{REPO}/blobs/{digest}") as resp:
+            assert sha256(await resp.read()) == digest
+        await edge.instance.flights.settled()
+        edge.instance.scrubber.reconfigure(1.0)  # as a reload would: the blob is the whole store
+
+        async def half_way() -> bool:  # 1 MB/s: the second MiB is a second away
+            return MiB <= await edge.metric("edgecache_scrub_bytes_total") < 2 * MiB
+
+        await wait_until(half_way, message="the scrubber did not start on the blob")
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgecache", "prune", "--to", "0", "--cache-dir", str(edge.cache_dir)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert not blob_path(edge.cache_dir, digest).exists()
+
+        async def scrubbed() -> float:
+            done = [await edge.metric("edgecache_scrub_files_total", result=r) for r in ("ok", "gone")]
+            return sum(done)
+
+        await wait_until(scrubbed, message="the scrubber did not finish the pruned blob")
+        for reason in ("changed", "corrupt"):
+            assert await edge.metric("edgecache_store_quarantined_total", reason=reason) == 0
+        index = CacheIndex(edge.cache_dir / "index.db")
+        assert index.get(digest) is None
+        index.close()
+        async with edge.http.get(f"/v2/{REPO}/blobs/{digest}") as resp:
+            assert resp.headers["X-Cache"] == "MISS" and sha256(await resp.read()) == digest

@@ -97,8 +97,8 @@ class Scrubber:
     async def close(self) -> None:
         await self.stop()
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True)  # a chunk being read: not on the loop
 
     def reconfigure(self, rate: float) -> None:
         """A reloaded `cache.scrub_rate`: applies from the next chunk; 0 stops the scrubber (it is
@@ -188,7 +188,10 @@ class Scrubber:
                 await asyncio.sleep(self._pacer.delay(n))
             after = FileIdentity.of(await self._in_thread(os.fstat, fd))
         finally:
-            os.close(fd)
+            # Closed on the scrubber's one thread, after any chunk still being read there (a
+            # cancellation does not wait for it): the descriptor is never closed under a read.
+            assert self._pool is not None
+            self._pool.submit(os.close, fd)
         return before, after, hasher.hexdigest() == digest.hex
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
