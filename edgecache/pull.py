@@ -493,7 +493,12 @@ class PullService:
 
     async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest
-        size = await self._store.has_blob(digest)
+        stored = await self._store.has_blob(digest)
+        if stored is not None and not self._keeper.unchanged(digest, stored):
+            # Its Content-Length could be wrong: quarantined as a GET would, and answered as a miss.
+            await self._keeper.quarantine(digest, ObjectKind.BLOB, stored, "changed")
+            stored = None
+        size = stored.size if stored is not None else None
         result = CacheResult.HIT
         if size is not None:
             await self._confirm_blob(target, digest)

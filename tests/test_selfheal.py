@@ -132,6 +132,10 @@ async def test_a_changed_blob_is_quarantined_and_fetched_again(
                 flip_byte(path, MiB)
             else:
                 os.truncate(path, MiB)  # what a full disk or a killed copy leaves
+                # A HEAD never announces the damaged file's length: it is quarantined as a GET would.
+                async with http.head(f"{edge.url}/v2/{REPO}/blobs/{digest}") as resp:
+                    assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
+                    assert int(resp.headers["Content-Length"]) == len(image.layers[-1].data)
             await assert_healed(http, edge, upstream, digest, "changed")
 
 

@@ -154,10 +154,10 @@ class BlobStore:
         st = os.fstat(file.fileno())
         return OpenBlob(file, st.st_size, FileIdentity.of(st))
 
-    async def has_blob(self, digest: Digest) -> int | None:
-        """The size of a cached blob, or None."""
+    async def has_blob(self, digest: Digest) -> FileIdentity | None:
+        """The identity (with the size) of a cached blob, or None."""
         try:
-            return (await asyncio.to_thread(os.stat, self.blob_path(digest))).st_size
+            return FileIdentity.of(await asyncio.to_thread(os.stat, self.blob_path(digest)))
         except FileNotFoundError:
             return None
 
