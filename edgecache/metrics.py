@@ -182,7 +182,8 @@ class Metrics:
         self.pinned_bytes = Gauge("edgecache_pinned_bytes", "Bytes of pinned content on disk", registry=r)
         self.passthrough = Counter(
             "edgecache_passthrough_total",
-            "Verified content served without being stored: the cache was full of pinned or in-use content",
+            "Content served without being stored: no room for it (pinned or in-use content fills the limit, "
+            "or the disk is too small), or its last fill ran out of disk",
             ["kind"],
             registry=r,
         )
@@ -214,6 +215,11 @@ class Metrics:
             self.scrub_files.labels(result)
         self.cache_limit_bytes = Gauge(
             "edgecache_cache_limit_bytes", "The cache's size limit in bytes (0: none configured)", registry=r
+        )
+        self.cache_reserved_bytes = Gauge(
+            "edgecache_cache_reserved_bytes",
+            "Bytes reserved for fills in flight (their spools count against the size limit)",
+            registry=r,
         )
         # The series dashboards and alerts read exist from start-up (not every combination: a
         # label set first seen later appears then, and sums over it stay right).

@@ -25,6 +25,7 @@ from edgecache.config import CacheConfig
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import BlobFlight, Flights
 from edgecache.fill.source import BlobSource
+from edgecache.fill.window import Cursor
 from edgecache.metrics import Metrics
 from edgecache.oci import (
     OCI_MANIFEST,
@@ -105,6 +106,7 @@ class SpoolBody:
     flight: BlobFlight
     start: int
     length: int | None
+    cursor: Cursor | None = None  # a pass-through fill's: this reader's bytes, held in its window
 
     @property
     def end(self) -> int:
@@ -122,9 +124,11 @@ class Reply:
     cache: CacheResult = CacheResult.PASS
 
     def close(self) -> None:
-        """Release what an unsent body holds (an open file)."""
+        """Release what a body holds once sent, or unsent (an open file, a place in a window)."""
         if isinstance(self.body, FileBody):
             self.body.blob.close()
+        elif isinstance(self.body, SpoolBody) and self.body.cursor is not None:
+            self.body.cursor.release()
 
 
 @dataclass(frozen=True)
@@ -484,12 +488,33 @@ class PullService:
         if flight.repo == target.repo:
             self._members.record(target.upstream_name, target.repo, [digest])  # upstream served it to us
         if size is None:  # upstream sent no length: stream it all, chunked
-            return Reply(200, headers, SpoolBody(flight, 0, None), CacheResult.MISS)
-        byte_range = parse_range(query.range_headers, size)
-        status, start, length = _span(byte_range, size, headers)
+            status, start, length = 200, 0, None
+        else:
+            byte_range = parse_range(query.range_headers, size)
+            status, start, length = _span(byte_range, size, headers)
+        cursor = None
+        if flight.passing:
+            flight, led, cursor = await self._claim_pass_through(target, flight, led, start)
         # A verified fill still being persisted is as good as the store: a hit.
         result = CacheResult.HIT if flight.done else CacheResult.MISS if led else CacheResult.JOINED
-        return Reply(status, headers, SpoolBody(flight, start, length), result)
+        return Reply(status, headers, SpoolBody(flight, start, length, cursor), result)
+
+    async def _claim_pass_through(
+        self, target: Target, flight: BlobFlight, led: bool, start: int
+    ) -> tuple[BlobFlight, bool, Cursor | None]:
+        """A place from `start` in a pass-through fill's window; a reader whose bytes have already
+        left it gets a fill of its own (a second upstream GET, since nothing was stored to share)."""
+        cursor = flight.claim(start)
+        if cursor is not None:
+            return flight, led, cursor
+        flight, led = self._flights.blob(target.upstream, target.repo, flight.digest, fresh=True)
+        await flight.started
+        if not flight.passing:
+            return flight, led, None  # there is room now: a stored fill, read from its spool
+        cursor = flight.claim(start)
+        if cursor is None:
+            raise errors.UpstreamUnavailable("the pass-through fill moved on before this reader joined")
+        return flight, led, cursor
 
     async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest

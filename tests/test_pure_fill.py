@@ -48,7 +48,9 @@ async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
 
 
 async def read_flight(flight: BlobFlight, start: int = 0, end: int | None = None) -> bytes:
-    """What a front would send of [start, end]: the spool's bytes as they become readable."""
+    """What a front would send of [start, end]: the spool's bytes as they become readable (after the
+    fill has started, as the pull path waits for it: the spool is chosen then)."""
+    await flight.started
     last = (flight.size or 0) - 1 if end is None else end
     out = bytearray()
     with flight.open_file() as spool:

@@ -15,6 +15,7 @@ from edgecache.upstream.health import (
     parse_ratelimit,
     parse_retry_after,
 )
+from edgecache.upstream.pace import BodyPace, Deadlines
 from tests.support.clock import Clock
 
 
@@ -218,3 +219,26 @@ def test_retry_after_as_an_http_date_counts_from_now() -> None:
 )
 def test_docker_hub_ratelimit_remaining(header: str | None, remaining: float | None) -> None:
     assert parse_ratelimit(header) == remaining
+
+
+def test_a_trickle_is_a_whole_window_below_the_rate_and_time_not_reading_does_not_count(
+    clock: Clock,
+) -> None:
+    deadlines = Deadlines(connect=5, headers=10, stall=15, min_rate=1000, rate_window=10)
+    pace = BodyPace(deadlines, clock=clock)
+    for _ in range(9):
+        clock.advance(1)
+        pace.note(100)  # 100 B/s, but the window is not over yet
+    clock.advance(30)
+    pace.exclude(30)  # waiting for readers to make room: not the upstream's slowness
+    pace.note(100)
+    clock.advance(1)
+    with pytest.raises(errors.UpstreamStalled):
+        pace.note(100)  # ten seconds of reading at 100 B/s: a trickle
+    fast = BodyPace(deadlines, clock=clock)
+    for _ in range(30):
+        clock.advance(1)
+        fast.note(5000)  # well above the rate: never a stall
+    off = BodyPace(Deadlines(connect=5, headers=10, stall=15, min_rate=0, rate_window=10), clock=clock)
+    clock.advance(100)
+    off.note(1)  # min_rate 0: no check

@@ -162,3 +162,26 @@ async def test_response_headers_that_never_come_for_a_blob_are_a_504(
     )
     assert (status, code) == (504, "UNAVAILABLE") and took < 15.0
     assert stored(fast_deadlines) == []
+
+
+async def test_a_slow_reader_of_a_pass_through_fill_is_not_mistaken_for_a_trickling_upstream(
+    tmp_path: Path, proxy: FaultProxy, seeded: Seeded
+) -> None:
+    """A 24 MiB blob that cannot be stored (max_size 1M) streams through a 4 MiB window, so the fill
+    waits for its reader; that wait is not the upstream's slowness, and nothing is resumed or cut."""
+    # The minimum rate is above the reader's pace: counted against the upstream, the waits would
+    # make this a trickle; the upstream itself (loopback) is far faster.
+    upstream = {"stall_timeout": 1.0, "header_timeout": 2.0, "min_rate": "8M", "rate_window": 1.0}
+    config = edge_config(tmp_path / "cache", proxy.url, upstream=upstream, max_size="1M")
+    layer = seeded.big.layers[-1]
+    async with running_edge(config) as edge:
+        async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
+            assert resp.status == 200
+            received = bytearray()
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                received += chunk
+                await asyncio.sleep(0.04)  # the client reads at about 6 MiB/s
+        assert bytes(received) == layer.data
+        assert blob_gets(proxy, layer.digest) == [None]  # one GET, never resumed
+        await edge.instance.flights.settled()
+        assert stored(edge) == []

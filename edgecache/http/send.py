@@ -16,6 +16,7 @@ from typing import IO, Protocol
 from prometheus_client import Counter
 
 from edgecache import errors
+from edgecache.fill.window import Cursor
 from edgecache.http.chunks import read_chunks
 from edgecache.http.front import API_VERSION_HEADER
 from edgecache.metrics import Metrics
@@ -127,17 +128,36 @@ async def _send_file(wire: Wire, body: FileBody, metrics: Metrics, trace: Reques
 
 
 async def _send_spool(wire: Wire, body: SpoolBody, metrics: Metrics, trace: RequestTrace) -> None:
-    """A fill's bytes as they land in its spool; raises the fill's error if it fails."""
+    """A fill's bytes as they land in its spool (or its window, passed through); raises the fill's
+    error if it fails."""
     served = metrics.served_bytes.labels("fill")
     metrics.fill_readers.inc()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(metrics.fill_readers.dec)
-        spool = cleanup.enter_context(body.flight.open_file())
-        async for offset, length in body.flight.segments(body.start, body.end):
-            sent = await _send_span(wire, spool, offset, length, served, trace, whole_file=False)
-            if sent != length:
-                raise errors.UpstreamUnavailable("spool shorter than its fill said")
+        if body.cursor is not None:
+            await _send_window(wire, body, body.cursor, served, trace)
+        else:
+            spool = cleanup.enter_context(body.flight.open_file())
+            async for offset, length in body.flight.segments(body.start, body.end):
+                sent = await _send_span(wire, spool, offset, length, served, trace, whole_file=False)
+                if sent != length:
+                    raise errors.UpstreamUnavailable("spool shorter than its fill said")
     await wire.end()
+
+
+async def _send_window(
+    wire: Wire, body: SpoolBody, cursor: Cursor, served: Counter, trace: RequestTrace
+) -> None:
+    """A pass-through fill's bytes from its memory window, a chunk at a time: each sent chunk lets
+    the fill reuse that room (the window keeps only what its slowest reader still needs)."""
+    async for offset, length in body.flight.segments(body.start, body.end):
+        end = offset + length
+        while offset < end:
+            chunk = cursor.read(offset, end - offset)
+            await wire.write(chunk)
+            offset += len(chunk)
+            cursor.advance(offset)
+            _count(served, trace, len(chunk))
 
 
 async def _send_span(

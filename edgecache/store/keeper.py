@@ -4,7 +4,9 @@ Hits are counted in memory and written to the index in batches every few seconds
 per request). Before a verified blob or manifest is renamed into the store, `admit` makes room for
 it by evicting the least recently used unpinned entries that nobody is reading; when even that is
 not enough (pinned content fills the limit), the content is served through without being stored.
-So the verified content on disk stays at or below `max_size`; spools of fills in flight come on top.
+A fill of announced size reserves its room before its first byte (`reserve`), evicting ahead of the
+high watermark, so stored content plus the spools of fills in flight stay at or below `max_size` at
+every instant; a fill that cannot get room passes through without being stored.
 
 Each stored file's identity (size, mtime, inode: `store.identity`) is kept in memory beside what is
 held, so a hit compares it with its own fstat and makes no SQLite call. A file that changed is
@@ -96,6 +98,7 @@ class CacheKeeper:
         self._identities: dict[str, FileIdentity] = {}  # known identities of what is held
         self._first_seen: dict[str, FileIdentity] = {}  # seen by hits where none was known: to write
         self._reported: LRUCache[str, bool] = LRUCache(10_000)  # quarantines logged, once per digest
+        self._reserved = 0  # bytes reserved for fills in flight (their spools)
         self._touched: dict[str, tuple[float, int]] = {}
         self._in_use: dict[str, int] = {}
         self._pins: list[Pin] = []
@@ -242,10 +245,47 @@ class CacheKeeper:
 
     @property
     def used(self) -> int:
-        return self._held.used
+        """Bytes stored, plus the bytes reserved for fills in flight (their spools are on disk too)."""
+        return self._held.used + self._reserved
+
+    async def reserve(self, size: int, kind: ObjectKind) -> bool:
+        """Make room for a fill of `size` bytes before its first byte is written; False: it cannot
+        be stored (pinned or in-use content fills the limit, or the disk has not that much room
+        left), so it passes through. The reservation counts against max_size until the fill is
+        stored or fails (`release`), so disk use stays within max_size at every instant.
+
+        Evicts ahead: when the reservation would cross the high watermark, down to the low one."""
+        async with self._lock:
+            if self.max_size:
+                need = self.used + size - self.max_size
+                ahead = self.used + size - int(self.max_size * self._high)
+                if ahead > 0:
+                    target = self.used + size - int(self.max_size * self._low)
+                    await self._evict(max(need, target), reason="size")
+                if self.used + size > self.max_size:
+                    log.warning("no room for %d bytes (pinned or in-use content): passing it through", size)
+                    return False
+            free = await asyncio.to_thread(self._free_bytes)
+            # Reserved spools may not be written yet: count them as if they were (never too little).
+            short = self._min_free + self._reserved + size - free
+            if short > 0:
+                await self._evict(short, reason="free_space")
+                free = await asyncio.to_thread(self._free_bytes)
+                if self._min_free + self._reserved + size > free:
+                    log.warning("the disk has no room for %d bytes: passing it through", size)
+                    return False
+            self._reserved += size
+            self._metrics.cache_reserved_bytes.set(self._reserved)
+            return True
+
+    def release(self, size: int) -> None:
+        """A reserved fill is stored (its entry now counts instead) or failed: its room goes back."""
+        self._reserved = max(self._reserved - size, 0)
+        self._metrics.cache_reserved_bytes.set(self._reserved)
 
     async def admit(self, digest: Digest, kind: ObjectKind, size: int) -> bool:
-        """Make room for `size` bytes about to be stored; False: store nothing, serve it through.
+        """Make room for `size` bytes about to be stored without a reservation (manifests, blobs of
+        unannounced size); False: store nothing, serve it through.
 
         Room means both: within max_size, and min_free left on the file system afterwards. (The
         bytes are already on that file system in the spool; the rename adds nothing to it.)

@@ -129,9 +129,11 @@ class Answer:
                     raise
                 if n == 0:
                     break
-                if filled == BLOCK or time.monotonic() - flushed_at >= FLUSH_INTERVAL:
+                now = time.monotonic()
+                if filled == BLOCK or now - flushed_at >= FLUSH_INTERVAL:
                     consume(buffer[:filled])
                     filled, flushed_at = 0, time.monotonic()
+                    pace.exclude(flushed_at - now)  # a pass-through fill may wait for its readers
             if filled and not stop.is_set():
                 consume(buffer[:filled])
 

@@ -62,3 +62,8 @@ class BodyPace:
             rate = self._window_bytes / elapsed
             raise errors.UpstreamStalled(f"upstream body trickled at {rate:.0f} B/s")
         self._window_start, self._window_bytes = now, 0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent not reading (the consumer was busy, or waiting for its readers to make room)
+        does not count against the upstream's rate."""
+        self._window_start += seconds
