@@ -102,6 +102,13 @@ class BlobStore:
                                 log.warning("ignoring %s in the store: not a digest", entry.path)
         return found
 
+    def size_of(self, kind: str, digest: str) -> int | None:
+        """The size of a stored file now, None when there is none (blocking)."""
+        try:
+            return os.stat(self._path(kind, Digest.parse(digest))).st_size
+        except (FileNotFoundError, DigestInvalid):
+            return None
+
     def remove(self, kind: str, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(kind, digest))

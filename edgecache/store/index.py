@@ -86,21 +86,41 @@ class Pin:
 class CacheIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Why this index starts empty, when it does: "missing" (no file: a first start, or lost while
+        # stopped) or "corrupt" (unreadable: moved aside). None: opened as it was left.
+        self.rebuilt: str | None = None
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        existed = self.path.exists()
+        db: sqlite3.Connection | None = None
         try:
             db = self._connect()
             db.execute("SELECT count(*) FROM entries").fetchone()
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
+            self.rebuilt = None if existed else "missing"
             return db
         except sqlite3.DatabaseError as exc:
-            log.error("cache index %s is unreadable (%s); rebuilding it from the store", self.path, exc)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self.path}{suffix}")
+            if db is not None:
+                db.close()
+            aside = self._move_aside()
+            log.error(
+                "cache index %s is unreadable (%s): moved aside to %s; rebuilding it from the store",
+                self.path,
+                exc,
+                aside,
+            )
+            self.rebuilt = "corrupt"
             return self._connect()
+
+    def _move_aside(self) -> Path:
+        """Keep an unreadable index for a post-mortem (index.db.corrupt-<time>), out of the way."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        return aside
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -153,6 +173,14 @@ class CacheIndex:
         """(upstream, repository, digest) facts learnt from upstream."""
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?, ?)", list(rows))
+
+    def unheld_count(self) -> int:
+        """Stored digests no repository is known to hold (their facts were lost with an index)."""
+        row = self._db.execute(
+            "SELECT count(*) FROM entries WHERE NOT EXISTS "
+            "(SELECT 1 FROM members WHERE members.digest = entries.digest)"
+        ).fetchone()
+        return int(row[0])
 
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
         row = self._db.execute(
@@ -233,11 +261,23 @@ class CacheIndex:
 
     # -- agreement with the disk ---------------------------------------------------------------
 
-    def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[int, int]:
-        """Make the index list exactly what is on disk ({digest: (kind, size)}); (added, dropped)."""
+    def reconcile(
+        self,
+        on_disk: dict[str, tuple[str, int]],
+        recheck: Callable[[str, str], int | None] | None = None,
+    ) -> tuple[list[tuple[str, str, int]], list[str]]:
+        """Make the index list exactly what is on disk ({digest: (kind, size)}); (added or changed
+        rows, dropped digests).
+
+        With `recheck(kind, digest)` (the file's size now, None when gone) a difference is applied only
+        if the file still shows it: the walk may be older than a store or an eviction made since (a
+        reconcile in the background, while the server serves)."""
         indexed = {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
         missing = [d for d in indexed if d not in on_disk]
         changed = [(d, k, s) for d, (k, s) in on_disk.items() if indexed.get(d) != (k, s)]
+        if recheck is not None:
+            missing = [d for d in missing if recheck(indexed[d][0], d) is None]
+            changed = [(d, k, s) for d, k, s in changed if recheck(k, d) == s]
         now = time.time()
         with self._transaction() as db:
             db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in missing])
@@ -246,7 +286,11 @@ class CacheIndex:
                 "ON CONFLICT (digest) DO UPDATE SET kind = excluded.kind, size = excluded.size",
                 [(d, k, s, now) for d, k, s in changed],
             )
-        return len(changed), len(missing)
+        return changed, missing
+
+    def held(self) -> dict[str, tuple[str, int]]:
+        """{digest: (kind, size)} of every entry: what the index vouches for, read at start-up."""
+        return {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
 
 
 class IndexWorker:

@@ -22,6 +22,7 @@ from edgecache.oci import Digest, referenced_digests
 from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore
 from edgecache.store.index import CacheIndex, IndexWorker, Pin
+from edgecache.store.recovery import recover_members
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,8 +38,11 @@ class Holdings:
         self._entries: dict[str, tuple[str, int]] = {}
         self.count = {"blob": 0, "manifest": 0}
         self.bytes = {"blob": 0, "manifest": 0}
-        for digest, (kind, size) in (entries or {}).items():
-            self.add(digest, kind, size)
+        if entries:  # a million entries at start-up: one pass, no per-entry method call
+            self._entries = dict(entries)
+            for kind, size in self._entries.values():
+                self.count[kind] = self.count.get(kind, 0) + 1
+                self.bytes[kind] = self.bytes.get(kind, 0) + size
 
     @property
     def used(self) -> int:
@@ -63,8 +67,13 @@ class Holdings:
             self.bytes[entry[0]] -= entry[1]
         return entry
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def bytes_of(self, digests: set[str]) -> int:
-        return sum(size for digest, (_, size) in self._entries.items() if digest in digests)
+        """Bytes of those of `digests` that are stored (a walk over `digests`, not every entry)."""
+        entries = self._entries
+        return sum(entries[d][1] for d in digests if d in entries)
 
 
 class CacheKeeper:
@@ -92,6 +101,8 @@ class CacheKeeper:
         self._pinned: set[str] = set()
         self._lock = asyncio.Lock()  # one admission or eviction at a time
         self._task: asyncio.Task[None] | None = None
+        self._reconciler: asyncio.Task[None] | None = None
+        self._reconciled = False
         self._seen_version = -1
         metrics.cache_limit_bytes.set(max_size)
 
@@ -113,26 +124,89 @@ class CacheKeeper:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open (or rebuild) the index and make it agree with the disk, then keep it in step."""
+        """Open (or rebuild) the index and serve what it vouches for; check it against the disk.
+
+        A normal restart serves from the index at once and walks the disk in the background (a
+        million entries take seconds to walk): until the walk is done, a file the index does not
+        list is not served (`vouches`), and a listed one is still opened and its size checked on
+        every hit. An index that starts empty (lost or corrupt) vouches for nothing, so it is rebuilt
+        from the disk before serving, with the repository facts the disk can still tell.
+        """
         started = time.perf_counter()
         await self.worker.open()
-        on_disk = await asyncio.to_thread(self._store.inventory)
-        added, dropped = await self._run(self.index.reconcile, on_disk)
-        if added or dropped:
-            log.info("cache index reconciled with the store: %d added, %d dropped", added, dropped)
-        self._held = Holdings(on_disk)
+        rebuilt = self.index.rebuilt
+        if rebuilt is None:
+            self._held = Holdings(await self._run(self.index.held))
+            self._reconciler = asyncio.create_task(self._reconcile(), name="cache reconcile")
+        else:
+            await self._reconcile()
+            if len(self._held):
+                await self._recover(rebuilt)
         self._seen_version = await self._run(self.index.data_version)
         await self._reload_pins()
         self._publish()
-        log.info("cache index ready: %d entries in %.2fs", len(on_disk), time.perf_counter() - started)
+        log.info(
+            "cache index ready: %d entries in %.2fs%s",
+            len(self._held),
+            time.perf_counter() - started,
+            "" if self._reconciled else " (checked against the disk in the background)",
+        )
         await self._evict_if_needed()
         self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
 
+    async def _reconcile(self) -> None:
+        """Walk the disk and make the index (and what is held in memory) agree with it."""
+        started = time.perf_counter()
+        try:
+            on_disk = await asyncio.to_thread(self._store.inventory)
+            recheck = self._store.size_of if self._held else None
+            changed, dropped = await self._run(self.index.reconcile, on_disk, recheck)
+        except Exception:  # the index stays as it was: what it lists is still checked on every hit
+            log.exception("checking the cache index against the disk failed")
+            return
+        for digest, kind, size in changed:
+            self._held.add(digest, kind, size)
+        for digest in dropped:
+            self._held.remove(digest)
+        self._reconciled = True
+        self._metrics.reconcile_seconds.set(time.perf_counter() - started)
+        if changed or dropped:
+            log.info(
+                "cache index reconciled with the store: %d added, %d dropped", len(changed), len(dropped)
+            )
+            self._publish()
+
+    async def _recover(self, reason: str) -> None:
+        """After a rebuild: the repository facts tags and stored manifests still tell; the rest is
+        counted and said once."""
+        facts, tags = await asyncio.to_thread(recover_members, self._store)
+        await self._run(self.index.add_members, facts)
+        unheld = await self._run(self.index.unheld_count)
+        self._metrics.index_rebuilds.labels(reason).inc()
+        self._metrics.unheld_digests.set(unheld)
+        log.warning(
+            "cache index was %s: rebuilt from the store (%d entries); %d repository facts recovered "
+            "from %d tags; %d stored digests are held by no known repository (their facts were lost): "
+            "where repository checks protect something they are confirmed upstream before being "
+            "served, elsewhere served under any name",
+            "lost" if reason == "missing" else "corrupt",
+            len(self._held),
+            len(facts),
+            tags,
+            unheld,
+        )
+
+    def vouches(self, digest: Digest) -> bool:
+        """May a stored file of `digest` be served? Only what the index lists, until the disk walk
+        has made the index agree with the disk."""
+        return self._reconciled or str(digest) in self._held
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._reconciler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.worker.is_open:
             await self._flush()
         await self.worker.close()
@@ -161,8 +235,7 @@ class CacheKeeper:
             return
         self._seen_version = version
         await self._reload_pins()
-        entries = await self._run(self.index.all_entries)
-        self._held = Holdings({e.digest: (e.kind, e.size) for e in entries})
+        self._held = Holdings(await self._run(self.index.held))
         self._publish()
 
     async def _reload_pins(self) -> None:
@@ -255,6 +328,7 @@ class CacheKeeper:
         freed = 0
         await self._pick_up_outside_changes()  # pins or prunes made beside the server count now
         while freed < amount:
+            started = time.perf_counter()
             await self._flush()  # the latest hits count before choosing victims
             candidates = await self._run(self.index.coldest, EVICT_BATCH + len(self._in_use))
             victims = [e for e in candidates if e.digest not in self._in_use and e.digest not in self._pinned]
@@ -271,7 +345,13 @@ class CacheKeeper:
             for entry in chosen:
                 self._held.remove(entry.digest)
                 self._metrics.evictions.labels(reason).inc()
-            log.info("evicted %d entries (%d bytes, %s)", len(chosen), sum(e.size for e in chosen), reason)
+            log.info(
+                "evicted %d entries (%d bytes, %s) in %.3fs",
+                len(chosen),
+                sum(e.size for e in chosen),
+                reason,
+                time.perf_counter() - started,
+            )
         self._publish()
         return freed
 

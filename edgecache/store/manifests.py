@@ -45,9 +45,15 @@ TagKey = tuple[str, RepoName, Tag]
 
 
 class ManifestCache:
-    def __init__(self, store: BlobStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        clock: Callable[[], float] = time.time,
+        vouch: Callable[[Digest], bool] = lambda _digest: True,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._vouch = vouch  # may a manifest file be read from disk (CacheKeeper.vouches)
         self._memory: LRUCache[Digest, CachedManifest] = LRUCache(
             maxsize=MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
@@ -57,6 +63,8 @@ class ManifestCache:
         cached = self._memory.get(digest)
         if cached is not None:
             return cached
+        if not self._vouch(digest):
+            return None
         stored = await self._store.read_manifest(digest)
         if stored is None:
             return None
