@@ -89,7 +89,7 @@ class Edgecache:
         members = Membership(keeper.worker)
         pull = PullService(
             store,
-            ManifestCache(store, vouch=keeper.vouches),
+            ManifestCache(store, vouch=keeper.may_serve),
             flights,
             Coalescer(),
             metrics,

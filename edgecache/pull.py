@@ -456,10 +456,10 @@ class PullService:
     async def _open_stored(self, digest: Digest) -> OpenBlob | None:
         """The stored blob, open; a file whose size is not the one admitted is dropped (refetched), and
         one the index does not vouch for yet (start-up, before the disk walk) is not opened."""
-        if not self._keeper.vouches(digest):
+        vouched, expected = await self._keeper.vouched(digest)
+        if not vouched:
             return None
         opened = await self._store.open_blob(digest)
-        expected = self._keeper.expected_size(digest)
         if opened is not None and expected is not None and opened.size != expected:
             log.error(
                 "cached %s has %d bytes, not %d: dropped, fetching again", digest, opened.size, expected
@@ -513,7 +513,8 @@ class PullService:
 
     async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest
-        size = await self._store.has_blob(digest) if self._keeper.vouches(digest) else None
+        vouched, _ = await self._keeper.vouched(digest)
+        size = await self._store.has_blob(digest) if vouched else None
         result = CacheResult.HIT
         if size is not None:
             await self._confirm_blob(target, digest)

@@ -125,11 +125,14 @@ async def test_before_the_disk_walk_only_what_the_index_lists_is_served(
     keeper = CacheKeeper(store, Metrics(["docker.io"]), max_size=0)
     await keeper.start()
     try:
-        assert keeper.vouches(listed) and not keeper.vouches(unlisted)
-        assert keeper.expected_size(listed) == 10
+        assert await keeper.vouched(listed) == (True, 10)
+        assert await keeper.vouched(unlisted) == (False, None)
         walk_may_finish.set()
-        await wait_until(lambda: keeper.vouches(unlisted), message="the walk never vouched for the file")
-        assert keeper.expected_size(unlisted) == 10
+
+        async def walked() -> bool:
+            return await keeper.vouched(unlisted) == (True, 10)
+
+        await wait_until(walked, message="the walk never vouched for the file")
         assert {e.digest for e in keeper.index.all_entries()} == {str(listed), str(unlisted)}
     finally:
         walk_may_finish.set()

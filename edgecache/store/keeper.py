@@ -70,6 +70,9 @@ class Holdings:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def items(self) -> list[tuple[str, tuple[str, int]]]:
+        return list(self._entries.items())
+
     def bytes_of(self, digests: set[str]) -> int:
         """Bytes of those of `digests` that are stored (a walk over `digests`, not every entry)."""
         entries = self._entries
@@ -101,8 +104,10 @@ class CacheKeeper:
         self._pinned: set[str] = set()
         self._lock = asyncio.Lock()  # one admission or eviction at a time
         self._task: asyncio.Task[None] | None = None
-        self._reconciler: asyncio.Task[None] | None = None
-        self._reconciled = False
+        self._background: asyncio.Task[None] | None = None  # loading the index, walking the disk
+        self._loaded = False  # `_held` lists everything the index does
+        self._gone_while_loading: set[str] = set()
+        self._reconciled = False  # ...and the index agrees with the disk
         self._seen_version = -1
         metrics.cache_limit_bytes.set(max_size)
 
@@ -126,31 +131,53 @@ class CacheKeeper:
     async def start(self) -> None:
         """Open (or rebuild) the index and serve what it vouches for; check it against the disk.
 
-        A normal restart serves from the index at once and walks the disk in the background (a
-        million entries take seconds to walk): until the walk is done, a file the index does not
-        list is not served (`vouches`), and a listed one is still opened and its size checked on
-        every hit. An index that starts empty (lost or corrupt) vouches for nothing, so it is rebuilt
-        from the disk before serving, with the repository facts the disk can still tell.
+        A normal restart serves at once: what is stored is read from the index (a million rows take
+        a second), then the disk is walked (a million files take seconds), both in the background.
+        Until the index is read, a hit asks it for its one digest; until the walk is done, a file
+        the index does not list is not served (`vouched`); a listed one is opened and its size
+        checked on every hit. An index that starts empty (lost or corrupt) vouches for nothing, so
+        it is rebuilt from the disk before serving, with the repository facts the disk still tells.
         """
         started = time.perf_counter()
         await self.worker.open()
+        await self._reload_pins()  # before anything could be evicted
+        self._seen_version = await self._run(self.index.data_version)
         rebuilt = self.index.rebuilt
         if rebuilt is None:
-            self._held = Holdings(await self._run(self.index.held))
-            self._reconciler = asyncio.create_task(self._reconcile(), name="cache reconcile")
-        else:
-            await self._reconcile()
-            if len(self._held):
-                await self._recover(rebuilt)
+            self._background = asyncio.create_task(self._load_and_reconcile(), name="cache index load")
+            log.info(
+                "cache index open in %.2fs: serving, loading it in the background",
+                time.perf_counter() - started,
+            )
+            return
+        await self._reconcile()
+        if len(self._held):
+            await self._recover(rebuilt)
+        await self._loaded_now(started)
+
+    async def _load_and_reconcile(self) -> None:
+        started = time.perf_counter()
+        try:
+            loaded = Holdings(await asyncio.to_thread(self.index.held_separately))
+        except Exception:  # the index itself still answers, digest by digest (`vouched`)
+            log.exception("loading the cache index failed")
+            return
+        for digest, (kind, size) in self._held.items():  # stored while it loaded
+            loaded.add(digest, kind, size)
+        for digest in self._gone_while_loading:
+            loaded.remove(digest)
+        self._held = loaded
+        await self._loaded_now(started)
+        await self._reconcile()
+
+    async def _loaded_now(self, started: float) -> None:
+        """Everything the index lists is held in memory: account, evict if over, keep house."""
+        self._loaded = True
+        self._gone_while_loading.clear()
         self._seen_version = await self._run(self.index.data_version)
-        await self._reload_pins()
+        self._metrics.pinned_bytes.set(self._held.bytes_of(self._pinned))
         self._publish()
-        log.info(
-            "cache index ready: %d entries in %.2fs%s",
-            len(self._held),
-            time.perf_counter() - started,
-            "" if self._reconciled else " (checked against the disk in the background)",
-        )
+        log.info("cache index ready: %d entries in %.2fs", len(self._held), time.perf_counter() - started)
         await self._evict_if_needed()
         self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
 
@@ -169,11 +196,15 @@ class CacheKeeper:
         for digest in dropped:
             self._held.remove(digest)
         self._reconciled = True
-        self._metrics.reconcile_seconds.set(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._metrics.reconcile_seconds.set(seconds)
+        log.info(
+            "cache index checked against the disk in %.2fs: %d added, %d dropped",
+            seconds,
+            len(changed),
+            len(dropped),
+        )
         if changed or dropped:
-            log.info(
-                "cache index reconciled with the store: %d added, %d dropped", len(changed), len(dropped)
-            )
             self._publish()
 
     async def _recover(self, reason: str) -> None:
@@ -196,13 +227,28 @@ class CacheKeeper:
             unheld,
         )
 
-    def vouches(self, digest: Digest) -> bool:
-        """May a stored file of `digest` be served? Only what the index lists, until the disk walk
-        has made the index agree with the disk."""
-        return self._reconciled or str(digest) in self._held
+    async def vouched(self, digest: Digest) -> tuple[bool, int | None]:
+        """(may a stored file of `digest` be served, the size the index gives it).
+
+        Only what the index lists, until the disk walk has made the index agree with the disk; while
+        the index is still being loaded, the index itself is asked about this one digest."""
+        key = str(digest)
+        entry = self._held.get(key)
+        if entry is not None:
+            return True, entry[1]
+        if self._reconciled:
+            return True, None  # (stored a moment ago: between its rename and `stored`)
+        if self._loaded:
+            return False, None
+        row = await self._run(self.index.get, key)
+        return (True, row.size) if row is not None else (False, None)
+
+    async def may_serve(self, digest: Digest) -> bool:
+        return (await self.vouched(digest))[0]
 
     async def close(self) -> None:
-        for task in (self._task, self._reconciler):
+        for name in ("_background", "_task"):  # the load starts housekeeping: stop it first
+            task = getattr(self, name)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -235,6 +281,8 @@ class CacheKeeper:
             return
         self._seen_version = version
         await self._reload_pins()
+        if not self._loaded:
+            return  # the load in progress reads what is stored
         self._held = Holdings(await self._run(self.index.held))
         self._publish()
 
@@ -250,10 +298,6 @@ class CacheKeeper:
         key = str(digest)
         _, count = self._touched.get(key, (0.0, 0))
         self._touched[key] = (time.time(), count + 1)
-
-    def expected_size(self, digest: Digest) -> int | None:
-        entry = self._held.get(str(digest))
-        return entry[1] if entry else None
 
     @contextlib.contextmanager
     def reading(self, digest: Digest) -> Iterator[None]:
@@ -307,6 +351,10 @@ class CacheKeeper:
         """A stored file turned out wrong (size mismatch): drop it so the next request refetches."""
         key = str(digest)
         entry = self._held.remove(key)
+        if entry is None and not self._loaded:
+            found = await self._run(self.index.get, key)
+            entry = (found.kind, found.size) if found is not None else None
+            self._gone_while_loading.add(key)
         if entry is not None:
             await asyncio.to_thread(self._store.remove, entry[0], digest)
             await self._run(self.index.remove, [key])
@@ -343,7 +391,8 @@ class CacheKeeper:
             await asyncio.to_thread(self._delete, [(e.kind, e.digest) for e in chosen])
             await self._run(self.index.remove, [e.digest for e in chosen])
             for entry in chosen:
-                self._held.remove(entry.digest)
+                if self._held.remove(entry.digest) is None and not self._loaded:
+                    self._gone_while_loading.add(entry.digest)
                 self._metrics.evictions.labels(reason).inc()
             log.info(
                 "evicted %d entries (%d bytes, %s) in %.3fs",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +49,11 @@ class ManifestCache:
         self,
         store: BlobStore,
         clock: Callable[[], float] = time.time,
-        vouch: Callable[[Digest], bool] = lambda _digest: True,
+        vouch: Callable[[Digest], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
-        self._vouch = vouch  # may a manifest file be read from disk (CacheKeeper.vouches)
+        self._vouch = vouch  # may a manifest file be read from disk (CacheKeeper.may_serve)
         self._memory: LRUCache[Digest, CachedManifest] = LRUCache(
             maxsize=MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
@@ -63,7 +63,7 @@ class ManifestCache:
         cached = self._memory.get(digest)
         if cached is not None:
             return cached
-        if not self._vouch(digest):
+        if self._vouch is not None and not await self._vouch(digest):
             return None
         stored = await self._store.read_manifest(digest)
         if stored is None:
