@@ -106,22 +106,23 @@ async def test_before_the_disk_walk_only_what_the_index_lists_is_served(
 ) -> None:
     store = BlobStore(tmp_path)
     store.prepare()
-    listed, unlisted = Digest.parse(fake(1)), Digest.parse(fake(2))
+    listed, unlisted, vanished = Digest.parse(fake(1)), Digest.parse(fake(2)), Digest.parse(fake(3))
     for digest in (listed, unlisted):
         store.blob_path(digest).parent.mkdir(parents=True, exist_ok=True)
         store.blob_path(digest).write_bytes(b"x" * 10)
     index = CacheIndex(tmp_path / "index.db")
     index.add(str(listed), "blob", 10)
+    index.add(str(vanished), "blob", 10)  # its file went while edgecache was stopped
     index.close()
     walk_may_finish = asyncio.Event()
-    inventory = store.inventory
+    names = store.names
 
-    def slow_inventory() -> dict[str, tuple[str, int]]:
+    def slow_walk() -> dict[str, str]:
         asyncio.run_coroutine_threadsafe(walk_may_finish.wait(), loop).result()
-        return inventory()
+        return names()
 
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(store, "inventory", slow_inventory)
+    monkeypatch.setattr(store, "names", slow_walk)
     keeper = CacheKeeper(store, Metrics(["docker.io"]), max_size=0)
     await keeper.start()
     try:
@@ -134,6 +135,7 @@ async def test_before_the_disk_walk_only_what_the_index_lists_is_served(
 
         await wait_until(walked, message="the walk never vouched for the file")
         assert {e.digest for e in keeper.index.all_entries()} == {str(listed), str(unlisted)}
+        assert keeper.used == 20
     finally:
         walk_may_finish.set()
         await keeper.close()

@@ -261,23 +261,12 @@ class CacheIndex:
 
     # -- agreement with the disk ---------------------------------------------------------------
 
-    def reconcile(
-        self,
-        on_disk: dict[str, tuple[str, int]],
-        recheck: Callable[[str, str], int | None] | None = None,
-    ) -> tuple[list[tuple[str, str, int]], list[str]]:
+    def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[list[tuple[str, str, int]], list[str]]:
         """Make the index list exactly what is on disk ({digest: (kind, size)}); (added or changed
-        rows, dropped digests).
-
-        With `recheck(kind, digest)` (the file's size now, None when gone) a difference is applied only
-        if the file still shows it: the walk may be older than a store or an eviction made since (a
-        reconcile in the background, while the server serves)."""
+        rows, dropped digests)."""
         indexed = {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
         missing = [d for d in indexed if d not in on_disk]
         changed = [(d, k, s) for d, (k, s) in on_disk.items() if indexed.get(d) != (k, s)]
-        if recheck is not None:
-            missing = [d for d in missing if recheck(indexed[d][0], d) is None]
-            changed = [(d, k, s) for d, k, s in changed if recheck(k, d) == s]
         now = time.time()
         with self._transaction() as db:
             db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in missing])
@@ -287,6 +276,28 @@ class CacheIndex:
                 [(d, k, s, now) for d, k, s in changed],
             )
         return changed, missing
+
+    def apply_walk(
+        self,
+        unlisted: list[tuple[str, str]],
+        vanished: list[tuple[str, str]],
+        size_of: Callable[[str, str], int | None],
+    ) -> tuple[list[tuple[str, str, int]], list[str]]:
+        """What a walk of the disk found: files the index does not list ((digest, kind): added with
+        their size) and rows whose file was not there ((digest, kind): dropped). Each is checked
+        against the file again first: the walk may be older than a store or an eviction made since.
+        (added, dropped), as `reconcile` returns them."""
+        added = [(d, k, size) for d, k in unlisted if (size := size_of(k, d)) is not None]
+        dropped = [d for d, k in vanished if size_of(k, d) is None]
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in dropped])
+            db.executemany(
+                "INSERT INTO entries (digest, kind, size, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (digest) DO NOTHING",
+                [(d, k, s, now) for d, k, s in added],
+            )
+        return added, dropped
 
     def held(self) -> dict[str, tuple[str, int]]:
         """{digest: (kind, size)} of every entry: what the index vouches for."""
