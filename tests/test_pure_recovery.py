@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -139,3 +140,27 @@ async def test_before_the_disk_walk_only_what_the_index_lists_is_served(
     finally:
         walk_may_finish.set()
         await keeper.close()
+
+
+def test_a_truncated_index_is_moved_aside_and_an_unopenable_one_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    index = CacheIndex(path)
+    assert index.rebuilt == "missing"
+    for n in range(5000):
+        index.add(fake(n), "blob", n)
+    index._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    index.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    reopened = CacheIndex(path)
+    assert reopened.rebuilt == "corrupt" and reopened.all_entries() == []
+    aside = [p for p in tmp_path.glob("index.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and aside[0].read_bytes() == data[: len(data) // 2]  # kept as it was
+    reopened.close()
+    assert CacheIndex(path).rebuilt is None
+    # Not corrupt, just not openable (a directory in its place; a lock, a disk error): refused, kept.
+    other = tmp_path / "other.db"
+    other.mkdir()
+    with pytest.raises(sqlite3.OperationalError):
+        CacheIndex(other)
+    assert other.is_dir() and not list(tmp_path.glob("other.db.corrupt-*"))

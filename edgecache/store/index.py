@@ -55,6 +55,9 @@ CREATE INDEX IF NOT EXISTS members_by_digest ON members (digest);
 """
 
 
+CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
 @dataclass(frozen=True)
 class Entry:
     digest: str
@@ -104,6 +107,8 @@ class CacheIndex:
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorname not in CORRUPT:
+                raise  # locked, unreadable, a disk error: not a reason to set the index aside
             aside = self._move_aside()
             log.error(
                 "cache index %s is unreadable (%s): moved aside to %s; rebuilding it from the store",
