@@ -175,7 +175,8 @@ class CacheKeeper:
             # built off the loop too: a million entries are a few hundred ms of Python
             loaded = await asyncio.to_thread(_holdings, self.index.held_separately)
         except Exception:  # the index itself still answers, digest by digest (`vouched`)
-            log.exception("loading the cache index failed")
+            log.exception("loading the cache index failed; serving what it lists, digest by digest")
+            self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
             return
         for digest, (kind, size) in self._held.items():  # stored while it loaded
             loaded.add(digest, kind, size)
