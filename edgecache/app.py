@@ -9,7 +9,7 @@ import os
 import signal
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from edgecache import sdnotify
 from edgecache.access.policy import AccessPolicy
-from edgecache.config import Config, split_host_port
+from edgecache.config import AccessConfig, Config, UpstreamConfig, split_host_port
 from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
@@ -91,7 +91,7 @@ class Edgecache:
         members = Membership(keeper.worker)
         pull = PullService(
             store,
-            ManifestCache(store, on_corrupt=keeper.manifest_corrupt),
+            ManifestCache(store, on_corrupt=keeper.manifest_corrupt, vouch=keeper.may_serve),
             flights,
             Coalescer(),
             metrics,
@@ -102,6 +102,7 @@ class Edgecache:
             stale_while_revalidate=config.cache.stale_while_revalidate,
             negative_ttl=config.cache.negative_ttl,
         )
+        pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
         readiness = Readiness(store, clients)
         upstreams = Upstreams(clients, config.default_upstream)
         front = RegistryFront(pull, upstreams, metrics, Usage(), readiness, access)
@@ -117,6 +118,13 @@ class Edgecache:
         self._started = True
         await self.keeper.start()
         self.scrubber.start()
+        unchecked = unchecked_upstreams(self.config.access, self.config.upstreams)
+        if unchecked:
+            log.info(
+                "repository checks off for %s: anonymous access without rules, and no upstream "
+                "credentials, so they would protect nothing; stored digests are served under any name",
+                ", ".join(sorted(unchecked)),
+            )
         for client in self.clients.values():
             await client.start()
 
@@ -145,6 +153,8 @@ class Edgecache:
             if client is not None and client.config.url == upstream.url:
                 client.reconfigure(upstream)
         self.front.pull.reconfigure(new.cache)
+        in_use = [client.config for client in self.clients.values()]
+        self.front.pull.set_unchecked(unchecked_upstreams(access, in_use))
         self.keeper.reconfigure(
             max_size=parse_size(new.cache.max_size, "cache.max_size"),
             high_watermark=new.cache.high_watermark,
@@ -188,6 +198,22 @@ def _writable(directory: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+def unchecked_upstreams(access: AccessConfig, upstreams: Iterable[UpstreamConfig]) -> frozenset[str]:
+    """The upstreams for which checking which repository holds a digest protects nothing.
+
+    That check keeps a client allowed on one repository from reading another's content by digest,
+    and keeps what edgecache fetched with its upstream credentials from repositories the upstream
+    would refuse. With anonymous access and no rules everyone may pull every repository, and from an
+    upstream reached without credentials everything stored was public: serving a stored digest under
+    any repository name then shows nobody anything they could not pull anyway. For those upstreams
+    it is skipped, so a cache whose repository facts were lost still serves while upstream is down.
+    Everywhere else the check stays, and a digest with no known repository is confirmed upstream.
+    """
+    if access.mode != "anonymous" or access.rules:
+        return frozenset()
+    return frozenset(u.name for u in upstreams if not u.username)
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:

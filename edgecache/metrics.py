@@ -187,6 +187,26 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.index_rebuilds = Counter(
+            "edgecache_index_rebuilds_total",
+            "Start-ups that rebuilt the index from the store: missing (lost while stopped) or corrupt "
+            "(moved aside as index.db.corrupt-<time>)",
+            ["reason"],
+            registry=r,
+        )
+        self.unheld_digests = Gauge(
+            "edgecache_unheld_digests",
+            "Stored digests no repository is known to hold after the last index rebuild (their "
+            "repository facts were lost); served under any name or confirmed upstream, per the README",
+            registry=r,
+        )
+        self.reconcile_seconds = Gauge(
+            "edgecache_reconcile_seconds",
+            "How long the last check of the index against the disk took (in the background at start-up)",
+            registry=r,
+        )
+        for reason in ("missing", "corrupt"):
+            self.index_rebuilds.labels(reason)
         for reason in ("size", "free_space"):
             self.evictions.labels(reason)
         for kind in ("blob", "manifest"):

@@ -37,6 +37,13 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 255
 
 
+def hex_pattern(algorithm: str) -> re.Pattern[str] | None:
+    """What the encoded part of a digest of `algorithm` must match (None: not one we verify); for
+    checking a million file names without a Digest each."""
+    length = _ALGORITHMS.get(algorithm)
+    return re.compile(rf"[0-9a-f]{{{length}}}") if length else None
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     """A content digest `algorithm:hex` whose algorithm we can verify (sha256, sha512)."""

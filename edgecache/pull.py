@@ -188,6 +188,8 @@ class PullService:
         self._max_stale = max_stale
         self._swr = stale_while_revalidate
         self._background: set[asyncio.Task[object]] = set()
+        # Upstreams whose stored digests are served under any repository name (`set_unchecked`).
+        self._unchecked: frozenset[str] = frozenset()
         # Tags upstream just said do not exist: answered 404 for a moment without asking again.
         self._missing_tags: TTLCache[TagKey, bool] | None = (
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
@@ -198,6 +200,12 @@ class PullService:
         self._tag_ttl = cache.tag_ttl
         self._max_stale = cache.max_stale
         self._swr = cache.stale_while_revalidate
+
+    def set_unchecked(self, upstreams: frozenset[str]) -> None:
+        """The upstreams for which knowing which repository holds a digest protects nothing (the
+        wiring decides: `app.unchecked_upstreams`); their stored digests are served under any
+        repository name without asking upstream, even with their facts lost and upstream down."""
+        self._unchecked = upstreams
 
     async def settled(self) -> None:
         """Wait for background revalidations started so far (shutdown, tests)."""
@@ -407,10 +415,16 @@ class PullService:
 
     # -- membership: a digest is served for a repository only once it is known to hold it ----------
 
+    async def _holds(self, target: Target, digest: Digest) -> bool:
+        """Known (or not worth knowing) that the repository holds the digest: no upstream asked."""
+        if target.upstream_name in self._unchecked:
+            return True
+        return await self._members.known(target.upstream_name, target.repo, digest)
+
     async def _confirm_blob(self, target: Target, digest: Digest) -> int | None:
         """Confirm the repository holds the blob, asking upstream (HEAD) if we do not know; raises
         BlobUnknown when upstream says it does not. Returns upstream's size when it was asked."""
-        if await self._members.known(target.upstream_name, target.repo, digest):
+        if await self._holds(target, digest):
             return None
         size = await target.upstream.head_blob(target.repo, digest)
         self._members.record(target.upstream_name, target.repo, [digest])
@@ -418,7 +432,7 @@ class PullService:
 
     async def _confirm_manifest(self, target: Target, digest: Digest) -> None:
         """Confirm the repository holds the manifest, asking upstream (HEAD) if we do not know."""
-        if await self._members.known(target.upstream_name, target.repo, digest):
+        if await self._holds(target, digest):
             return
         head = await target.upstream.head_manifest(target.repo, str(digest))
         if head.digest is not None and head.digest != digest:
@@ -444,10 +458,15 @@ class PullService:
         return await self._blob_fill(target, query, headers)
 
     async def _open_stored(self, digest: Digest) -> OpenBlob | None:
-        """The stored blob, open; a file that is not the one admitted (its size, mtime or inode, from
-        the fstat the open made) is quarantined and the request becomes a miss: it is never served."""
+        """The stored blob, open, if the index vouches for it (at start-up, until the disk walk is done,
+        only what it lists); a file that is not the one admitted (its size, mtime or inode, from the
+        fstat the open made) is quarantined and the request becomes a miss: it is never served."""
+        vouched, expected = await self._keeper.vouched(digest)
+        if not vouched:
+            return None
         opened = await self._store.open_blob(digest)
-        if opened is not None and not self._keeper.unchanged(digest, opened.identity):
+        wrong_size = opened is not None and expected is not None and opened.size != expected
+        if opened is not None and (wrong_size or not self._keeper.unchanged(digest, opened.identity)):
             opened.close()
             await self._keeper.quarantine(digest, ObjectKind.BLOB, opened.identity, "changed")
             return None
@@ -518,7 +537,8 @@ class PullService:
 
     async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest
-        stored = await self._store.has_blob(digest)
+        vouched, _ = await self._keeper.vouched(digest)
+        stored = await self._store.has_blob(digest) if vouched else None
         if stored is not None and not self._keeper.unchanged(digest, stored):
             # Its Content-Length could be wrong: quarantined as a GET would, and answered as a miss.
             await self._keeper.quarantine(digest, ObjectKind.BLOB, stored, "changed")

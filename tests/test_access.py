@@ -236,10 +236,15 @@ allow = ["docker.io/library/*"]
         assert (await with_cert((puller.cert, puller.key))).status == 200
 
 
+ANONYMOUS_RULE = '[[access.rules]]\nidentity = "anonymous"\nallow = ["docker.io/*"]\n'
+
+
 async def test_a_repository_cannot_read_another_repositorys_content_by_digest(
     tmp_path: Path, recording_upstream: FaultProxy, seeded: Seeded
 ) -> None:
-    with spawn_edge(tmp_path, recording_upstream.url) as edge:
+    # With a rule, the repository check protects something (with anonymous access, no rules and no
+    # upstream credentials it would not, and is off: test_index_recovery.py).
+    with spawn_edge(tmp_path, recording_upstream.url, config=ANONYMOUS_RULE) as edge:
         alpine = seeded.alpine
         layer = alpine.layers[-1]
         for path in (f"/v2/library/alpine/blobs/{layer.digest}", "/v2/library/alpine/manifests/latest"):
@@ -261,7 +266,7 @@ async def test_a_repository_cannot_read_another_repositorys_content_by_digest(
         assert by_digest.status == 200 and by_digest.headers["x-cache"] == "HIT"
         assert len(recording_upstream.seen) == before
     # Known memberships survive a restart (index), so the hit needs no upstream after it either.
-    with spawn_edge(tmp_path, recording_upstream.url) as edge:
+    with spawn_edge(tmp_path, recording_upstream.url, config=ANONYMOUS_RULE) as edge:
         before = len(recording_upstream.seen)
         again = await request(f"{edge.url}/v2/library/alpine/blobs/{layer.digest}", None)
         assert again.status == 200 and again.headers["x-cache"] == "HIT"

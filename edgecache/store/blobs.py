@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from edgecache.errors import ConfigError, DigestInvalid, UpstreamDigestMismatch
-from edgecache.oci import Digest
+from edgecache.oci import Digest, hex_pattern
 from edgecache.store.identity import FileIdentity
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,40 @@ class BlobStore:
         found: dict[str, tuple[str, int]] = {}
         for kind, sub in (("blob", "blobs"), ("manifest", "manifests")):
             for algorithm_dir in _subdirs(self.root / sub):
+                algorithm = algorithm_dir.name
+                valid = hex_pattern(algorithm)  # a million names: one regex each, no Digest
                 for prefix_dir in _subdirs(algorithm_dir):
                     with os.scandir(prefix_dir) as entries:
                         for entry in entries:
-                            text = f"{algorithm_dir.name}:{entry.name}"
-                            try:
-                                Digest.parse(text)
-                                found[text] = (kind, entry.stat().st_size)
-                            except (DigestInvalid, FileNotFoundError):
+                            name = entry.name
+                            if valid is None or not valid.fullmatch(name):
                                 log.warning("ignoring %s in the store: not a digest", entry.path)
+                                continue
+                            with contextlib.suppress(FileNotFoundError):
+                                found[f"{algorithm}:{name}"] = (kind, entry.stat().st_size)
         return found
+
+    def names(self) -> dict[str, str]:
+        """{digest: kind} of every stored blob and manifest, without a stat each: the background
+        walk at start-up (sizes of what the index lists are checked on every hit anyway)."""
+        found: dict[str, str] = {}
+        for kind, sub in (("blob", "blobs"), ("manifest", "manifests")):
+            for algorithm_dir in _subdirs(self.root / sub):
+                algorithm = algorithm_dir.name
+                valid = hex_pattern(algorithm)
+                for prefix_dir in _subdirs(algorithm_dir):
+                    with os.scandir(prefix_dir) as entries:
+                        for entry in entries:
+                            if valid is not None and valid.fullmatch(entry.name):
+                                found[f"{algorithm}:{entry.name}"] = kind
+        return found
+
+    def size_of(self, kind: str, digest: str) -> int | None:
+        """The size of a stored file now, None when there is none (blocking)."""
+        try:
+            return os.stat(self.path(kind, Digest.parse(digest))).st_size
+        except (FileNotFoundError, DigestInvalid):
+            return None
 
     def remove(self, kind: str, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):

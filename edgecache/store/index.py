@@ -65,6 +65,9 @@ ENTRY_COLUMNS = "digest, kind, size, last_access, hits, upstream, repository, mt
 AFTER_MIGRATION = "CREATE INDEX IF NOT EXISTS entries_by_verified ON entries (verified_at);"
 
 
+CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
 @dataclass(frozen=True)
 class Entry:
     digest: str
@@ -105,21 +108,43 @@ class Pin:
 class CacheIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Why this index starts empty, when it does: "missing" (no file: a first start, or lost while
+        # stopped) or "corrupt" (unreadable: moved aside). None: opened as it was left.
+        self.rebuilt: str | None = None
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        existed = self.path.exists()
+        db: sqlite3.Connection | None = None
         try:
             db = self._connect()
             db.execute("SELECT count(*) FROM entries").fetchone()
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
+            self.rebuilt = None if existed else "missing"
             return db
         except sqlite3.DatabaseError as exc:
-            log.error("cache index %s is unreadable (%s); rebuilding it from the store", self.path, exc)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self.path}{suffix}")
+            if db is not None:
+                db.close()
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorname not in CORRUPT:
+                raise  # locked, unreadable, a disk error: not a reason to set the index aside
+            aside = self._move_aside()
+            log.error(
+                "cache index %s is unreadable (%s): moved aside to %s; rebuilding it from the store",
+                self.path,
+                exc,
+                aside,
+            )
+            self.rebuilt = "corrupt"
             return self._connect()
+
+    def _move_aside(self) -> Path:
+        """Keep an unreadable index for a post-mortem (index.db.corrupt-<time>), out of the way."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        return aside
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -221,6 +246,14 @@ class CacheIndex:
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?, ?)", list(rows))
 
+    def unheld_count(self) -> int:
+        """Stored digests no repository is known to hold (their facts were lost with an index)."""
+        row = self._db.execute(
+            "SELECT count(*) FROM entries WHERE NOT EXISTS "
+            "(SELECT 1 FROM members WHERE members.digest = entries.digest)"
+        ).fetchone()
+        return int(row[0])
+
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM members WHERE upstream = ? AND repository = ? AND digest = ?",
@@ -301,8 +334,9 @@ class CacheIndex:
 
     # -- agreement with the disk ---------------------------------------------------------------
 
-    def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[int, int]:
-        """Make the index list exactly what is on disk ({digest: (kind, size)}); (added, dropped)."""
+    def reconcile(self, on_disk: dict[str, tuple[str, int]]) -> tuple[list[tuple[str, str, int]], list[str]]:
+        """Make the index list exactly what is on disk ({digest: (kind, size)}); (added or changed
+        rows, dropped digests)."""
         indexed = {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
         missing = [d for d in indexed if d not in on_disk]
         changed = [(d, k, s) for d, (k, s) in on_disk.items() if indexed.get(d) != (k, s)]
@@ -318,7 +352,54 @@ class CacheIndex:
                 "mtime_ns = NULL, inode = NULL, verified_at = NULL",
                 [(d, k, s, now) for d, k, s in changed],
             )
-        return len(changed), len(missing)
+        return changed, missing
+
+    def apply_walk(
+        self,
+        unlisted: list[tuple[str, str]],
+        vanished: list[tuple[str, str]],
+        size_of: Callable[[str, str], int | None],
+    ) -> tuple[list[tuple[str, str, int]], list[str]]:
+        """What a walk of the disk found: files the index does not list ((digest, kind): added with
+        their size) and rows whose file was not there ((digest, kind): dropped). Each is checked
+        against the file again first: the walk may be older than a store or an eviction made since.
+        (added, dropped), as `reconcile` returns them."""
+        added = [(d, k, size) for d, k in unlisted if (size := size_of(k, d)) is not None]
+        dropped = [d for d, k in vanished if size_of(k, d) is None]
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("DELETE FROM entries WHERE digest = ?", [(d,) for d in dropped])
+            db.executemany(
+                "INSERT INTO entries (digest, kind, size, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (digest) DO NOTHING",
+                [(d, k, s, now) for d, k, s in added],
+            )
+        return added, dropped
+
+    def held(self) -> dict[str, tuple[str, int]]:
+        """{digest: (kind, size)} of every entry: what the index vouches for."""
+        return {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
+
+    def held_separately(self) -> dict[str, tuple[str, int]]:
+        """`held`, on a connection of its own (call it from any thread): reading a million rows takes
+        a second, and hits asking the index about one digest meanwhile must not queue behind it."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        try:
+            return {d: (k, s) for d, k, s in db.execute("SELECT digest, kind, size FROM entries")}
+        finally:
+            db.close()
+
+    def identities_separately(self) -> dict[str, FileIdentity]:
+        """`identities`, on a connection of its own (any thread), like `held_separately`."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute(
+                "SELECT digest, size, mtime_ns, inode FROM entries "
+                "WHERE mtime_ns IS NOT NULL AND inode IS NOT NULL"
+            )
+            return {digest: FileIdentity(size, mtime_ns, inode) for digest, size, mtime_ns, inode in rows}
+        finally:
+            db.close()
 
 
 def _migrate(db: sqlite3.Connection) -> None:

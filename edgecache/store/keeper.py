@@ -31,6 +31,7 @@ from edgecache.outcomes import ObjectKind
 from edgecache.store.blobs import BlobStore
 from edgecache.store.identity import FileIdentity
 from edgecache.store.index import CacheIndex, Entry, IndexWorker, Pin
+from edgecache.store.recovery import recover_members
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,8 +47,11 @@ class Holdings:
         self._entries: dict[str, tuple[str, int]] = {}
         self.count = {"blob": 0, "manifest": 0}
         self.bytes = {"blob": 0, "manifest": 0}
-        for digest, (kind, size) in (entries or {}).items():
-            self.add(digest, kind, size)
+        if entries:  # a million at start-up: the dict is handed over, one pass for the totals
+            self._entries = entries
+            for kind, size in self._entries.values():
+                self.count[kind] = self.count.get(kind, 0) + 1
+                self.bytes[kind] = self.bytes.get(kind, 0) + size
 
     @property
     def used(self) -> int:
@@ -72,8 +76,30 @@ class Holdings:
             self.bytes[entry[0]] -= entry[1]
         return entry
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, tuple[str, int]]]:
+        return list(self._entries.items())
+
+    def differences(self, names: dict[str, str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(on disk but not held, held but not on disk) as (digest, kind), against a walk's
+        {digest: kind}. Runs in a thread while the loop adds and removes entries: it iterates a
+        copy of the keys (taken at once, under the GIL) and only looks entries up otherwise."""
+        held = self._entries
+        unlisted = [(d, k) for d, k in names.items() if d not in held]
+        vanished = []
+        for digest in list(held):
+            if digest not in names:
+                entry = held.get(digest)
+                if entry is not None:
+                    vanished.append((digest, entry[0]))
+        return unlisted, vanished
+
     def bytes_of(self, digests: set[str]) -> int:
-        return sum(size for digest, (_, size) in self._entries.items() if digest in digests)
+        """Bytes of those of `digests` that are stored (a walk over `digests`, not every entry)."""
+        entries = self._entries
+        return sum(entries[d][1] for d in digests if d in entries)
 
 
 class CacheKeeper:
@@ -105,6 +131,10 @@ class CacheKeeper:
         self._pinned: set[str] = set()
         self._lock = asyncio.Lock()  # one admission or eviction at a time
         self._task: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None  # loading the index, walking the disk
+        self._loaded = False  # `_held` lists everything the index does
+        self._gone_while_loading: set[str] = set()
+        self._reconciled = False  # ...and the index agrees with the disk
         self._seen_version = -1
         metrics.cache_limit_bytes.set(max_size)
 
@@ -126,27 +156,150 @@ class CacheKeeper:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open (or rebuild) the index and make it agree with the disk, then keep it in step."""
+        """Open (or rebuild) the index and serve what it vouches for; check it against the disk.
+
+        A normal restart serves at once: what is stored is read from the index (a million rows take
+        a second), then the disk is walked (a million files take seconds), both in the background.
+        Until the index is read, a hit asks it for its one digest; until the walk is done, a file
+        the index does not list is not served (`vouched`); a listed one is opened and its size
+        checked on every hit. An index that starts empty (lost or corrupt) vouches for nothing, so
+        it is rebuilt from the disk before serving, with the repository facts the disk still tells.
+        """
         started = time.perf_counter()
         await self.worker.open()
-        on_disk = await asyncio.to_thread(self._store.inventory)
-        added, dropped = await self._run(self.index.reconcile, on_disk)
-        if added or dropped:
-            log.info("cache index reconciled with the store: %d added, %d dropped", added, dropped)
-        self._held = Holdings(on_disk)
-        self._identities = await self._run(self.index.identities)
+        await self._reload_pins()  # before anything could be evicted
         self._seen_version = await self._run(self.index.data_version)
-        await self._reload_pins()
+        rebuilt = self.index.rebuilt
+        if rebuilt is None:
+            self._background = asyncio.create_task(self._load_and_reconcile(), name="cache index load")
+            log.info(
+                "cache index open in %.2fs: serving, loading it in the background",
+                time.perf_counter() - started,
+            )
+            return
+        await self._reconcile()
+        if len(self._held):
+            await self._recover(rebuilt)
+        await self._loaded_now(started)
+
+    async def _load_and_reconcile(self) -> None:
+        started = time.perf_counter()
+        try:
+            # built off the loop too: a million entries are a few hundred ms of Python
+            loaded = await asyncio.to_thread(_holdings, self.index.held_separately)
+        except Exception:  # the index itself still answers, digest by digest (`vouched`)
+            log.exception("loading the cache index failed; serving what it lists, digest by digest")
+            self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
+            return
+        for digest, (kind, size) in self._held.items():  # stored while it loaded
+            loaded.add(digest, kind, size)
+        for digest in self._gone_while_loading:
+            loaded.remove(digest)
+        self._held = loaded
+        await self._loaded_now(started)
+        await self._reconcile()
+
+    async def _loaded_now(self, started: float) -> None:
+        """Everything the index lists is held in memory: account, evict if over, keep house.
+
+        The identities recorded for stored files are read too (until then a hit checks only the
+        size the index gives); those recorded since the load began are newer and win."""
+        try:
+            recorded = await asyncio.to_thread(self.index.identities_separately)
+        except Exception:  # hits keep checking sizes; first hits record identities again
+            log.exception("reading the stored files' identities failed")
+            recorded = {}
+        self._identities = {**{d: i for d, i in recorded.items() if d in self._held}, **self._identities}
+        self._loaded = True
+        self._gone_while_loading.clear()
+        self._seen_version = await self._run(self.index.data_version)
+        self._metrics.pinned_bytes.set(self._held.bytes_of(self._pinned))
         self._publish()
-        log.info("cache index ready: %d entries in %.2fs", len(on_disk), time.perf_counter() - started)
+        log.info("cache index ready: %d entries in %.2fs", len(self._held), time.perf_counter() - started)
         await self._evict_if_needed()
         self._task = asyncio.create_task(self._housekeeping(), name="cache housekeeping")
 
+    async def _reconcile(self) -> None:
+        """Walk the disk and make the index (and what is held in memory) agree with it.
+
+        With the index read (a normal restart) the walk lists names only and compares them with
+        what is held; a stat is spent only on what differs. Else every file is measured."""
+        started = time.perf_counter()
+        try:
+            if self._loaded:
+                names = await asyncio.to_thread(self._store.names)
+                unlisted, vanished = await asyncio.to_thread(self._held.differences, names)
+                changed, dropped = await self._run(
+                    self.index.apply_walk, unlisted, vanished, self._store.size_of
+                )
+            else:
+                on_disk = await asyncio.to_thread(self._store.inventory)
+                changed, dropped = await self._run(self.index.reconcile, on_disk)
+        except Exception:  # the index stays as it was: what it lists is still checked on every hit
+            log.exception("checking the cache index against the disk failed")
+            return
+        for digest, kind, size in changed:
+            self._held.add(digest, kind, size)
+        for digest in dropped:
+            self._held.remove(digest)
+        self._reconciled = True
+        seconds = time.perf_counter() - started
+        self._metrics.reconcile_seconds.set(seconds)
+        log.info(
+            "cache index checked against the disk in %.2fs: %d added, %d dropped",
+            seconds,
+            len(changed),
+            len(dropped),
+        )
+        if changed or dropped:
+            self._publish()
+
+    async def _recover(self, reason: str) -> None:
+        """After a rebuild: the repository facts tags and stored manifests still tell; the rest is
+        counted and said once."""
+        facts, tags = await asyncio.to_thread(recover_members, self._store)
+        await self._run(self.index.add_members, facts)
+        unheld = await self._run(self.index.unheld_count)
+        self._metrics.index_rebuilds.labels(reason).inc()
+        self._metrics.unheld_digests.set(unheld)
+        log.warning(
+            "cache index was %s: rebuilt from the store (%d entries); %d repository facts recovered "
+            "from %d tags; %d stored digests are held by no known repository (their facts were lost): "
+            "where repository checks protect something they are confirmed upstream before being "
+            "served, elsewhere served under any name",
+            "lost" if reason == "missing" else "corrupt",
+            len(self._held),
+            len(facts),
+            tags,
+            unheld,
+        )
+
+    async def vouched(self, digest: Digest) -> tuple[bool, int | None]:
+        """(may a stored file of `digest` be served, the size the index gives it).
+
+        Only what the index lists, until the disk walk has made the index agree with the disk; while
+        the index is still being loaded, the index itself is asked about this one digest."""
+        key = str(digest)
+        entry = self._held.get(key)
+        if entry is not None:
+            return True, entry[1]
+        if self._reconciled:
+            return True, None  # (stored a moment ago: between its rename and `stored`)
+        if self._loaded:
+            return False, None
+        row = await self._run(self.index.get, key)
+        return (True, row.size) if row is not None else (False, None)
+
+    async def may_serve(self, digest: Digest) -> bool:
+        return (await self.vouched(digest))[0]
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for name in ("_background", "_task"):  # the load starts housekeeping: stop it first
+            task = getattr(self, name)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.worker.is_open:
             await self._flush()
         await self.worker.close()
@@ -178,6 +331,8 @@ class CacheKeeper:
             return
         self._seen_version = version
         await self._reload_pins()
+        if not self._loaded:
+            return  # the load in progress reads what is stored
         entries = await self._run(self.index.all_entries)
         self._held = Holdings({e.digest: (e.kind, e.size) for e in entries})
         identities = {e.digest: e.identity for e in entries}
@@ -352,7 +507,11 @@ class CacheKeeper:
 
     async def _drop(self, key: str) -> None:
         if self._held.remove(key) is None:
-            return
+            if self._loaded:
+                return
+            # Not read from the index yet: it may still be listed there, and the load in progress
+            # must not bring it back.
+            self._gone_while_loading.add(key)
         self._identities.pop(key, None)
         self._first_seen.pop(key, None)
         await self._run(self.index.remove, [key])
@@ -396,6 +555,7 @@ class CacheKeeper:
         freed = 0
         await self._pick_up_outside_changes()  # pins or prunes made beside the server count now
         while freed < amount:
+            started = time.perf_counter()
             await self._flush()  # the latest hits count before choosing victims
             candidates = await self._run(self.index.coldest, EVICT_BATCH + len(self._in_use))
             victims = [e for e in candidates if e.digest not in self._in_use and e.digest not in self._pinned]
@@ -410,11 +570,18 @@ class CacheKeeper:
             await asyncio.to_thread(self._delete, [(e.kind, e.digest) for e in chosen])
             await self._run(self.index.remove, [e.digest for e in chosen])
             for entry in chosen:
-                self._held.remove(entry.digest)
+                if self._held.remove(entry.digest) is None and not self._loaded:
+                    self._gone_while_loading.add(entry.digest)
                 self._identities.pop(entry.digest, None)
                 self._first_seen.pop(entry.digest, None)
                 self._metrics.evictions.labels(reason).inc()
-            log.info("evicted %d entries (%d bytes, %s)", len(chosen), sum(e.size for e in chosen), reason)
+            log.info(
+                "evicted %d entries (%d bytes, %s) in %.3fs",
+                len(chosen),
+                sum(e.size for e in chosen),
+                reason,
+                time.perf_counter() - started,
+            )
         self._publish()
         return freed
 
@@ -444,3 +611,8 @@ class CacheKeeper:
         if new:
             self._pinned |= new
             await self._run(self.index.pin_digests, sorted(new))
+
+
+def _holdings(read: Callable[[], dict[str, tuple[str, int]]]) -> Holdings:
+    """Holdings of what `read` returns, built in the calling (worker) thread."""
+    return Holdings(read())

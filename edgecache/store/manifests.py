@@ -50,10 +50,12 @@ class ManifestCache:
         store: BlobStore,
         clock: Callable[[], float] = time.time,
         on_corrupt: Callable[[Digest], Awaitable[None]] | None = None,
+        vouch: Callable[[Digest], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._on_corrupt = on_corrupt  # a stored manifest that no longer hashes to its digest
+        self._vouch = vouch  # may a manifest file be read from disk (CacheKeeper.may_serve)
         self._memory: LRUCache[Digest, CachedManifest] = LRUCache(
             maxsize=MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
@@ -63,6 +65,8 @@ class ManifestCache:
         cached = self._memory.get(digest)
         if cached is not None:
             return cached
+        if self._vouch is not None and not await self._vouch(digest):
+            return None
         stored = await self._store.read_manifest(digest)
         if isinstance(stored, str):  # missing, or corrupt: checked on every read from disk, never
             if stored == "corrupt" and self._on_corrupt is not None:  # served, fetched again

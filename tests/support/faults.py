@@ -54,12 +54,14 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
 
-    async def start(self, host: str = "127.0.0.1") -> FaultProxy:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FaultProxy:
+        """Listen on `port` (0: a free one); a stopped proxy started again on its old port is an
+        upstream that refused connections for a while and came back."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, 0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{host}:{port}"
