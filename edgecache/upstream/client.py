@@ -45,6 +45,7 @@ from edgecache.upstream.tokens import (
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
+PROBE_TIMEOUT = 3.0  # seconds a probe of a down upstream may take (GET /v2/ is trivial for a registry)
 USER_AGENT = f"edgecache/{__version__}"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -378,7 +379,8 @@ class UpstreamClient:
         deadlines = self._deadlines
         url = URL(f"{self.base_url}/v2/")
         try:
-            async with asyncio.timeout(deadlines.connect + deadlines.headers):
+            # A short cap: a probe stuck on a black hole would otherwise delay noticing the recovery.
+            async with asyncio.timeout(min(deadlines.connect + deadlines.headers, PROBE_TIMEOUT)):
                 async with self.session.get(url, allow_redirects=False, timeout=self._timeout) as resp:
                     status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError):
