@@ -122,13 +122,20 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: Body | None = None
     cache: CacheResult = CacheResult.PASS
+    closed: bool = False
 
     def close(self) -> None:
-        """Release what a body holds once sent, or unsent (an open file, a place in a window)."""
-        if isinstance(self.body, FileBody):
-            self.body.blob.close()
-        elif isinstance(self.body, SpoolBody) and self.body.cursor is not None:
-            self.body.cursor.release()
+        """Release what a body holds once sent, or unsent (an open file, a fill, a place in a window)."""
+        if self.closed:
+            return
+        self.closed = True
+        body = self.body
+        if isinstance(body, FileBody):
+            body.blob.close()
+        elif isinstance(body, SpoolBody):
+            if body.cursor is not None:
+                body.cursor.release()
+            body.flight.drop_reply()
 
 
 @dataclass(frozen=True)
@@ -496,44 +503,56 @@ class PullService:
             # Another repository's fill: join it only once this repository is known to hold the blob.
             await self._confirm_blob(target, digest)
         flight, led = self._flights.blob(target.upstream, target.repo, digest)
+        # The reply holds the fill from the moment it joins (dropped by Reply.close): a fill that
+        # every other reader has left is not abandoned while this one waits for it to start.
+        flight.add_reply()
+        waited = False
         try:
-            size = await flight.started
-        except errors.BlobUnknown:
+            try:
+                size, waited = await flight.wait_started()
+            except errors.BlobUnknown:
+                if flight.repo == target.repo:
+                    raise
+                # The leader asked under a repository that lacks the blob; ours may have it.
+                flight, led = self._switch(flight, self._flights.blob(target.upstream, target.repo, digest))
+                size, waited = await flight.wait_started()
             if flight.repo == target.repo:
-                raise
-            # The leader asked under a repository that lacks the blob; ours may have it.
-            flight, led = self._flights.blob(target.upstream, target.repo, digest)
-            size = await flight.started
-        if flight.repo == target.repo:
-            self._members.record(target.upstream_name, target.repo, [digest])  # upstream served it to us
-        if size is None:  # upstream sent no length: stream it all, chunked
-            status, start, length = 200, 0, None
-        else:
-            byte_range = parse_range(query.range_headers, size)
-            status, start, length = _span(byte_range, size, headers)
-        cursor = None
-        if flight.passing:
-            flight, led, cursor = await self._claim_pass_through(target, flight, led, start)
+                self._members.record(target.upstream_name, target.repo, [digest])  # upstream served it
+            if size is None:  # upstream sent no length: stream it all, chunked
+                status, start, length = 200, 0, None
+            else:
+                byte_range = parse_range(query.range_headers, size)
+                status, start, length = _span(byte_range, size, headers)
+            cursor = None
+            if flight.passing:
+                cursor = flight.claim(start, waited=waited)
+                waited = False
+                if cursor is None:
+                    # Its bytes have left the window (it came after the first readers, whose places
+                    # were kept): a fill of its own, a second upstream GET, since nothing was stored.
+                    fresh = self._flights.blob(target.upstream, target.repo, digest, fresh=True)
+                    flight, led = self._switch(flight, fresh)
+                    _, waited = await flight.wait_started()
+                    if flight.passing:  # (else there is room now: a stored fill, read from its spool)
+                        cursor = flight.claim(start, waited=waited)
+                        waited = False
+                        if cursor is None:
+                            raise errors.UpstreamUnavailable("the pass-through fill moved on too soon")
+        except BaseException:
+            if waited:
+                flight.unwait()  # refused (a bad Range): its place in the window is given back
+            flight.drop_reply()
+            raise
         # A verified fill still being persisted is as good as the store: a hit.
         result = CacheResult.HIT if flight.done else CacheResult.MISS if led else CacheResult.JOINED
         return Reply(status, headers, SpoolBody(flight, start, length, cursor), result)
 
-    async def _claim_pass_through(
-        self, target: Target, flight: BlobFlight, led: bool, start: int
-    ) -> tuple[BlobFlight, bool, Cursor | None]:
-        """A place from `start` in a pass-through fill's window; a reader whose bytes have already
-        left it gets a fill of its own (a second upstream GET, since nothing was stored to share)."""
-        cursor = flight.claim(start)
-        if cursor is not None:
-            return flight, led, cursor
-        flight, led = self._flights.blob(target.upstream, target.repo, flight.digest, fresh=True)
-        await flight.started
-        if not flight.passing:
-            return flight, led, None  # there is room now: a stored fill, read from its spool
-        cursor = flight.claim(start)
-        if cursor is None:
-            raise errors.UpstreamUnavailable("the pass-through fill moved on before this reader joined")
-        return flight, led, cursor
+    @staticmethod
+    def _switch(held: BlobFlight, joined: tuple[BlobFlight, bool]) -> tuple[BlobFlight, bool]:
+        """Move this reply's hold from one fill to another."""
+        joined[0].add_reply()
+        held.drop_reply()
+        return joined
 
     async def _blob_head(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest

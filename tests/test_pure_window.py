@@ -31,7 +31,7 @@ def test_the_window_holds_back_nothing_a_reader_still_needs() -> None:
     data = os.urandom(3 * MiB)
     window = StreamWindow(Digest.of(data), capacity=2 * MiB)
     window.append(data[:MiB])
-    slow = window.claim(0)
+    slow = window.claim(0, pending=True)  # the reader the window was made for
     assert slow is not None
     window.append(data[MiB : 2 * MiB])
     done = threading.Event()
@@ -109,9 +109,9 @@ async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
 
 
 async def read_window(flight: BlobFlight, start: int = 0) -> bytes:
-    """What the send path does for a pass-through reader."""
-    await flight.started
-    cursor = flight.claim(start)
+    """What the pull and send paths do for a pass-through reader."""
+    _, waited = await flight.wait_started()
+    cursor = flight.claim(start, waited=waited)
     assert cursor is not None
     out = bytearray()
     try:
@@ -159,3 +159,23 @@ async def test_a_pass_through_fill_stops_when_its_last_reader_leaves(parts: Part
     cursor.release()
     await wait_until(lambda: flight.finished)
     assert flight.error is not None  # cancelled: nothing to keep
+
+
+def test_readers_that_came_together_keep_their_place_until_they_claim_it() -> None:
+    data = os.urandom(3 * MiB)
+    window = StreamWindow(Digest.of(data), capacity=2 * MiB, pending=2)
+    first = window.claim(0, pending=True)
+    assert first is not None
+    window.append(data[:MiB])
+    first.advance(MiB)  # the first reader is fast ...
+    window.append(data[MiB : 2 * MiB])
+    assert window.low == 0  # ... but the second has not claimed yet: nothing left the window
+    second = window.claim(100, pending=True)
+    assert second is not None and second.read(100, 10) == data[100:110]
+    second.advance(MiB)
+    window.append(data[2 * MiB :])
+    assert window.low == MiB
+    third = StreamWindow(Digest.of(data), pending=1)
+    third.release_pending()  # the reader it waited for was refused (a bad Range): nothing is held
+    third.append(data[:MiB])
+    assert third.claim(0) is not None  # (no reader had moved on yet)

@@ -91,8 +91,13 @@ class FailingFlight:
     def __init__(self, spool: Path, segments: list[tuple[int, int]], fail: bool) -> None:
         self._spool, self._segments, self._fail = spool, segments, fail
 
+        self.replies = 0
+
     def open_file(self) -> IO[bytes]:
         return self._spool.open("rb")
+
+    def drop_reply(self) -> None:
+        self.replies -= 1  # the reply let go of the fill once sent (or failed)
 
     async def segments(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         for segment in self._segments:

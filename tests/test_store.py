@@ -303,24 +303,31 @@ async def test_a_blob_bigger_than_the_disk_passes_through_whole(
     for readers that come together, Range answered, memory bounded by the window, not the blob."""
     big = seeded.big.layers[-1]
     path = f"/v2/library/big/blobs/{big.digest}"
-    async with running_edge(edge_config(tiny_disk / "cache", origin.url)) as edge:
-        gets = origin.count("GET", big.digest)
+    proxy = await FaultProxy(origin.url).start()
+    # The readers come together: both ask before upstream has answered (a slow first byte), as
+    # clients of a new rollout do.
+    proxy.rules.slow_blob_headers = 0.5
+    try:
+        async with running_edge(edge_config(tiny_disk / "cache", proxy.url)) as edge:
+            gets = origin.count("GET", big.digest)
 
-        async def pull(headers: dict[str, str]) -> tuple[int, str, bytes]:
-            async with edge.http.get(path, headers=headers) as resp:
-                return resp.status, resp.headers["X-Cache"], await resp.read()
+            async def pull(headers: dict[str, str]) -> tuple[int, str, bytes]:
+                async with edge.http.get(path, headers=headers) as resp:
+                    return resp.status, resp.headers["X-Cache"], await resp.read()
 
-        whole, ranged = await asyncio.gather(pull({}), pull({"Range": "bytes=100-199"}))
-        assert whole[0] == 200 and hashlib.sha256(whole[2]).hexdigest() == big.digest.split(":")[1]
-        assert ranged[0] == 206 and ranged[2] == big.data[100:200]
-        assert origin.count("GET", big.digest) - gets == 1  # one fill for both readers
-        await edge.instance.flights.settled()
-        assert not blob_path(tiny_disk / "cache", big.digest).exists()
-        assert not any((tiny_disk / "cache" / "tmp").iterdir())
-        assert await edge.metric("edgecache_passthrough_total", kind="blob") >= 1
-        # Again, alone: passed through again, complete again (never a cut-short 200 every time).
-        status, cache, body = await pull({})
-        assert (status, cache, body == big.data) == (200, "MISS", True)
+            whole, ranged = await asyncio.gather(pull({}), pull({"Range": "bytes=100-199"}))
+            assert whole[0] == 200 and hashlib.sha256(whole[2]).hexdigest() == big.digest.split(":")[1]
+            assert ranged[0] == 206 and ranged[2] == big.data[100:200]
+            assert origin.count("GET", big.digest) - gets == 1  # one fill for both readers
+            await edge.instance.flights.settled()
+            assert not blob_path(tiny_disk / "cache", big.digest).exists()
+            assert not any((tiny_disk / "cache" / "tmp").iterdir())
+            assert await edge.metric("edgecache_passthrough_total", kind="blob") >= 1
+            # Again, alone: passed through again, complete again (never a cut-short 200 every time).
+            status, cache, body = await pull({})
+            assert (status, cache, body == big.data) == (200, "MISS", True)
+    finally:
+        await proxy.stop()
 
 
 async def test_a_disk_that_fills_mid_fill_cuts_the_readers_and_the_next_request_passes_through(

@@ -53,12 +53,14 @@ class BlobFlight:
         self.spool: Spool | None = None
         self.window: StreamWindow | None = None
         self.reserved = 0  # bytes the keeper holds for this fill until it is stored or fails
+        self.waiting = 0  # readers waiting for `started`: a pass-through window keeps their place
         self.size: int | None = None
         self.done = False
         self.error: errors.EdgecacheError | None = None
         self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
-        self.readers = 0
+        self.readers = 0  # sending from it now (in `segments`)
+        self.replies = 0  # replies made to read it, sent or not yet (`add_reply`)
         self.finished = False  # the fill task has ended: nothing will write or persist any more
         self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
         # Keeps the stored file from eviction while readers still send it from the spool's descriptor.
@@ -86,9 +88,29 @@ class BlobFlight:
         if self.window is not None:
             self.window.close()
 
-    def claim(self, start: int) -> Cursor | None:
-        """A pass-through reader's place from `start`; None when those bytes have left the window."""
-        return self.window.claim(start) if self.window is not None else None
+    def claim(self, start: int, *, waited: bool = False) -> Cursor | None:
+        """A pass-through reader's place from `start`; None when those bytes have left the window.
+        `waited`: the reader was counted in `waiting` when the window was made."""
+        return self.window.claim(start, pending=waited) if self.window is not None else None
+
+    async def wait_started(self) -> tuple[int | None, bool]:
+        """Wait for the fill to start (its size); True when this reader was counted in `waiting`
+        (then it must `claim(..., waited=True)` or `unwait()` a pass-through window)."""
+        if self.started.done():
+            return self.started.result(), False
+        self.waiting += 1
+        try:
+            size = await self.started
+        except BaseException:
+            self.waiting -= 1  # failed or cancelled before a window could count it
+            raise
+        self.waiting -= 1
+        return size, True
+
+    def unwait(self) -> None:
+        """A reader counted when the window was made will not read after all."""
+        if self.window is not None:
+            self.window.release_pending()
 
     def notify(self) -> None:
         self._changed.set()
@@ -126,9 +148,21 @@ class BlobFlight:
                     await self.wait_change()
         finally:
             self.readers -= 1
-            if self.readers == 0 and not self.done and self.on_abandoned is not None:
-                self.on_abandoned()
-            self._maybe_close()
+            self._reader_left()
+
+    def add_reply(self) -> None:
+        """A reply that will read this fill was made: the sink stays open for it until `drop_reply`,
+        even if the fill ends and every other reader leaves before its sending starts."""
+        self.replies += 1
+
+    def drop_reply(self) -> None:
+        self.replies -= 1
+        self._reader_left()
+
+    def _reader_left(self) -> None:
+        if self.readers == 0 and self.replies == 0 and not self.done and self.on_abandoned is not None:
+            self.on_abandoned()
+        self._maybe_close()
 
     def open_file(self) -> BinaryIO:
         """A file object on the spool for sendfile; valid after the rename into the store too."""
@@ -137,7 +171,7 @@ class BlobFlight:
 
     def _maybe_close(self) -> None:
         """Close the sink once the fill task has ended (persisted or failed) and no reader is left."""
-        if self.finished and self.readers == 0:
+        if self.finished and self.readers == 0 and self.replies == 0:
             if self.spool is not None:
                 self.spool.close()
             if self.window is not None:
@@ -302,7 +336,7 @@ class Flights:
         if passing:
             log.info("%s passes through without being stored (%s bytes)", digest, size)
             self._metrics.passthrough.labels(ObjectKind.BLOB).inc()
-            flight.window = StreamWindow(digest)
+            flight.window = StreamWindow(digest, pending=flight.waiting)
         else:
             flight.spool = await asyncio.to_thread(self._store.new_spool, digest)
 

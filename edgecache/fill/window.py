@@ -29,7 +29,9 @@ FULL_FOR = 60.0
 class StreamWindow:
     """The sink of a pass-through fill: `append` on the fill's thread, `Cursor`s on the event loop."""
 
-    def __init__(self, digest: Digest, capacity: int = CAPACITY, full_for: float = FULL_FOR) -> None:
+    def __init__(
+        self, digest: Digest, capacity: int = CAPACITY, full_for: float = FULL_FOR, *, pending: int = 1
+    ) -> None:
         self.digest = digest
         self.capacity = capacity
         self._full_for = full_for
@@ -37,7 +39,9 @@ class StreamWindow:
         self._blocks: deque[tuple[int, bytes]] = deque()  # (offset, bytes), oldest first
         self._kept = 0  # bytes in _blocks
         self._cursors: set[Cursor] = set()
-        self._claimed = False  # until a first reader claims it, nothing may leave the window
+        # Readers that joined the fill before this window existed (they came together with the
+        # first) and will claim their place: until they have, nothing may leave it.
+        self._pending = pending
         self._cond = threading.Condition()
         self._closed = False
         self.written = 0
@@ -80,7 +84,7 @@ class StreamWindow:
 
     def _drop_sent(self) -> None:
         """Forget blocks every reader has sent (call with the lock held)."""
-        if not self._claimed:
+        if self._pending > 0:
             return
         floor = min((c.position for c in self._cursors), default=self.written)
         while self._blocks and self._blocks[0][0] + len(self._blocks[0][1]) <= floor:
@@ -95,16 +99,26 @@ class StreamWindow:
         with self._cond:
             return self._blocks[0][0] if self._blocks else self.written
 
-    def claim(self, start: int) -> Cursor | None:
-        """A reader from `start`, holding its bytes in the window; None when they have already left."""
+    def claim(self, start: int, *, pending: bool = False) -> Cursor | None:
+        """A reader from `start`, holding its bytes in the window; None when they have already left.
+        `pending`: one of the readers counted when the window was made (its place was kept)."""
         with self._cond:
+            if pending and self._pending > 0:
+                self._pending -= 1
+                self._cond.notify_all()
             low = self._blocks[0][0] if self._blocks else self.written
             if start < low or self._closed:
                 return None
             cursor = Cursor(self, start)
             self._cursors.add(cursor)
-            self._claimed = True
             return cursor
+
+    def release_pending(self) -> None:
+        """A reader counted when the window was made will not claim it after all."""
+        with self._cond:
+            if self._pending > 0:
+                self._pending -= 1
+                self._cond.notify_all()
 
     def _read(self, offset: int, length: int) -> bytes:
         with self._cond:

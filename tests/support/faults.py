@@ -37,6 +37,7 @@ class FaultRules:
     throttle: float = 0.0  # seconds to wait between 64 KiB chunks of blob bodies (a slow WAN link)
     trickle_blobs: int = 0  # how many blob bodies to trickle from half-way: a byte every trickle_gap
     trickle_gap: float = 0.2
+    slow_blob_headers: float = 0.0  # seconds before answering a blob GET at all (a slow upstream)
     gzip: tuple[str, ...] = ()  # path substrings whose bodies are sent gzip-compressed
     hang: bool = False
     replace_body: dict[str, bytes] = field(default_factory=dict)  # path substring → body (sent chunked)
@@ -97,6 +98,8 @@ class FaultProxy:
         for part, status in rules.status.items():
             if part in request.path_qs:
                 return web.Response(status=status, text="injected fault", headers=rules.status_headers)
+        if rules.slow_blob_headers and "/blobs/" in request.path and request.method == "GET":
+            await asyncio.sleep(rules.slow_blob_headers)  # the fault itself: a slow first byte
         if rules.redirect_blobs_to and "/blobs/" in request.path:
             return web.Response(status=307, headers={"Location": rules.redirect_blobs_to + request.path_qs})
         return await self._forward(request)
