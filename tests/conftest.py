@@ -26,6 +26,7 @@ from edgecache.app import RUNNER_OPTIONS, Edgecache
 from edgecache.config import Config, load_config
 from edgecache.http.granian_front import AsgiFront, TlsListener
 from tests.support.certs import TestCA
+from tests.support.faults import FaultProxy
 from tests.support.images import Image, Index, Pusher, build_image, build_index
 from tests.support.registry import Registry, free_port, start_registry, wait_http
 from tests.support.waiting import wait_until
@@ -64,6 +65,14 @@ def seeded(origin: Registry) -> Seeded:
     big = build_image("big", random_bytes=24 * 1024 * 1024)
     pusher.push_image("library/big", "latest", big)
     return Seeded(alpine, app, multi, big)
+
+
+@pytest.fixture
+async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
+    """The fault-injecting proxy in front of the seeded origin (tests/support/faults.py)."""
+    running = await FaultProxy(origin.url).start()
+    yield running
+    await running.stop()
 
 
 def edge_config(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,18 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import EdgeProcess, Seeded, spawn_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
-from tests.support.registry import Registry
 from tests.support.waiting import wait_until
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 ANONYMOUS_RULE = '[[access.rules]]\nidentity = "anonymous"\nallow = ["docker.io/*"]\n'
-
-
-@pytest.fixture
-async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(origin.url).start()
-    yield running
-    await running.stop()
 
 
 async def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

@@ -265,18 +265,23 @@ async def test_kill_9_mid_fill_leaves_nothing_unverified(
         await proxy.stop()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 3 MiB file system for the cache (tmpfs, mounted as root)."""
-    mount_point = tmp_path / "tiny"
+def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` for the cache (tmpfs, mounted as root; skipped where that is not
+    allowed, since a small disk and ENOSPC cannot be had otherwise)."""
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}): ENOSPC not testable")
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()})")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """3 MiB: smaller than some blobs, so a fill can run out of disk."""
+    yield from mounted_tmpfs(tmp_path / "tiny", "3m")
 
 
 async def test_min_free_space_is_kept_by_evicting(
@@ -376,17 +381,9 @@ def test_pin_references_are_checked() -> None:
 
 @pytest.fixture
 def roomy_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 MiB tmpfs of its own, so its used space is the cache's alone (deleted files still open
+    """256 MiB of its own, so its used space is the cache's alone (deleted files still open
     included, which a walk of the directory would miss)."""
-    mount_point = tmp_path / "roomy"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)], capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()})")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    yield from mounted_tmpfs(tmp_path / "roomy", "256m")
 
 
 async def test_the_size_bound_holds_at_every_instant_under_churn(roomy_disk: Path, origin: Registry) -> None:

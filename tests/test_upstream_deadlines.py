@@ -19,17 +19,9 @@ import pytest
 from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
-from tests.support.registry import Registry
 from tests.support.waiting import wait_until
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
-
-
-@pytest.fixture
-async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(origin.url).start()
-    yield running
-    await running.stop()
 
 
 async def error_code(resp: aiohttp.ClientResponse) -> str:

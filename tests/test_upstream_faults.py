@@ -25,13 +25,6 @@ ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 
 
 @pytest.fixture
-async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(origin.url).start()
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
 async def edge_via_proxy(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[Edge]:
     config = edge_config(
         tmp_path / "cache", proxy.url, upstream={"stall_timeout": 1.0, "header_timeout": 1.0}, tag_ttl=0.0

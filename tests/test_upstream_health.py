@@ -10,7 +10,6 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -26,13 +25,6 @@ from tests.support.waiting import wait_until
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 TAG = "/v2/team/app/manifests/1.0"
-
-
-@pytest.fixture
-async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(origin.url).start()
-    yield running
-    await running.stop()
 
 
 def open_edge(
