@@ -139,13 +139,22 @@ def _write_index(store: Store) -> None:
     db.executescript(SCHEMA)
     db.execute("BEGIN")
     now = time.time() - len(store.blobs)
+    # With each blob's identity (size, mtime, inode), as stored files have had since 0.3.0.
+    columns = "(digest, kind, size, last_access, hits, upstream, repository, mtime_ns, inode, verified_at)"
     db.executemany(
-        "INSERT INTO entries VALUES (?, 'blob', ?, ?, 0, 'docker.io', ?)",
-        ((d, BLOB_SIZE, now + i, REPO) for i, d in enumerate(store.blobs)),
+        f"INSERT INTO entries {columns} VALUES (?, 'blob', ?, ?, 0, 'docker.io', ?, ?, ?, ?)",
+        (
+            (d, BLOB_SIZE, now + i, REPO, st.st_mtime_ns, st.st_ino, now)
+            for i, d in enumerate(store.blobs)
+            for st in (os.stat(_path(store.root, "blobs", d)),)
+        ),
     )
     db.executemany(
-        "INSERT INTO entries VALUES (?, 'manifest', ?, ?, 0, 'docker.io', ?)",
-        ((d, _path(store.root, "manifests", d).stat().st_size, time.time(), REPO) for d in store.manifests),
+        f"INSERT INTO entries {columns} VALUES (?, 'manifest', ?, ?, 0, 'docker.io', ?, NULL, NULL, ?)",
+        (
+            (d, _path(store.root, "manifests", d).stat().st_size, time.time(), REPO, now)
+            for d in store.manifests
+        ),
     )
     db.executemany(
         "INSERT INTO members VALUES ('docker.io', ?, ?)", ((REPO, d) for d in store.blobs + store.manifests)
