@@ -473,7 +473,7 @@ class PullService:
             return None
         opened = await self._store.open_blob(digest)
         wrong_size = opened is not None and expected is not None and opened.size != expected
-        if opened is not None and (wrong_size or not self._keeper.unchanged(digest, opened.identity)):
+        if opened is not None and (wrong_size or not await self._keeper.unchanged(digest, opened.identity)):
             opened.close()
             await self._keeper.quarantine(digest, ObjectKind.BLOB, opened.identity, "changed")
             return None
@@ -558,7 +558,7 @@ class PullService:
         digest = query.digest
         vouched, _ = await self._keeper.vouched(digest)
         stored = await self._store.has_blob(digest) if vouched else None
-        if stored is not None and not self._keeper.unchanged(digest, stored):
+        if stored is not None and not await self._keeper.unchanged(digest, stored):
             # Its Content-Length could be wrong: quarantined as a GET would, and answered as a miss.
             await self._keeper.quarantine(digest, ObjectKind.BLOB, stored, "changed")
             stored = None

@@ -191,7 +191,7 @@ class CacheIndex:
             )
 
     def identities(self) -> dict[str, FileIdentity]:
-        """{digest: identity} of every entry whose identity is known (start-up, outside changes)."""
+        """{digest: identity} of every entry whose identity is known (a whole-index view, for checks)."""
         rows = self._db.execute(
             "SELECT digest, size, mtime_ns, inode FROM entries "
             "WHERE mtime_ns IS NOT NULL AND inode IS NOT NULL"
@@ -386,18 +386,6 @@ class CacheIndex:
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         try:
             return {d: (k, s) for d, k, s in db.execute("SELECT digest, kind, size FROM entries")}
-        finally:
-            db.close()
-
-    def identities_separately(self) -> dict[str, FileIdentity]:
-        """`identities`, on a connection of its own (any thread), like `held_separately`."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        try:
-            rows = db.execute(
-                "SELECT digest, size, mtime_ns, inode FROM entries "
-                "WHERE mtime_ns IS NOT NULL AND inode IS NOT NULL"
-            )
-            return {digest: FileIdentity(size, mtime_ns, inode) for digest, size, mtime_ns, inode in rows}
         finally:
             db.close()
 

@@ -36,6 +36,7 @@ from edgecache.store.recovery import recover_members
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FLUSH_SECONDS = 2.0
+IDENTITIES_IN_MEMORY = 100_000  # about 20 MiB: the hot entries of any store
 EVICT_BATCH = 256
 
 
@@ -121,7 +122,9 @@ class CacheKeeper:
         self._min_free = min_free
         self.worker = IndexWorker(store.root / "index.db")
         self._held = Holdings()
-        self._identities: dict[str, FileIdentity] = {}  # known identities of what is held
+        # Identities recorded for stored files, read from the index on a first hit and kept for the
+        # hot ones (a million of them would be hundreds of MiB, and seconds to load at start).
+        self._identities: LRUCache[str, FileIdentity] = LRUCache(IDENTITIES_IN_MEMORY)
         self._first_seen: dict[str, FileIdentity] = {}  # seen by hits where none was known: to write
         self._reported: LRUCache[str, bool] = LRUCache(10_000)  # quarantines logged, once per digest
         self._reserved = 0  # bytes reserved for fills in flight (their spools)
@@ -200,16 +203,7 @@ class CacheKeeper:
         await self._reconcile()
 
     async def _loaded_now(self, started: float) -> None:
-        """Everything the index lists is held in memory: account, evict if over, keep house.
-
-        The identities recorded for stored files are read too (until then a hit checks only the
-        size the index gives); those recorded since the load began are newer and win."""
-        try:
-            recorded = await asyncio.to_thread(self.index.identities_separately)
-        except Exception:  # hits keep checking sizes; first hits record identities again
-            log.exception("reading the stored files' identities failed")
-            recorded = {}
-        self._identities = {**{d: i for d, i in recorded.items() if d in self._held}, **self._identities}
+        """Everything the index lists is held in memory: account, evict if over, keep house."""
         self._loaded = True
         self._gone_while_loading.clear()
         self._seen_version = await self._run(self.index.data_version)
@@ -335,9 +329,8 @@ class CacheKeeper:
             return  # the load in progress reads what is stored
         entries = await self._run(self.index.all_entries)
         self._held = Holdings({e.digest: (e.kind, e.size) for e in entries})
-        identities = {e.digest: e.identity for e in entries}
-        self._identities = {d: i for d, i in identities.items() if i is not None}
-        self._identities.update((d, i) for d, i in self._first_seen.items() if d in identities)
+        self._identities.clear()  # read again from the index as hits need them
+        self._first_seen = {d: i for d, i in self._first_seen.items() if d in self._held}
         self._publish()
 
     async def _reload_pins(self) -> None:
@@ -357,13 +350,14 @@ class CacheKeeper:
         entry = self._held.get(str(digest))
         return entry[1] if entry else None
 
-    def unchanged(self, digest: Digest, seen: FileIdentity | None) -> bool:
-        """Whether an opened stored file is the one admitted (the hit path: memory only).
+    async def unchanged(self, digest: Digest, seen: FileIdentity | None) -> bool:
+        """Whether an opened stored file is the one admitted (the hit path).
 
-        Its size must be the one admitted; its mtime and inode the ones recorded. Where none were
-        recorded (an index from before them, a file found on disk at start), what this hit sees is
-        recorded now, so a later change is caught; the scrubber still hashes it first in its queue.
-        A file the keeper does not hold (stored a moment ago, not yet indexed) is not judged.
+        Its size must be the one admitted; its mtime and inode the ones recorded (kept in memory for
+        the hot entries, else one look-up of the index). Where none were recorded (an index from
+        before them, a file found on disk at start), what this hit sees is recorded now, so a later
+        change is caught; the scrubber still hashes it first in its queue. A file the keeper does not
+        hold (stored a moment ago, not yet indexed) is not judged.
         """
         key = str(digest)
         held = self._held.get(key)
@@ -371,14 +365,23 @@ class CacheKeeper:
             return True
         if seen.size != held[1]:
             return False
-        recorded = self._identities.get(key)
+        recorded = await self.identity_of(digest)
         if recorded is None:
             self._identities[key] = self._first_seen[key] = seen
             return True
         return recorded == seen
 
-    def identity_of(self, digest: Digest) -> FileIdentity | None:
-        return self._identities.get(str(digest))
+    async def identity_of(self, digest: Digest) -> FileIdentity | None:
+        """The identity recorded for a stored file: from memory, else from the index (then kept)."""
+        key = str(digest)
+        known = self._identities.get(key) or self._first_seen.get(key)
+        if known is not None:
+            return known
+        entry = await self._run(self.index.get, key)
+        identity = entry.identity if entry is not None else None
+        if identity is not None and key in self._held:
+            self._identities[key] = identity
+        return identity
 
     def held(self, digest: Digest) -> tuple[str, int] | None:
         """(kind, size) of a stored entry, or None."""
@@ -470,7 +473,7 @@ class CacheKeeper:
     ) -> None:
         """A verified file was renamed into the store; `identity` is what its rename left on disk."""
         key = str(digest)
-        if key in self._held and (identity is None or self._identities.get(key) == identity):
+        if key in self._held and (identity is None or await self.identity_of(digest) == identity):
             return
         self._held.add(key, kind, size)
         self._first_seen.pop(key, None)
@@ -532,10 +535,11 @@ class CacheKeeper:
         recorded = []
         for digest, identity, when in rows:
             key = str(digest)
-            if identity is not None and key in self._held:
-                self._identities.setdefault(key, identity)
+            current = await self.identity_of(digest)
+            if current is None and identity is not None and key in self._held:
+                self._identities[key] = current = identity
             # A file stored again since it was hashed keeps the identity its admission recorded.
-            known = self._identities.get(key) == identity
+            known = current == identity
             recorded.append((key, identity if known else None, when))
         await self._run(self.index.mark_verified, recorded)
 

@@ -157,7 +157,7 @@ class Scrubber:
             return []
         before, after, intact = result
         if kind == "blob":
-            verdict = judge(size, self._keeper.identity_of(digest), before, after, intact)
+            verdict = judge(size, await self._keeper.identity_of(digest), before, after, intact)
         else:  # manifests: hashed on every read from disk, no identity kept (the index's size is
             verdict = judge(before.size, None, before, after, intact)  # the body's, not the file's)
         self._metrics.scrub_files.labels(verdict).inc()
