@@ -63,12 +63,18 @@ class BlobFlight:
         self.replies = 0  # replies made to read it, sent or not yet (`add_reply`)
         self.finished = False  # the fill task has ended: nothing will write or persist any more
         self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
-        # Keeps the stored file from eviction while readers still send it from the spool's descriptor.
-        self.hold: contextlib.AbstractContextManager[object] | None = None
+        # Released with the sink: keeps the stored file from eviction while readers still send it
+        # from the spool's descriptor.
+        self.guards = contextlib.ExitStack()
+
+    @property
+    def sink(self) -> Spool | StreamWindow | None:
+        """Where the bytes go (None until the size is known and the sink chosen)."""
+        return self.window or self.spool
 
     @property
     def written(self) -> int:
-        sink = self.window or self.spool
+        sink = self.sink
         return sink.written if sink is not None else 0
 
     @property
@@ -176,9 +182,7 @@ class BlobFlight:
                 self.spool.close()
             if self.window is not None:
                 self.window.close()
-            if self.hold is not None:
-                self.hold.__exit__(None, None, None)
-                self.hold = None
+            self.guards.close()
 
 
 class Flights:
@@ -271,7 +275,7 @@ class Flights:
                     )
             if flight.size is not None and flight.written != flight.size:
                 raise errors.UpstreamUnavailable("upstream body was truncated")
-            sink = flight.window or flight.spool
+            sink = flight.sink
             assert sink is not None
             sink.verify()
             self._metrics.fills_completed.labels(source.name).inc()
@@ -316,8 +320,7 @@ class Flights:
             spool.discard()  # served through: the readers keep their open descriptors
             return
         if flight.readers:  # they read the stored file through the spool's descriptor
-            flight.hold = self._keeper.reading(flight.digest)
-            flight.hold.__enter__()
+            flight.guards.enter_context(self._keeper.reading(flight.digest))
         identity = await asyncio.to_thread(spool.persist)
         await self._keeper.stored(
             flight.digest, ObjectKind.BLOB, size, source.name, str(flight.repo), identity
@@ -353,7 +356,7 @@ class Flights:
         """Each block is written and hashed on the source's reading thread, and the loop only hears
         that the sink has grown (readers wake once per block, about a MiB). Whatever was written
         before the body broke off is kept, so a resume continues it."""
-        sink = flight.window or flight.spool
+        sink = flight.sink
         assert sink is not None
         upstream_bytes = self._metrics.upstream_bytes.labels(upstream)
         notify = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, flight.notify)

@@ -97,7 +97,10 @@ class StreamWindow:
     def low(self) -> int:
         """The first offset the window still holds."""
         with self._cond:
-            return self._blocks[0][0] if self._blocks else self.written
+            return self._low()
+
+    def _low(self) -> int:
+        return self._blocks[0][0] if self._blocks else self.written
 
     def claim(self, start: int, *, pending: bool = False) -> Cursor | None:
         """A reader from `start`, holding its bytes in the window; None when they have already left.
@@ -106,8 +109,7 @@ class StreamWindow:
             if pending and self._pending > 0:
                 self._pending -= 1
                 self._cond.notify_all()
-            low = self._blocks[0][0] if self._blocks else self.written
-            if start < low or self._closed:
+            if start < self._low() or self._closed:
                 return None
             cursor = Cursor(self, start)
             self._cursors.add(cursor)

@@ -472,24 +472,11 @@ class UpstreamClient:
             raise errors.UpstreamDenied("upstream token realm is not trusted")
         headers = {"Authorization": self._basic} if self._basic else {}
         deadlines = self._deadlines
-        try:
-            async with asyncio.timeout(deadlines.connect + deadlines.headers):
-                resp = await self.session.get(
-                    URL(realm).update_query(query),
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                )
-        except TimeoutError:
-            log.warning("upstream %s: token service did not answer in time", self.name)
-            self._no_answer("token", deadline=True)
-            raise errors.UpstreamTimeout(
-                f"upstream {self.name} token service did not answer in time"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("upstream %s: token service unreachable: %s", self.name, type(exc).__name__)
-            self._no_answer("token")
-            raise errors.UpstreamUnavailable(f"upstream {self.name} token service is unreachable") from None
+        # A timeout or a network error here is mapped by `_answer`, whose challenge led here.
+        async with asyncio.timeout(deadlines.connect + deadlines.headers):
+            resp = await self.session.get(
+                URL(realm).update_query(query), headers=headers, allow_redirects=False, timeout=self._timeout
+            )
         async with resp:
             self._observe(resp, "token")
             if resp.status in (401, 403):
