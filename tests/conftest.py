@@ -84,6 +84,23 @@ def edge_config(
     return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **cache), upstreams=upstreams)
 
 
+async def scrape(http: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """One sample of a metric from a real /metrics endpoint at `url` (0 when the series is absent)."""
+    async with http.get(url) as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def blob_path(cache: Path, digest: str) -> Path:
+    """Where the store keeps a blob (the layout in store/blobs.py)."""
+    hex_ = digest.split(":", 1)[1]
+    return cache / "blobs" / "sha256" / hex_[:2] / hex_
+
+
 @dataclass
 class Edge:
     """A running in-process edgecache: its URL, an HTTP session to it, and its cache directory."""
@@ -95,13 +112,7 @@ class Edge:
 
     async def metric(self, name: str, **labels: str) -> float:
         """One sample from the real /metrics endpoint (0 when the series is absent)."""
-        async with self.http.get("/metrics") as resp:
-            text = await resp.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return float(sample.value)
-        return 0.0
+        return await scrape(self.http, "/metrics", name, **labels)
 
     def cached_files(self) -> list[str]:
         return sorted(

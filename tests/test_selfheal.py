@@ -20,10 +20,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.store.index import CacheIndex
-from tests.conftest import EdgeProcess, edge_config, running_edge, spawn_edge
+from tests.conftest import EdgeProcess, blob_path, edge_config, running_edge, scrape, spawn_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry
@@ -49,19 +48,8 @@ async def upstream(origin: Registry) -> AsyncIterator[FaultProxy]:
     await proxy.stop()
 
 
-def blob_path(cache: Path, digest: str) -> Path:
-    hex_ = digest.split(":", 1)[1]
-    return cache / "blobs" / "sha256" / hex_[:2] / hex_
-
-
 async def metric(http: aiohttp.ClientSession, edge: EdgeProcess, name: str, **labels: str) -> float:
-    async with http.get(f"{edge.url}/metrics") as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return await scrape(http, f"{edge.url}/metrics", name, **labels)
 
 
 async def pull(http: aiohttp.ClientSession, edge: EdgeProcess, digest: str) -> tuple[int, str, bytes]:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from edgecache.store.index import CacheIndex
-from tests.conftest import Edge, Seeded, edge_config, running_edge
+from tests.conftest import Edge, Seeded, blob_path, edge_config, running_edge
 from tests.support.faults import FaultProxy
 from tests.support.images import DOCKER_MANIFEST, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port, wait_http
@@ -37,11 +37,6 @@ def churn(origin: Registry) -> list[Image]:
     for i, image in enumerate(images):
         pusher.push_image(f"churn/img{i}", "v1", image)
     return images
-
-
-def blob_path(cache: Path, digest: str) -> Path:
-    hex_ = digest.split(":", 1)[1]
-    return cache / "blobs" / "sha256" / hex_[:2] / hex_
 
 
 def stored_bytes(cache: Path) -> int:
