@@ -163,12 +163,33 @@ ACCESS_MODES = ("anonymous", "htpasswd", "mtls")
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    """Fills started ahead of the client from a manifest it was served (pull.prefetch)."""
+
+    enabled: bool = True
+    concurrency: int = 4  # prefetch fills at once per upstream (a client's own fills are not counted)
+    max_bytes: str = "2G"  # of one manifest's blobs; the layers past it are left to the client
+    queue_limit: int = 1000  # blobs waiting per upstream; more are not prefetched
+    watch_window: float = 3600.0  # a tag pulled this recently is revalidated in the background; 0: off
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The status page (/_edgecache/status and status.json), served where /metrics is."""
+
+    enabled: bool = True
+    show_clients: bool = False  # client addresses appear on the page only when this is set
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(),)
     default_upstream: str = "docker.io"
     access: AccessConfig = field(default_factory=AccessConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -291,7 +312,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
     env = os.environ if env is None else env
-    known_top = {"server", "cache", "upstream", "default_upstream", "access"}
+    known_top = {"server", "cache", "upstream", "default_upstream", "access", "prefetch", "status"}
     for key in doc:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known_top))})")
@@ -299,6 +320,8 @@ def load_config(
     server = dict(_table(doc, "server"))
     cache = dict(_table(doc, "cache"))
     access = dict(_table(doc, "access"))
+    prefetch = dict(_table(doc, "prefetch"))
+    status = dict(_table(doc, "status"))
     upstream_tables = doc.get("upstream", [])
     if isinstance(upstream_tables, dict):
         upstream_tables = [upstream_tables]
@@ -323,6 +346,10 @@ def load_config(
             cache[rest[len("cache_") :]] = value
         elif rest.startswith("access_") and rest != "access_rules":
             access[rest[len("access_") :]] = value
+        elif rest.startswith("prefetch_"):
+            prefetch[rest[len("prefetch_") :]] = value
+        elif rest.startswith("status_"):
+            status[rest[len("status_") :]] = value
         elif rest.startswith("upstream_"):
             default_overrides[rest[len("upstream_") :]] = value
     if listen is not None:
@@ -369,6 +396,8 @@ def load_config(
         upstreams=tuple(built_upstreams),
         default_upstream=default_name,
         access=_build_access(access),
+        prefetch=_build(PrefetchConfig, "prefetch", prefetch),
+        status=_build(StatusConfig, "status", status),
     )
     validate(config)
     return config
@@ -412,6 +441,13 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
     if config.cache.scrub_rate < 0:
         raise ConfigError("cache.scrub_rate: must be >= 0 MB/s (0 turns the scrubber off)")
+    parse_size(config.prefetch.max_bytes, "prefetch.max_bytes")
+    if config.prefetch.concurrency < 1:
+        raise ConfigError("prefetch.concurrency: must be >= 1 (prefetch.enabled = false turns it off)")
+    if config.prefetch.queue_limit < 1:
+        raise ConfigError("prefetch.queue_limit: must be >= 1")
+    if config.prefetch.watch_window < 0:
+        raise ConfigError("prefetch.watch_window: must be >= 0 seconds (0 turns the watch off)")
     if config.cache.abandoned_fills not in ("finish", "cancel"):
         raise ConfigError(
             f'cache.abandoned_fills: must be "finish" or "cancel", got {config.cache.abandoned_fills!r}'

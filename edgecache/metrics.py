@@ -29,6 +29,7 @@ ROUTES = (
     "metrics",
     "health",
     "stats",
+    "status",
     "unknown",
 )
 METHODS = ("GET", "HEAD", "other")
@@ -36,6 +37,9 @@ CACHE_RESULTS = ("HIT", "MISS", "JOINED", "REVALIDATED", "STALE", "NEGATIVE", "P
 MISMATCH_KINDS = ("blob", "manifest")
 QUARANTINE_REASONS = ("changed", "corrupt")
 SCRUB_RESULTS = ("ok", "changed", "corrupt", "gone")
+# Why a blob of a served manifest was not prefetched: already stored, already filling, past the
+# manifest's byte cap, the upstream's queue full, or no room in the cache for it.
+PREFETCH_SKIPS = ("cached", "filling", "cap", "queue_full", "no_room")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 _API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
 _CACHED_ROUTES = ("manifest", "blob")
@@ -241,6 +245,47 @@ class Metrics:
             "Bytes reserved for fills in flight (their spools count against the size limit)",
             registry=r,
         )
+        self.prefetch_started = Counter(
+            "edgecache_prefetch_started_total",
+            "Blob fills started ahead of the client, from a manifest it was served",
+            ["upstream"],
+            registry=r,
+        )
+        self.prefetch_bytes = Counter(
+            "edgecache_prefetch_bytes_total",
+            "Bytes of blobs prefetched and stored (counted when the fill is verified)",
+            ["upstream"],
+            registry=r,
+        )
+        self.prefetch_used = Counter(
+            "edgecache_prefetch_used_total",
+            "Prefetched blobs a client asked for afterwards (joined the fill or hit the stored blob)",
+            ["upstream"],
+            registry=r,
+        )
+        self.prefetch_evicted_unused = Counter(
+            "edgecache_prefetch_evicted_unused_total",
+            "Prefetched blobs evicted before any client asked for them",
+            registry=r,
+        )
+        self.prefetch_skipped = Counter(
+            "edgecache_prefetch_skipped_total",
+            "Blobs of a served manifest not prefetched, by reason",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.prefetch_queued = Gauge(
+            "edgecache_prefetch_queued",
+            "Blobs waiting for a prefetch slot",
+            ["upstream"],
+            registry=r,
+        )
+        self.prefetch_tags_moved = Counter(
+            "edgecache_prefetch_tags_moved_total",
+            "Watched tags (pulled recently) that a background revalidation found moved to a new digest",
+            ["upstream"],
+            registry=r,
+        )
         # The series dashboards and alerts read exist from start-up (not every combination: a
         # label set first seen later appears then, and sums over it stay right).
         for route in _API_ROUTES:
@@ -280,8 +325,15 @@ class Metrics:
                 self.fills_in_flight,
                 self.negative_hits,
                 self.upstream_bytes,
+                self.prefetch_started,
+                self.prefetch_bytes,
+                self.prefetch_used,
+                self.prefetch_queued,
+                self.prefetch_tags_moved,
             ):
                 metric.labels(name)
+            for reason in PREFETCH_SKIPS:
+                self.prefetch_skipped.labels(name, reason)
             for reason in FILL_FAILURE_REASONS:
                 self.fills_failed.labels(name, reason)
         for source in SERVED_SOURCES:

@@ -62,6 +62,7 @@ class BlobFlight:
         self.readers = 0  # sending from it now (in `segments`)
         self.replies = 0  # replies made to read it, sent or not yet (`add_reply`)
         self.finished = False  # the fill task has ended: nothing will write or persist any more
+        self.prefetched = False  # started ahead of any client (pull.prefetch), not by a request
         self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
         # Released with the sink: keeps the stored file from eviction while readers still send it
         # from the spool's descriptor.
@@ -217,6 +218,10 @@ class Flights:
 
     def running(self, upstream: str, digest: Digest) -> BlobFlight | None:
         return self._blobs.get((upstream, digest))
+
+    def in_flight(self) -> list[BlobFlight]:
+        """The fills joinable now (one per upstream and digest), for the status page."""
+        return list(self._blobs.values())
 
     def blob(
         self, source: BlobSource, repo: RepoName, digest: Digest, *, fresh: bool = False

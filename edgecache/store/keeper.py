@@ -139,6 +139,8 @@ class CacheKeeper:
         self._gone_while_loading: set[str] = set()
         self._reconciled = False  # ...and the index agrees with the disk
         self._seen_version = -1
+        # Told which digests an eviction removed (the prefetcher counts the ones nobody asked for).
+        self.on_evicted: Callable[[list[Digest]], None] | None = None
         metrics.cache_limit_bytes.set(max_size)
 
     def reconfigure(
@@ -573,6 +575,8 @@ class CacheKeeper:
                 freed += entry.size
             await asyncio.to_thread(self._delete, [(e.kind, e.digest) for e in chosen])
             await self._run(self.index.remove, [e.digest for e in chosen])
+            if self.on_evicted is not None:
+                self.on_evicted([Digest.parse(e.digest) for e in chosen])
             for entry in chosen:
                 if self._held.remove(entry.digest) is None and not self._loaded:
                     self._gone_while_loading.add(entry.digest)
