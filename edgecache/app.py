@@ -22,6 +22,7 @@ from edgecache.config import AccessConfig, Config, UpstreamConfig, split_host_po
 from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
+from edgecache.fill.prefetch import Prefetcher
 from edgecache.http.accesslog import AccessLogger
 from edgecache.http.aiohttp_front import AiohttpFront
 from edgecache.http.aiohttp_server import ConnectionLimits, OciAppRunner, OciSite
@@ -59,8 +60,10 @@ class Edgecache:
     http: AiohttpFront
     members: Membership
     scrubber: Scrubber
+    prefetcher: Prefetcher | None
     log_format: str = "text"
     _started: bool = field(default=False, repr=False)
+    _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
@@ -89,6 +92,21 @@ class Edgecache:
             cancel_abandoned=config.cache.abandoned_fills == "cancel",
         )
         members = Membership(keeper.worker)
+        prefetch = config.prefetch
+        prefetcher = (
+            Prefetcher(
+                flights,
+                keeper,
+                metrics,
+                concurrency=prefetch.concurrency,
+                queue_limit=prefetch.queue_limit,
+                max_bytes=parse_size(prefetch.max_bytes, "prefetch.max_bytes"),
+            )
+            if prefetch.enabled
+            else None
+        )
+        if prefetcher is not None:
+            keeper.on_evicted = prefetcher.evicted
         pull = PullService(
             store,
             ManifestCache(store, on_corrupt=keeper.manifest_corrupt, vouch=keeper.may_serve),
@@ -101,6 +119,8 @@ class Edgecache:
             max_stale=config.cache.max_stale,
             stale_while_revalidate=config.cache.stale_while_revalidate,
             negative_ttl=config.cache.negative_ttl,
+            prefetcher=prefetcher,
+            watch_window=prefetch.watch_window,
         )
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
         readiness = Readiness(store, clients)
@@ -109,7 +129,19 @@ class Edgecache:
         http = AiohttpFront(front, metrics, config.server.trusted_proxies)
         scrubber = Scrubber(store, keeper, metrics, rate=config.cache.scrub_rate)
         return cls(
-            config, lock, store, metrics, keeper, flights, clients, front, http, members, scrubber, log_format
+            config,
+            lock,
+            store,
+            metrics,
+            keeper,
+            flights,
+            clients,
+            front,
+            http,
+            members,
+            scrubber,
+            prefetcher,
+            log_format,
         )
 
     async def start(self) -> None:
@@ -127,9 +159,17 @@ class Edgecache:
             )
         for client in self.clients.values():
             await client.start()
+        if self.prefetcher is not None and self.config.prefetch.watch_window > 0:
+            self._watch = asyncio.create_task(self.front.pull.watch_pulled_tags(), name="watch pulled tags")
 
     async def close(self) -> None:
         await self.scrubber.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self.prefetcher is not None:
+            await self.prefetcher.close()
+        await self.front.pull.close()
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
@@ -162,6 +202,12 @@ class Edgecache:
             min_free=parse_size(new.cache.min_free, "cache.min_free"),
         )
         self.scrubber.reconfigure(new.cache.scrub_rate)
+        if self.prefetcher is not None:  # (turning prefetch on or off, or the watch, needs a restart)
+            self.prefetcher.reconfigure(
+                concurrency=new.prefetch.concurrency,
+                queue_limit=new.prefetch.queue_limit,
+                max_bytes=parse_size(new.prefetch.max_bytes, "prefetch.max_bytes"),
+            )
         kept = restart_needed(self.config, new)
         self.config = new if not kept else self.config
 
@@ -232,6 +278,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("upstream names, urls, ca_bundle or max_connections")
     if (old.access.mode, old.access.client_ca) != (new.access.mode, new.access.client_ca):
         changed.append("access.mode or access.client_ca")
+    if (old.prefetch.enabled, old.prefetch.watch_window) != (new.prefetch.enabled, new.prefetch.watch_window):
+        changed.append("prefetch.enabled or prefetch.watch_window")
     return changed
 
 

@@ -298,3 +298,65 @@ def referenced_digests(body: bytes) -> list[str]:
             except DigestInvalid:
                 continue
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A blob or child manifest a manifest names, with its announced size (and, for an index's
+    child, its platform as `os/architecture[/variant]`)."""
+
+    digest: Digest
+    size: int
+    platform: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestParts:
+    """What a manifest points at: an image's config and layers (`blobs`), an index's `children`."""
+
+    blobs: tuple[Descriptor, ...] = ()
+    children: tuple[Descriptor, ...] = ()
+
+
+def manifest_parts(body: bytes) -> ManifestParts:
+    """The blobs (config first, then layers in order) and child manifests of a manifest.
+
+    Malformed descriptors are left out and an unparseable body gives nothing, never an error: this
+    feeds prefetch, which must never fail a pull. Foreign layers (with `urls`: Windows base layers)
+    are not on the registry and are left out too."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return ManifestParts()
+    if not isinstance(doc, dict):
+        return ManifestParts()
+    layers = doc.get("layers")
+    manifests = doc.get("manifests")
+    blobs = [doc.get("config"), *(layers if isinstance(layers, list) else [])]
+    children = manifests if isinstance(manifests, list) else []
+    return ManifestParts(
+        tuple(d for d in map(_descriptor, blobs) if d is not None),
+        tuple(d for d in map(_descriptor, children) if d is not None),
+    )
+
+
+def _descriptor(item: object) -> Descriptor | None:
+    if not isinstance(item, dict) or item.get("urls"):
+        return None
+    digest, size = item.get("digest"), item.get("size")
+    if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    try:
+        parsed = Digest.parse(digest)
+    except DigestInvalid:
+        return None
+    return Descriptor(parsed, size, _platform(item.get("platform")))
+
+
+def _platform(item: object) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    parts = [item.get("os"), item.get("architecture"), item.get("variant")]
+    if not all(isinstance(p, str) for p in parts[:2]):
+        return None
+    return "/".join(str(p) for p in parts if isinstance(p, str) and p)

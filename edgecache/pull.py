@@ -24,19 +24,23 @@ from edgecache import errors
 from edgecache.config import CacheConfig
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import BlobFlight, Flights
+from edgecache.fill.prefetch import Prefetcher, PulledTags
 from edgecache.fill.source import BlobSource
 from edgecache.fill.window import Cursor
 from edgecache.metrics import Metrics
 from edgecache.oci import (
+    INLINE_HASH_LIMIT,
     OCI_MANIFEST,
     ByteRange,
     Digest,
+    ManifestParts,
     Reference,
     RepoName,
     Tag,
     TagPage,
     declared_media_type,
     manifest_media_type_async,
+    manifest_parts,
     page_tag_list,
     parse_range,
 )
@@ -53,6 +57,7 @@ STALE_WARNING = '110 - "Response is Stale"'
 # A tag list up to this size is paged on the event loop (well under a millisecond); a larger one, up
 # to 4 MiB of JSON to parse and sort, on a worker thread.
 INLINE_TAG_LIST_BYTES = 64 * 1024
+WATCH_BATCH = 100  # watched tags revalidated per sweep, at most
 
 
 class Upstream(BlobSource, Protocol):
@@ -183,6 +188,8 @@ class PullService:
         max_stale: float,
         stale_while_revalidate: float = 0.0,
         negative_ttl: float = 30.0,
+        prefetcher: Prefetcher | None = None,
+        watch_window: float = 0.0,
     ) -> None:
         self._store = store
         self._manifests = manifests
@@ -201,6 +208,12 @@ class PullService:
         self._missing_tags: TTLCache[TagKey, bool] | None = (
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
         )
+        self._prefetch = prefetcher
+        # Tags clients pulled lately: revalidated in the background, and prefetched when they move.
+        self.pulled_tags: PulledTags[Target] = PulledTags(watch_window if prefetcher else 0.0)
+        # Manifests with nothing to prefetch at their last serve (indexes, or every blob stored): not
+        # parsed again for a minute, so a hot manifest's hits stay cheap.
+        self._settled: TTLCache[tuple[str, Digest], bool] = TTLCache(maxsize=10_000, ttl=60.0)
 
     def reconfigure(self, cache: CacheConfig) -> None:
         """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
@@ -219,6 +232,13 @@ class PullService:
         while self._background:
             await asyncio.wait(list(self._background))
 
+    async def close(self) -> None:
+        """Stop background revalidations and prefetches of moved tags (shutdown)."""
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background))
+
     # -- manifests -----------------------------------------------------------------------------
 
     async def manifest(self, target: Target, query: ManifestQuery) -> Reply:
@@ -227,7 +247,10 @@ class PullService:
         else:
             answer = await self._manifest_by_tag(target, query, query.reference)
         await self._remember(target, answer)
-        return self._manifest_reply(query, answer)
+        reply = self._manifest_reply(query, answer)
+        if self._prefetch is not None:
+            await self._ahead(target, query, answer)
+        return reply
 
     async def _manifest_by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
@@ -321,6 +344,16 @@ class PullService:
         task.add_done_callback(self._background.discard)
 
     async def _resolve_tag(
+        self, target: Target, key: TagKey, known: TagEntry | None, *, want_body: bool
+    ) -> tuple[TagEntry, CachedManifest | None, CacheResult]:
+        """Ask upstream what the tag points at (`_ask_tag`); a tag pulled lately that moved has the
+        new image prefetched."""
+        entry, cached, result = await self._ask_tag(target, key, known, want_body=want_body)
+        if known is not None and entry.digest != known.digest:
+            self._tag_moved(target, key, entry.digest)
+        return entry, cached, result
+
+    async def _ask_tag(
         self, target: Target, key: TagKey, known: TagEntry | None, *, want_body: bool
     ) -> tuple[TagEntry, CachedManifest | None, CacheResult]:
         """Ask upstream what the tag points at.
@@ -420,6 +453,87 @@ class PullService:
             return Reply(200, headers, None, answer.result)
         return Reply(200, headers, BytesBody(manifest.body), answer.result)
 
+    # -- prefetch: what a served manifest says the client asks for next --------------------------
+
+    async def _ahead(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
+        """After serving a manifest: note a pulled tag (and a platform taken from its index), and
+        start fills for the blobs of an image manifest (GET only) that are not stored yet. An index
+        starts nothing: only the platforms clients then ask for count."""
+        upstream, repo, digest = target.upstream_name, target.repo, answer.digest
+        if not isinstance(query.reference, Digest):
+            self.pulled_tags.pulled((upstream, repo, query.reference), target, digest)
+        manifest = answer.manifest
+        if manifest is None or query.head:
+            return
+        self.pulled_tags.served(upstream, repo, digest, ())
+        if (upstream, digest) in self._settled:
+            return
+        parts = await _parts_async(manifest.body)
+        self.pulled_tags.served(upstream, repo, digest, parts.children)
+        if self._offer(target, parts):
+            self._settled[(upstream, digest)] = True
+
+    def _offer(self, target: Target, parts: ManifestParts) -> bool:
+        """Prefetch the blobs not stored yet; True when there is nothing to do (all of them stored,
+        or an index): the manifest is then not parsed again for a minute."""
+        assert self._prefetch is not None
+        if not parts.blobs:
+            return True
+        queued = self._prefetch.offer(target.upstream, target.repo, parts.blobs)
+        return queued == 0 and all(self._keeper.held(blob.digest) is not None for blob in parts.blobs)
+
+    def _tag_moved(self, target: Target, key: TagKey, digest: Digest) -> None:
+        """A revalidation found the tag at a new digest: when clients pulled it lately, fetch the new
+        manifest (for an index, the platforms they took) and prefetch its blobs, in the background."""
+        pulled = self.pulled_tags.recent(key)
+        if pulled is None:
+            return
+        self._metrics.prefetch_tags_moved.labels(target.upstream_name).inc()
+        log.info("tag %s of %s moved to %s: prefetching it", key[2], key[1], digest)
+        platforms = set(pulled.platforms)
+
+        async def prefetch_moved() -> object:
+            try:
+                await self._prefetch_image(target, digest, platforms)
+            except errors.EdgecacheError as exc:  # the next pull fetches it itself
+                log.info("prefetch of moved tag %s failed: %s", key[2], exc.message)
+            return None
+
+        task = asyncio.create_task(prefetch_moved())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _prefetch_image(self, target: Target, digest: Digest, platforms: set[str]) -> None:
+        manifest = await self._manifests.get(digest) or await self._fetch_manifest(target, digest)
+        await self._members.record_manifest(target.upstream_name, target.repo, digest, manifest.body)
+        parts = await _parts_async(manifest.body)
+        for child in parts.children:
+            if child.platform in platforms:
+                await self._prefetch_image(target, child.digest, set())
+        self._offer(target, parts)
+
+    async def watch_pulled_tags(self) -> None:
+        """Forever: revalidate the tags clients pulled within the watch window as their TTLs run out,
+        so a tag that moved is prefetched before the next rollout asks for it (`_tag_moved`)."""
+        while True:
+            await asyncio.sleep(min(max(self._tag_ttl, 1.0), 60.0))
+            await self.revalidate_pulled_tags()
+
+    async def revalidate_pulled_tags(self) -> int:
+        """One sweep of `watch_pulled_tags`; returns how many revalidations it started."""
+        started = 0
+        for key, pulled in reversed(self.pulled_tags.due()):
+            if started >= WATCH_BATCH:
+                break
+            known = await self._manifests.tag(key)
+            if known is None:
+                continue
+            if self._manifests.age(known) < pulled.target.upstream.tag_ttl(str(key[2]), self._tag_ttl):
+                continue
+            self._revalidate_later(pulled.target, key, known)
+            started += 1
+        return started
+
     # -- membership: a digest is served for a repository only once it is known to hold it ----------
 
     async def _holds(self, target: Target, digest: Digest) -> bool:
@@ -459,6 +573,8 @@ class PullService:
         }
         if query.head:
             return await self._blob_head(target, query, headers)
+        if self._prefetch is not None:
+            self._prefetch.asked(target.upstream_name, digest)
         opened = await self._open_stored(digest)
         if opened is not None:
             return await self._blob_hit(target, query, opened, headers)
@@ -620,6 +736,13 @@ def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> t
     headers["Content-Length"] = str(byte_range.length)
     headers["Content-Range"] = byte_range.content_range(size)
     return 206, byte_range.start, byte_range.length
+
+
+async def _parts_async(body: bytes) -> ManifestParts:
+    """manifest_parts, parsing a large body in a worker thread, not on the event loop."""
+    if len(body) <= INLINE_HASH_LIMIT:
+        return manifest_parts(body)
+    return await asyncio.to_thread(manifest_parts, body)
 
 
 def _etag_matches(header: str, etag: str) -> bool:

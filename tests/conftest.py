@@ -76,12 +76,25 @@ async def proxy(origin: Registry, seeded: Seeded) -> AsyncIterator[FaultProxy]:
 
 
 def edge_config(
-    cache_dir: Path, upstream_url: str, upstream: dict[str, object] | None = None, **cache: object
+    cache_dir: Path,
+    upstream_url: str,
+    upstream: dict[str, object] | None = None,
+    *,
+    prefetch: bool = False,
+    **cache: object,
 ) -> Config:
-    """edgecache's config for a test: one default upstream (named docker.io) at `upstream_url`."""
+    """edgecache's config for a test: one default upstream (named docker.io) at `upstream_url`.
+
+    Prefetch is off unless asked for: these tests count exactly the upstream work each request
+    makes (tests/test_prefetch.py turns it on; `spawn_edge` runs the product's defaults, with it on)."""
     config = load_config(env={}, cache_dir=str(cache_dir), upstreams=[upstream_url])
     upstreams = tuple(dataclasses.replace(u, **(upstream or {})) for u in config.upstreams)
-    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **cache), upstreams=upstreams)
+    return dataclasses.replace(
+        config,
+        cache=dataclasses.replace(config.cache, **cache),
+        upstreams=upstreams,
+        prefetch=dataclasses.replace(config.prefetch, enabled=prefetch),
+    )
 
 
 async def scrape(http: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Edge, EdgeProcess, Seeded
+from tests.conftest import Edge, EdgeProcess, Seeded, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.support.registry import Registry, free_port, wait_http
 from tests.support.waiting import wait_until_sync
@@ -247,13 +247,21 @@ def test_a_real_prometheus_scrapes_edgecache_and_computes_the_hit_ratio(
     assert total == 3 * len(blobs)
 
 
-def test_stats_command_shows_the_picture(edge_process: EdgeProcess, seeded: Seeded) -> None:
-    for _ in range(2):
-        http_get(f"{edge_process.url}/v2/library/alpine/manifests/latest", ACCEPT)
-        for blob in seeded.alpine.blobs:
-            http_get(f"{edge_process.url}/v2/library/alpine/blobs/{blob.digest}")
+def test_stats_command_shows_the_picture(tmp_path: Path, origin: Registry, seeded: Seeded) -> None:
+    # Prefetch off: a prefetched blob may be a HIT or JOINED on the first round, and the exact
+    # ratio below is what this test checks.
+    with spawn_edge(tmp_path, origin.url, config="[prefetch]\nenabled = false\n") as edge_process:
+        for _ in range(2):
+            http_get(f"{edge_process.url}/v2/library/alpine/manifests/latest", ACCEPT)
+            for blob in seeded.alpine.blobs:
+                http_get(f"{edge_process.url}/v2/library/alpine/blobs/{blob.digest}")
+        assert_stats_picture(edge_process.url)
+
+
+def assert_stats_picture(url: str) -> None:
+    """`edgecache stats` against a node after two pulls of alpine, and against nothing."""
     result = subprocess.run(
-        [sys.executable, "-m", "edgecache", "stats", "--url", edge_process.url],
+        [sys.executable, "-m", "edgecache", "stats", "--url", url],
         capture_output=True,
         text=True,
         timeout=30,

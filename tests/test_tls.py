@@ -46,7 +46,9 @@ def server_cert(ca: TestCA) -> Issued:
 @pytest.fixture
 def tls_edge(tmp_path: Path, origin: Registry, seeded: Seeded, server_cert: Issued) -> Iterator[EdgeProcess]:
     args = ("--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key))
-    with spawn_edge(tmp_path, origin.url, args=args, tls=True) as running:
+    # Prefetch off: the first blob GET must be the client's own miss, streamed while it fills.
+    config = "[prefetch]\nenabled = false\n"
+    with spawn_edge(tmp_path, origin.url, config=config, args=args, tls=True) as running:
         yield running
 
 

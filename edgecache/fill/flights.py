@@ -62,7 +62,8 @@ class BlobFlight:
         self.readers = 0  # sending from it now (in `segments`)
         self.replies = 0  # replies made to read it, sent or not yet (`add_reply`)
         self.finished = False  # the fill task has ended: nothing will write or persist any more
-        self.prefetched = False  # started ahead of any client (pull.prefetch), not by a request
+        self.prefetched = False  # started ahead of any client (fill.prefetch), not by a request
+        self.ended = asyncio.Event()  # set with `finished`
         self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
         # Released with the sink: keeps the stored file from eviction while readers still send it
         # from the spool's descriptor.
@@ -314,6 +315,7 @@ class Flights:
                 del self._blobs[flight.key]
             self._live.discard(flight)
             flight.finished = True
+            flight.ended.set()
             flight._maybe_close()
 
     async def _keep(self, flight: BlobFlight, source: BlobSource) -> None:
@@ -341,6 +343,9 @@ class Flights:
         if not passing and size is not None:
             passing = not await self._keeper.reserve(size, ObjectKind.BLOB)
             flight.reserved = 0 if passing else size
+        if passing and flight.prefetched and not (flight.waiting or flight.replies or flight.readers):
+            # Nobody to pass it to: a prefetch that cannot be stored is not worth an upstream read.
+            raise errors.UpstreamUnavailable("no room in the cache to prefetch this blob")
         if passing:
             log.info("%s passes through without being stored (%s bytes)", digest, size)
             self._metrics.passthrough.labels(ObjectKind.BLOB).inc()

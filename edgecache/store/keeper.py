@@ -408,6 +408,11 @@ class CacheKeeper:
         """Bytes stored, plus the bytes reserved for fills in flight (their spools are on disk too)."""
         return self._held.used + self._reserved
 
+    def could_hold(self, size: int) -> bool:
+        """Whether a fill of `size` bytes is worth starting for nobody yet (a prefetch): it fits below
+        the low watermark beside the fills already reserved. No eviction, no promise."""
+        return not self.max_size or size + self._reserved <= int(self.max_size * self._low)
+
     async def reserve(self, size: int, kind: ObjectKind) -> bool:
         """Make room for a fill of `size` bytes before its first byte is written; False: it cannot
         be stored (pinned or in-use content fills the limit, or the disk has not that much room

@@ -66,10 +66,10 @@ class MemoryUpstream:
         self.blobs[(repo, digest)] = data
         return digest
 
-    def add_manifest(self, repo: str, body: bytes, *tags: str) -> Digest:
+    def add_manifest(self, repo: str, body: bytes, *tags: str, media_type: str = OCI_MANIFEST) -> Digest:
         digest = Digest.of(body)
         for reference in (str(digest), *tags):
-            self.manifests[(repo, reference)] = (body, OCI_MANIFEST)
+            self.manifests[(repo, reference)] = (body, media_type)
         return digest
 
     def count(self, operation: str) -> int:

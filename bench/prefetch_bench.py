@@ -1,0 +1,113 @@
+"""Prefetch benchmark: a cold pull of a 10-layer image through edgecache with prefetch on and off,
+in one run, in front of an upstream that looks like one across a WAN.
+
+Starts on loopback: a real origin (Debian's docker-registry) holding a 10-layer image of
+incompressible layers, `bench/wan_proxy.py` in front of it (added latency each way and a
+per-connection rate cap), and for every repetition two fresh edgecaches on that proxy: one with
+prefetch on (the default), one with `prefetch.enabled = false`. The client pulls like dockerd
+(/v2/ ping, manifest, then config and layers 3 at a time, every digest verified: bench/compare.py's
+`pull`). Reported: median cold pull time of each and their ratio, and the upstream bytes each
+edgecache read (its own edgecache_upstream_bytes_total) against the image's size.
+
+    python bench/prefetch_bench.py                  # 10 layers, 40 ms RTT, 4 MiB/s per connection
+    python bench/prefetch_bench.py --quick          # smaller image, 2 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.compare import make_image, pull  # noqa: E402
+from tests.support.registry import free_port, start_registry, wait_http  # noqa: E402
+
+REPO = "bench/layers"
+# A typical application image: a large base layer, a few mid-sized ones, small ones on top (MiB).
+LAYERS_MIB = [16, 8, 6, 4, 4, 3, 2, 2, 1, 1]
+
+
+class Edge:
+    def __init__(self, upstream: str, work: Path, *, prefetch: bool) -> None:
+        self.port = free_port()
+        env = {**os.environ, "EDGECACHE_PREFETCH_ENABLED": "true" if prefetch else "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
+             "--upstream", upstream, "--cache-dir", str(work / f"cache-{self.port}"),
+             "--log-level", "warning"],
+            cwd=ROOT, env=env,
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_http(f"{self.url}/v2/", proc=self.proc)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"{self.url}/metrics") as resp:
+            text = resp.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--quick", action="store_true", help="layers a quarter the size, 2 repetitions")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--latency", type=float, default=0.02, help="one-way seconds (RTT is twice)")
+    parser.add_argument("--rate", default="4M", help="per connection and direction")
+    args = parser.parse_args()
+    reps = 2 if args.quick else args.reps
+    scale = 4 if args.quick else 1
+    work = Path(tempfile.mkdtemp(prefix="edgecache-prefetch-"))
+    origin = start_registry(work / "origin")
+    wan_port = free_port()
+    wan = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "wan_proxy.py"), "--listen", f"127.0.0.1:{wan_port}",
+         "--to", origin.url.removeprefix("http://"), "--latency", str(args.latency), "--rate", args.rate],
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{wan_port}/v2/", proc=wan)
+        size = make_image(origin, work, REPO, [(mib << 20) // scale for mib in LAYERS_MIB])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        upstream_bytes: dict[bool, list[float]] = {True: [], False: []}
+        for rep in range(reps):
+            for prefetch in (False, True) if rep % 2 == 0 else (True, False):
+                edge = Edge(f"http://127.0.0.1:{wan_port}", work, prefetch=prefetch)
+                try:
+                    times[prefetch].append(pull(edge.url, REPO))
+                    upstream_bytes[prefetch].append(edge.metric("edgecache_upstream_bytes_total"))
+                finally:
+                    edge.stop()
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        rtt = 2 * args.latency * 1000
+        print(f"image: {len(LAYERS_MIB)} layers + config, {size / 2**20:.1f} MiB; upstream: "
+              f"{rtt:.0f} ms RTT, {args.rate}B/s per connection; medians of {reps}")  # fmt: skip
+        print("| edgecache | cold pull (dockerd-like, 3 at a time) | upstream bytes / image |")
+        print("|---|---|---|")
+        for label, prefetch, median in (("prefetch off", False, off), ("prefetch on", True, on)):
+            ratio = max(upstream_bytes[prefetch]) / size
+            print(f"| {label} | {median:.2f} s | {ratio:.3f} (max) |")
+        print(f"speed-up with prefetch: {off / on:.2f}x (runs: off {times[False]}, on {times[True]})")
+    finally:
+        wan.terminate()
+        origin.proc.terminate()
+        wan.wait(10)
+        origin.proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
