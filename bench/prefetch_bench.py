@@ -7,7 +7,7 @@ per-connection rate cap), and for every repetition two fresh edgecaches on that 
 prefetch on (the default), one with `prefetch.enabled = false`. The client pulls like dockerd
 (/v2/ ping, manifest, then config and layers 3 at a time, every digest verified: bench/compare.py's
 `pull`). Reported: median cold pull time of each and their ratio, and the upstream bytes each
-edgecache read (its own edgecache_upstream_bytes_total) against the image's size.
+edgecache read (its own edgecache_upstream_blob_bytes_total) against the image's size.
 
     python bench/prefetch_bench.py                  # 10 layers, 40 ms RTT, 4 MiB/s per connection
     python bench/prefetch_bench.py --quick          # smaller image, 2 repetitions
@@ -28,17 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.compare import make_image, pull  # noqa: E402
+from edgecache.sizes import parse_size  # noqa: E402
 from tests.support.registry import free_port, start_registry, wait_http  # noqa: E402
 
-REPO = "bench/layers"
-# A typical application image: a large base layer, a few mid-sized ones, small ones on top (MiB).
-LAYERS_MIB = [16, 8, 6, 4, 4, 3, 2, 2, 1, 1]
+# Two 10-layer images (MiB per layer): layers of one size, where a puller's concurrency decides
+# everything, and a typical application image, whose large base layer bounds any pull of it.
+IMAGES = {"bench/even": [5] * 10, "bench/mixed": [16, 8, 6, 4, 4, 3, 2, 2, 1, 1]}
 
 
 class Edge:
-    def __init__(self, upstream: str, work: Path, *, prefetch: bool) -> None:
+    def __init__(self, upstream: str, work: Path, *, prefetch: bool, concurrency: int) -> None:
         self.port = free_port()
-        env = {**os.environ, "EDGECACHE_PREFETCH_ENABLED": "true" if prefetch else "false"}
+        env = {
+            **os.environ,
+            "EDGECACHE_PREFETCH_ENABLED": "true" if prefetch else "false",
+            "EDGECACHE_PREFETCH_CONCURRENCY": str(concurrency),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--upstream", upstream, "--cache-dir", str(work / f"cache-{self.port}"),
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.02, help="one-way seconds (RTT is twice)")
     parser.add_argument("--rate", default="4M", help="per connection and direction")
+    parser.add_argument("--concurrency", type=int, default=6, help="prefetch.concurrency")
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps
     scale = 4 if args.quick else 1
@@ -80,28 +86,34 @@ def main() -> None:
          "--to", origin.url.removeprefix("http://"), "--latency", str(args.latency), "--rate", args.rate],
     )  # fmt: skip
     try:
-        wait_http(f"http://127.0.0.1:{wan_port}/v2/", proc=wan)
-        size = make_image(origin, work, REPO, [(mib << 20) // scale for mib in LAYERS_MIB])
-        times: dict[bool, list[float]] = {True: [], False: []}
-        upstream_bytes: dict[bool, list[float]] = {True: [], False: []}
-        for rep in range(reps):
-            for prefetch in (False, True) if rep % 2 == 0 else (True, False):
-                edge = Edge(f"http://127.0.0.1:{wan_port}", work, prefetch=prefetch)
-                try:
-                    times[prefetch].append(pull(edge.url, REPO))
-                    upstream_bytes[prefetch].append(edge.metric("edgecache_upstream_bytes_total"))
-                finally:
-                    edge.stop()
-        off, on = statistics.median(times[False]), statistics.median(times[True])
+        wan_url = f"http://127.0.0.1:{wan_port}"
+        wait_http(f"{wan_url}/v2/", proc=wan)
+        sizes = {repo: make_image(origin, work, repo, [(m << 20) // scale for m in layers])
+                 for repo, layers in IMAGES.items()}  # fmt: skip
         rtt = 2 * args.latency * 1000
-        print(f"image: {len(LAYERS_MIB)} layers + config, {size / 2**20:.1f} MiB; upstream: "
-              f"{rtt:.0f} ms RTT, {args.rate}B/s per connection; medians of {reps}")  # fmt: skip
-        print("| edgecache | cold pull (dockerd-like, 3 at a time) | upstream bytes / image |")
-        print("|---|---|---|")
-        for label, prefetch, median in (("prefetch off", False, off), ("prefetch on", True, on)):
-            ratio = max(upstream_bytes[prefetch]) / size
-            print(f"| {label} | {median:.2f} s | {ratio:.3f} (max) |")
-        print(f"speed-up with prefetch: {off / on:.2f}x (runs: off {times[False]}, on {times[True]})")
+        print(f"upstream: {rtt:.0f} ms RTT, {args.rate}B/s per connection; prefetch.concurrency "
+              f"{args.concurrency}; medians of {reps}")  # fmt: skip
+        print("| image | prefetch off | prefetch on | speed-up | floor: largest layer at the cap "
+              "| upstream bytes / image (off, on) |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        rate = parse_size(args.rate, "--rate")
+        for repo, size in sizes.items():
+            times: dict[bool, list[float]] = {True: [], False: []}
+            upstream_bytes: dict[bool, list[float]] = {True: [], False: []}
+            for rep in range(reps):
+                for prefetch in (False, True) if rep % 2 == 0 else (True, False):
+                    edge = Edge(wan_url, work, prefetch=prefetch, concurrency=args.concurrency)
+                    try:
+                        times[prefetch].append(pull(edge.url, repo))
+                        upstream_bytes[prefetch].append(edge.metric("edgecache_upstream_blob_bytes_total"))
+                    finally:
+                        edge.stop()
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            ratios = [max(upstream_bytes[p]) / size for p in (False, True)]
+            layers = "+".join(str(m) for m in IMAGES[repo])
+            floor = (max(IMAGES[repo]) << 20) / scale / rate
+            print(f"| {repo} ({layers} MiB{' / 4' if args.quick else ''}) | {off:.2f} s | {on:.2f} s "
+                  f"| {off / on:.2f}x | {floor:.2f} s | {ratios[0]:.3f}, {ratios[1]:.3f} |")  # fmt: skip
     finally:
         wan.terminate()
         origin.proc.terminate()

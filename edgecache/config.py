@@ -167,7 +167,7 @@ class PrefetchConfig:
     """Fills started ahead of the client from a manifest it was served (pull.prefetch)."""
 
     enabled: bool = True
-    concurrency: int = 4  # prefetch fills at once per upstream (a client's own fills are not counted)
+    concurrency: int = 6  # prefetch fills at once per upstream (a client's own fills are not counted)
     max_bytes: str = "2G"  # of one manifest's blobs; the layers past it are left to the client
     queue_limit: int = 1000  # blobs waiting per upstream; more are not prefetched
     watch_window: float = 3600.0  # a tag pulled this recently is revalidated in the background; 0: off
