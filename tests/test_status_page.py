@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -440,3 +441,10 @@ def test_the_page_is_served_where_metrics_is(tmp_path: Path, origin: Registry) -
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_the_documented_config_states_the_status_keys() -> None:
+    text = (ROOT / "conf/edgecache.toml").read_text()
+    section = text[text.index("\n[status]\n") :]
+    for field in dataclasses.fields(StatusConfig):
+        assert re.search(rf"^{field.name} = {str(field.default).lower()}$", section, re.MULTILINE), field.name

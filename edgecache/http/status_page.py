@@ -28,7 +28,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafa
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;background:#fff}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
-th{background:#f0f0f0}td.t,th.t{text-align:left}
+th{background:#f0f0f0;white-space:nowrap}td.t,th.t{text-align:left}
 .meta{color:#666}.up{color:#17702a}.down{color:#b00020}.rate_limited{color:#a05a00}
 .none{color:#888;font-style:italic}svg{background:#fff;border:1px solid #ddd;vertical-align:middle}
 code{font-size:.9em}.spark{display:inline-block;margin-right:2em}
@@ -158,7 +158,7 @@ def sparkline(
     for line in lines:
         if len(line) == 1:
             cx, cy = line[0].split(",")
-            shapes.append(f'<circle cx="{cx}" cy="{cy}" r="1.5" fill="#1f6feb"/>')
+            shapes.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="#1f6feb"/>')
         elif line:
             shapes.append(
                 f'<polyline fill="none" stroke="#1f6feb" stroke-width="1.5" points="{" ".join(line)}"/>'
