@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
-from tests.conftest import Edge, Seeded, edge_config, running_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge, tls_edge_in_process
 from tests.support.browser import dump_dom, screenshot
 from tests.support.clock import Clock
 from tests.support.dom import Element, nesting_problems, parse
@@ -299,10 +300,10 @@ async def get(edge: Edge, path: str, headers: dict[str, str] | None = None) -> b
         return await resp.read()
 
 
-async def status_json(edge: Edge) -> dict[str, object]:
+async def status_json(edge: Edge) -> dict[str, Any]:
     async with edge.http.get("/_edgecache/status.json") as resp:
         assert resp.status == 200
-        data: dict[str, object] = await resp.json()
+        data: dict[str, Any] = await resp.json()
         return data
 
 
@@ -350,8 +351,8 @@ async def test_chromium_shows_a_fill_in_flight_with_its_progress_and_reader(
 
             async def stalled() -> bool:
                 fills = (await status_json(edge))["fills"]
-                assert isinstance(fills, list) and len(fills) == 1
-                return fills[0]["written"] >= len(layer.data) // 2 - (1 << 16)
+                assert len(fills) == 1
+                return bool(fills[0]["written"] >= len(layer.data) // 2 - (1 << 16))
 
             await wait_until(stalled, message="the fill never reached the stall half-way")
             dom = await browse(edge, tmp_path, "fill")
@@ -375,9 +376,7 @@ async def test_chromium_shows_an_empty_cache_and_a_down_upstream(tmp_path: Path)
             assert resp.status >= 500
 
         async def down() -> bool:
-            upstreams = (await status_json(edge))["upstreams"]
-            assert isinstance(upstreams, list)
-            return upstreams[0]["state"] == "down"
+            return bool((await status_json(edge))["upstreams"][0]["state"] == "down")
 
         await wait_until(down, message="the upstream was never reported down")
         dom = await browse(edge, tmp_path, "down")
@@ -409,7 +408,9 @@ async def test_chromium_shows_a_thousand_repositories_and_runs_no_hostile_name(
     assert not [e for e in dom.iter() if e.tag in ("script", "img")]
 
 
-async def test_the_page_is_off_when_disabled_and_json_matches(tmp_path: Path, origin: Registry) -> None:
+async def test_the_page_is_off_when_disabled_and_a_reload_turns_it_on(
+    tmp_path: Path, origin: Registry
+) -> None:
     config = edge_config(tmp_path / "cache", origin.url)
     config = dataclasses.replace(config, status=StatusConfig(enabled=False))
     async with running_edge(config) as edge:
@@ -418,10 +419,33 @@ async def test_the_page_is_off_when_disabled_and_json_matches(tmp_path: Path, or
                 assert resp.status == 404
                 assert (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
         edge.instance.apply(dataclasses.replace(config, status=StatusConfig(enabled=True)))
-        async with edge.http.get("/_edgecache/status") as resp:  # a reload turns it on
-            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+        async with edge.http.get("/_edgecache/status") as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "text/html; charset=utf-8"
             assert "script-src" not in resp.headers["Content-Security-Policy"]
             assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("listener", ["plain", "tls"])
+async def test_both_listeners_serve_the_page_and_its_json_with_the_same_figures(
+    tmp_path: Path, origin: Registry, seeded: Seeded, listener: str
+) -> None:
+    config = edge_config(tmp_path / "cache", origin.url)
+    running = running_edge(config) if listener == "plain" else tls_edge_in_process(config, tmp_path / "pki")
+    async with running as edge:
+        await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT)
+        await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT)
+        data = await status_json(edge)
+        page = (await get(edge, "/_edgecache/status")).decode()
+        async with edge.http.head("/_edgecache/status") as resp:
+            assert resp.status == 200 and await resp.read() == b""
+            assert int(resp.headers["Content-Length"]) > 0
+        assert await edge.metric("edgecache_http_requests_total", route="status", method="GET") == 2
+    assert nesting_problems(page) == []
+    dom = parse(page)
+    since_start = data["since_start"]
+    assert since_start["requests"] == 2 and since_start["hit_ratio"] == 0.5
+    assert dom.by_id("requests-all").text() == "2" and dom.by_id("hit-ratio-all").text() == "50.0%"
+    assert dom.by_id("version").text() == data["version"] == edgecache.__version__
 
 
 def test_the_page_is_served_where_metrics_is(tmp_path: Path, origin: Registry) -> None:
