@@ -36,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every path, to the front. aiohttp matches routes on the percent-decoded path and `.` stops at a
 # decoded line feed (`%0a`), which would be its own 404 instead of the front's NAME_INVALID.
 EVERY_PATH = r"/{tail:[\s\S]*}"
+ADMIN_LISTENER_PATHS = ADMIN_PATHS | {"/healthz", "/readyz"}
 
 
 class AiohttpFront:
@@ -64,7 +65,7 @@ class AiohttpFront:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             client_request = self._client_request(request)
-            if client_request.raw_path not in ADMIN_PATHS | {"/healthz", "/readyz"}:
+            if client_request.raw_path not in ADMIN_LISTENER_PATHS:
                 raise errors.RouteUnknown("this listener serves /metrics, /stats, the status page and health")
             reply = await self._front.operational(client_request, request[TRACE_KEY])
             return await send(request, reply)
