@@ -432,8 +432,8 @@ async def test_both_listeners_serve_the_page_and_its_json_with_the_same_figures(
     config = edge_config(tmp_path / "cache", origin.url)
     running = running_edge(config) if listener == "plain" else tls_edge_in_process(config, tmp_path / "pki")
     async with running as edge:
-        await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT)
-        await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT)
+        manifests = len(await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT))
+        manifests += len(await get(edge, "/v2/library/alpine/manifests/latest", ACCEPT))
         data = await status_json(edge)
         page = (await get(edge, "/_edgecache/status")).decode()
         async with edge.http.head("/_edgecache/status") as resp:
@@ -445,6 +445,9 @@ async def test_both_listeners_serve_the_page_and_its_json_with_the_same_figures(
     since_start = data["since_start"]
     assert since_start["requests"] == 2 and since_start["hit_ratio"] == 0.5
     assert dom.by_id("requests-all").text() == "2" and dom.by_id("hit-ratio-all").text() == "50.0%"
+    # The JSON sent before the page is not content: loading the page does not add to bytes served.
+    assert since_start["bytes_served"] == manifests
+    assert dom.by_id("served-all").attrs["data-value"] == str(manifests)
     assert dom.by_id("version").text() == data["version"] == edgecache.__version__
 
 
