@@ -9,6 +9,7 @@ screenshot is kept (pytest's tmp dir, and test-artifacts/status.png in the repos
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -315,6 +316,19 @@ async def test_chromium_shows_the_figures_of_real_pulls(edge: Edge, seeded: Seed
         for blob in (image.config, *image.layers):
             served += len(await get(edge, f"/v2/library/alpine/blobs/{blob.digest}"))
     from_upstream = len(image.config.data) + sum(len(layer.data) for layer in image.layers)
+    # A pin added beside the server (the CLI on the cache directory), as an operator would.
+    pin = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edgecache", "pin", "add", "docker.io/library/alpine:latest",
+         "--cache-dir", str(edge.cache_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert pin.returncode == 0, pin.stderr
+
+    async def pinned() -> bool:
+        return bool((await status_json(edge))["pins"] == ["docker.io/library/alpine:latest"])
+
+    await wait_until(pinned, message="the running instance never showed the pin")
 
     dom = await browse(edge, tmp_path, "pulls")
 
@@ -328,6 +342,8 @@ async def test_chromium_shows_the_figures_of_real_pulls(edge: Edge, seeded: Seed
     assert dom.by_id("saved-all").attrs["data-value"] == str(served - from_upstream)
     assert dom.by_id("disk-blobs").attrs["data-value"] == str(1 + len(image.layers))
     assert dom.by_id("fills").text() == "no fills in flight"
+    assert [li.text() for li in dom.by_id("pins").all("li")] == ["docker.io/library/alpine:latest"]
+    assert dom.by_id("disk-pinned").attrs["data-value"] == str(from_upstream + len(image.manifest.data))
     (upstream,) = dom.all("tr", "upstream")
     assert upstream.attrs["data-upstream"] == "docker.io"
     assert upstream.all("td", "state")[0].text() == "up"
@@ -344,7 +360,12 @@ async def test_chromium_shows_a_fill_in_flight_with_its_progress_and_reader(
     config = edge_config(tmp_path / "cache", proxy.url, {"stall_timeout": 300.0})
     layer = seeded.big.layers[-1]
     proxy.rules.stall_blobs = 1  # the body stops half-way and the connection stays open
+    # Docker Hub's rate-limit headers, on the manifest's answer
+    proxy.rules.add_headers = {
+        "/manifests/": {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"}
+    }
     async with running_edge(config) as edge:
+        await get(edge, "/v2/library/big/manifests/latest", ACCEPT)
         async with edge.http.get(f"/v2/library/big/blobs/{layer.digest}") as resp:
             assert resp.status == 200
             first = await resp.content.readexactly(1 << 20)  # a reader that is reading
@@ -366,6 +387,8 @@ async def test_chromium_shows_a_fill_in_flight_with_its_progress_and_reader(
         assert len(layer.data) // 3 < written < len(layer.data)
         assert row.all("progress")  # the bar, drawn by the browser without any script
         assert f"of {human_size(len(layer.data))}" in row.text()
+        (upstream,) = dom.all("tr", "upstream")
+        assert upstream.all("td", "ratelimit")[0].text() == "76 of 100"
 
 
 async def test_chromium_shows_an_empty_cache_and_a_down_upstream(tmp_path: Path) -> None:
