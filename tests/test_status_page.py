@@ -196,6 +196,7 @@ async def test_an_empty_cache_renders_a_complete_page_and_json(board: Board) -> 
     assert dom.by_id("pins").text() == "no pins"
     assert dom.by_id("disk-limit").text() == "10.0 GiB"
     assert dom.by_id("disk-watermarks").text() == "90% / 80%"
+    assert len(dom.by_id("disk-bar").all("line")) == 2  # the watermarks on the bar
     assert dom.by_id("spark-hit-ratio").text().endswith("no data yet")
     rows = {row.attrs["data-upstream"]: row for row in dom.all("tr", "upstream")}
     assert set(rows) == {"docker.io", "ghcr.io"}
@@ -224,6 +225,31 @@ async def test_a_thousand_repositories_show_the_top_ones_by_bytes(board: Board) 
     assert len(dom.all("tr", "repository")) == TOP_REPOSITORIES
     assert dom.by_id("repositories-known").text() == "1000"
     assert len(page) < 64_000  # bounded by what is shown, not by what is known
+
+
+async def test_prefetch_activity_is_read_from_its_collectors(board: Board) -> None:
+    metrics = board.metrics
+    metrics.prefetch_started.labels("docker.io").inc(6)
+    metrics.prefetch_started.labels("ghcr.io").inc(2)
+    metrics.prefetch_bytes.labels("docker.io").inc(3 << 20)
+    metrics.prefetch_used.labels("docker.io").inc(4)
+    metrics.prefetch_evicted_unused.inc(1)
+    metrics.prefetch_queued.labels("ghcr.io").set(5)
+    status = board.board.gather()
+    assert status.prefetch == PrefetchStatus(8, 3 << 20, 4, 1, 5, 8, 3 << 20)
+    assert [u.prefetch_queued for u in status.upstreams] == [0, 5]
+    dom = parse(status_page.render(status))
+    assert dom.by_id("prefetch-started").text() == "8"
+    assert dom.by_id("prefetch-bytes").text() == "3.0 MiB"
+    assert dom.by_id("prefetch-used").text() == "4 (50.0%)"
+    assert dom.by_id("prefetch-evicted").text() == "1" and dom.by_id("prefetch-queued").text() == "5"
+
+
+def test_long_lists_are_cut_and_say_how_many_more() -> None:
+    status = dataclasses.replace(hostile_status(), fills_total=70, pins_total=51)
+    dom = parse(status_page.render(status))
+    assert dom.by_id("fills-total").text() == "70" and "and 69 more" in dom.text()
+    assert dom.by_id("pins").all("li")[-1].text() == "and 50 more"
 
 
 async def test_the_sampler_task_runs_with_the_board_and_stops_with_it(board: Board) -> None:
