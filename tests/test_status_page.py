@@ -511,8 +511,8 @@ def test_the_page_is_served_where_metrics_is(tmp_path: Path, origin: Registry) -
     try:
         wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc=proc)
         wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
-        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status", proc=proc)
-        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status.json", proc=proc)
+        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status", proc=proc, status=200)
+        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status.json", proc=proc, status=200)
         wait_http(f"http://127.0.0.1:{port}/_edgecache/status", proc=proc, status=404)
     finally:
         proc.terminate()
