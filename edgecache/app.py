@@ -29,6 +29,7 @@ from edgecache.http.aiohttp_server import ConnectionLimits, OciAppRunner, OciSit
 from edgecache.http.connguard import ConnectionGuard
 from edgecache.http.front import RegistryFront, Upstreams, trusted_networks
 from edgecache.http.granian_front import AsgiFront, TlsListener
+from edgecache.http.status import StatusBoard
 from edgecache.http.tls import check_certificate, mutual_tls_context
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
@@ -125,7 +126,9 @@ class Edgecache:
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
         readiness = Readiness(store, clients)
         upstreams = Upstreams(clients, config.default_upstream)
-        front = RegistryFront(pull, upstreams, metrics, Usage(), readiness, access)
+        usage = Usage()
+        status = StatusBoard(config.status, metrics, keeper, flights, clients, usage, root)
+        front = RegistryFront(pull, upstreams, metrics, usage, readiness, access, status)
         http = AiohttpFront(front, metrics, config.server.trusted_proxies)
         scrubber = Scrubber(store, keeper, metrics, rate=config.cache.scrub_rate)
         return cls(
@@ -161,8 +164,12 @@ class Edgecache:
             await client.start()
         if self.prefetcher is not None and self.config.prefetch.watch_window > 0:
             self._watch = asyncio.create_task(self.front.pull.watch_pulled_tags(), name="watch pulled tags")
+        if self.front.status is not None:
+            self.front.status.start()  # samples the counters for the status page's windows
 
     async def close(self) -> None:
+        if self.front.status is not None:
+            await self.front.status.close()
         await self.scrubber.close()
         if self._watch is not None:
             self._watch.cancel()
@@ -208,6 +215,8 @@ class Edgecache:
                 queue_limit=new.prefetch.queue_limit,
                 max_bytes=parse_size(new.prefetch.max_bytes, "prefetch.max_bytes"),
             )
+        if self.front.status is not None:
+            self.front.status.reconfigure(new.status)
         kept = restart_needed(self.config, new)
         self.config = new if not kept else self.config
 

@@ -6,6 +6,7 @@ names cannot grow it without end. Counts restart with the process.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 MAX_ENTRIES = 10_000
@@ -35,6 +36,14 @@ class Usage:
 
     def top(self, n: int = 10) -> list[RepositoryUsage]:
         return sorted(self._entries.values(), key=lambda e: (e.pulls, e.bytes_served), reverse=True)[:n]
+
+    def by_bytes(self, n: int = 20) -> list[RepositoryUsage]:
+        """The `n` repositories served the most bytes: a heap over the entries, not a sort of them
+        (the status page asks on every load)."""
+        return heapq.nlargest(n, self._entries.values(), key=lambda e: e.bytes_served)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def _forget_least_used(self) -> None:
         ranked = sorted(self._entries.items(), key=lambda item: (item[1].pulls, item[1].bytes_served))

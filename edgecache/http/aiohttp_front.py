@@ -19,6 +19,7 @@ from aiohttp import web
 from edgecache import errors
 from edgecache.http.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
 from edgecache.http.front import (
+    ADMIN_PATHS,
     ClientRequest,
     RegistryFront,
     client_address,
@@ -35,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every path, to the front. aiohttp matches routes on the percent-decoded path and `.` stops at a
 # decoded line feed (`%0a`), which would be its own 404 instead of the front's NAME_INVALID.
 EVERY_PATH = r"/{tail:[\s\S]*}"
+ADMIN_LISTENER_PATHS = ADMIN_PATHS | {"/healthz", "/readyz"}
 
 
 class AiohttpFront:
@@ -46,7 +48,8 @@ class AiohttpFront:
         self._trusted = trusted_networks(trusted_proxies)
 
     def build_app(self, *, admin: bool = True, log_format: str = "text") -> web.Application:
-        """The registry API; with `admin`, /metrics and /stats too (else they have their own listener)."""
+        """The registry API; with `admin`, /metrics, /stats and the status page too (else they have
+        their own listener)."""
         app = self._new_app(log_format)
 
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -57,13 +60,13 @@ class AiohttpFront:
         return app
 
     def build_admin_app(self, log_format: str = "text") -> web.Application:
-        """The separate metrics listener: /metrics, /stats and the health checks only."""
+        """The separate metrics listener: /metrics, /stats, the status page and the health checks only."""
         app = self._new_app(log_format)
 
         async def handle(request: web.Request) -> web.StreamResponse:
             client_request = self._client_request(request)
-            if client_request.raw_path not in ("/metrics", "/stats", "/healthz", "/readyz"):
-                raise errors.RouteUnknown("this listener serves /metrics, /stats, /healthz and /readyz")
+            if client_request.raw_path not in ADMIN_LISTENER_PATHS:
+                raise errors.RouteUnknown("this listener serves /metrics, /stats, the status page and health")
             reply = await self._front.operational(client_request, request[TRACE_KEY])
             return await send(request, reply)
 

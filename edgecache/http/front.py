@@ -18,7 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
 from edgecache.access.policy import AccessPolicy
+from edgecache.http import status_page
 from edgecache.http.routes import Kind, Route, parse_route
+from edgecache.http.status import StatusBoard, document
 from edgecache.metrics import Metrics
 from edgecache.oci import REGISTRY_HOST, Digest, RepoName, Tag, accepted_media_types
 from edgecache.pull import BlobQuery, BytesBody, ManifestQuery, PullService, Reply, Target
@@ -29,6 +31,9 @@ from edgecache.usage import Usage
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+STATUS_PATHS = frozenset({"/_edgecache/status", "/_edgecache/status.json"})
+# Served where /metrics is: on the registry listener (`admin`), or on server.metrics_listen.
+ADMIN_PATHS = frozenset({"/metrics", "/stats", *STATUS_PATHS})
 
 
 class HeaderLookup(Protocol):
@@ -111,9 +116,11 @@ class RegistryFront:
         usage: Usage,
         readiness: Readiness,
         access: AccessPolicy,
+        status: StatusBoard | None = None,
     ) -> None:
         self.pull = pull
         self.access = access
+        self.status = status
         self._upstreams = upstreams
         self._metrics = metrics
         self._usage = usage
@@ -122,9 +129,9 @@ class RegistryFront:
     async def respond(self, request: ClientRequest, trace: RequestTrace, *, admin: bool = True) -> Reply:
         """Answer one request; raises EdgecacheError for what `error_reply` turns into OCI JSON.
 
-        `admin` serves /metrics and /stats too (else they have their own listener)."""
+        `admin` serves /metrics, /stats and the status page too (else they have their own listener)."""
         raw_path = request.raw_path
-        if raw_path in ("/healthz", "/readyz") or (admin and raw_path in ("/metrics", "/stats")):
+        if raw_path in ("/healthz", "/readyz") or (admin and raw_path in ADMIN_PATHS):
             return await self.operational(request, trace)
         route = parse_route(raw_path)
         trace.route = route.kind.value
@@ -154,7 +161,7 @@ class RegistryFront:
         return reply
 
     async def operational(self, request: ClientRequest, trace: RequestTrace) -> Reply:
-        """Health checks, metrics and usage statistics (GET and HEAD only)."""
+        """Health checks, metrics, usage statistics and the status page (GET and HEAD only)."""
         if request.method not in READ_METHODS:
             raise errors.Unsupported("only GET and HEAD are served here")
         path = request.raw_path
@@ -165,12 +172,29 @@ class RegistryFront:
         if path == "/stats":
             trace.route = "stats"
             return json_reply(200, {"top_repositories": [vars(entry) for entry in self._usage.top(20)]})
+        if path in STATUS_PATHS:
+            trace.route = "status"
+            return await self._status_reply(path)
         trace.route = "health"
         if path == "/healthz":  # alive: the process answers; nothing else is checked
             return json_reply(200, {"status": "ok"})
         # Ready while the cache can be served (even with an upstream down); the body says more.
         ready, detail = await self._readiness()
         return json_reply(200 if ready else 503, {"ready": ready, **detail})
+
+    async def _status_reply(self, path: str) -> Reply:
+        """The status page (HTML) or its data (JSON); 404 when `[status] enabled = false`."""
+        board = self.status
+        if board is None or not board.enabled:
+            raise errors.RouteUnknown("the status page is turned off")
+        status = await board.status()
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        if path.endswith(".json"):
+            body = await asyncio.to_thread(lambda: json.dumps(document(status)).encode())
+            return Reply(200, {**headers, "Content-Type": "application/json"}, BytesBody(body))
+        page = await asyncio.to_thread(lambda: status_page.render(status).encode())  # off the loop
+        headers["Content-Security-Policy"] = status_page.CONTENT_SECURITY_POLICY
+        return Reply(200, {**headers, "Content-Type": "text/html; charset=utf-8"}, BytesBody(page))
 
     async def _dispatch(self, request: ClientRequest, route: Route, target: Target) -> Reply:
         head = request.method == "HEAD"

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Statuses whose responses never have a body, nor a Content-Length (aiohttp strips it; so do we,
 # so that every listener answers alike).
 NO_BODY_STATUSES = frozenset({204, 304, *range(100, 200)})
+# The operators' own endpoints send no content: their bodies are not "bytes served" (else every
+# scrape, and every refresh of the status page, would count as traffic the cache saved).
+OPERATIONAL_ROUTES = frozenset({"metrics", "stats", "status", "health"})
 
 
 class Wire(Protocol):
@@ -69,7 +72,10 @@ async def send_reply(
             await wire.end()
         elif isinstance(body, BytesBody):
             await wire.end(body.data)
-            _count(metrics.served_bytes.labels("memory"), trace, len(body.data))
+            if trace.route in OPERATIONAL_ROUTES:
+                trace.bytes_sent += len(body.data)
+            else:
+                _count(metrics.served_bytes.labels("memory"), trace, len(body.data))
         else:
             try:
                 if isinstance(body, FileBody):

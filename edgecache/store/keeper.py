@@ -617,6 +617,16 @@ class CacheKeeper:
     def is_pinned(self, digest: Digest) -> bool:
         return str(digest) in self._pinned
 
+    @property
+    def pins(self) -> list[Pin]:
+        """The pin patterns as last read from the index (for the status page)."""
+        return list(self._pins)
+
+    @property
+    def watermarks(self) -> tuple[float, float]:
+        """(high, low) fractions of max_size: eviction starts above the first, stops at the second."""
+        return self._high, self._low
+
     async def pin_manifest(self, digest: Digest, body: bytes) -> None:
         """Pin a manifest and everything it references (index children, config, layers)."""
         digests = {str(digest), *referenced_digests(body)}
