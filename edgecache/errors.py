@@ -16,6 +16,7 @@
     │   ├── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
     │   ├── Unauthorized            UNAUTHORIZED        401 (with WWW-Authenticate)
     │   ├── AccessDenied            DENIED              403 (an access rule refused it)
+    │   │   └── SignatureRefused    DENIED              403 (the signature policy refused the manifest)
     │   ├── TooManyAttempts         TOOMANYREQUESTS     429 (failed logins from one client)
     │   └── RequestTimeout          UNSUPPORTED         408 (request headers too slow)
     ├── TooManyConnections          TOOMANYREQUESTS     503 (the connection cap)
@@ -27,6 +28,7 @@
     ├── UpstreamRateLimited         TOOMANYREQUESTS     429
     └── UpstreamError               the upstream failed: never reported as "not found"
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
+        │   ├── SignatureUnavailable                    503 (a required signature cannot be fetched)
         │   ├── UpstreamDown                            503 (marked down after repeated failures)
         │   └── UpstreamInterrupted                     a body cut short mid-way (resumable)
         │       └── UpstreamStalled                     a body silent or trickling past its deadline
@@ -164,6 +166,13 @@ class AccessDenied(ClientError):
     status = 403
 
 
+class SignatureRefused(AccessDenied):
+    """A [[trust.rules]] entry refused the manifest: rejected outright, unsigned, or not signed by a
+    trusted key for this digest and repository. `detail` names the rule."""
+
+    message = "the manifest is refused by the signature policy"
+
+
 class TooManyAttempts(ClientError):
     """Too many failed logins from one client: refused without checking, for a while."""
 
@@ -229,6 +238,14 @@ class UpstreamDown(UpstreamUnavailable):
     """Failing repeatedly, or missed a deadline: not contacted until a probe finds it back."""
 
     message = "upstream registry is down"
+    status = 503
+
+
+class SignatureUnavailable(UpstreamUnavailable):
+    """A rule requires a signature and it cannot be fetched (upstream down or failing): the manifest
+    is not served unverified (fail closed), and the client may retry."""
+
+    message = "the signature the trust policy requires cannot be fetched from upstream"
     status = 503
 
 

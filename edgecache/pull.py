@@ -67,6 +67,18 @@ class Upstream(BlobSource, Protocol):
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough: ...
 
 
+class TrustGate(Protocol):
+    """The signature policy's say on a manifest answer (issue 18; `trust.SignatureGate` in service):
+    returns to serve it, raises SignatureRefused / SignatureUnavailable to refuse it."""
+
+    async def check(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None: ...
+
+
+class _AcceptAll:
+    async def check(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """The repository a request is about, on the upstream chosen for it: the name as the client wrote
@@ -201,6 +213,7 @@ class PullService:
         self._missing_tags: TTLCache[TagKey, bool] | None = (
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
         )
+        self._trust: TrustGate = _AcceptAll()
 
     def reconfigure(self, cache: CacheConfig) -> None:
         """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
@@ -214,6 +227,10 @@ class PullService:
         repository name without asking upstream, even with their facts lost and upstream down."""
         self._unchecked = upstreams
 
+    def set_trust(self, gate: TrustGate) -> None:
+        """The signature policy asked about every manifest answer before it is recorded or served."""
+        self._trust = gate
+
     async def settled(self) -> None:
         """Wait for background revalidations started so far (shutdown, tests)."""
         while self._background:
@@ -226,6 +243,9 @@ class PullService:
             answer = await self._manifest_by_digest(target, query.reference)
         else:
             answer = await self._manifest_by_tag(target, query, query.reference)
+        # trust (issue 18): the signature policy decides on the answer before it is recorded or
+        # served; a refusal raises here, so nothing of a refused manifest is served or prefetched.
+        await self._trust.check(target, query, answer)
         await self._remember(target, answer)
         return self._manifest_reply(query, answer)
 
