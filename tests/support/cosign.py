@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, Pusher, sha256
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 SIGMA = b"expand 32-byte k"
 MASK = 0xFFFFFFFF
@@ -141,3 +143,69 @@ def sign_payload(key: PrivateKey, payload: bytes) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+
+
+def simple_signing_payload(manifest_digest: str, reference: str) -> bytes:
+    """The payload cosign and skopeo sign (the "cosign container image signature" document)."""
+    document = {
+        "critical": {
+            "identity": {"docker-reference": reference},
+            "image": {"docker-manifest-digest": manifest_digest},
+            "type": "cosign container image signature",
+        },
+        "optional": None,
+    }
+    return json.dumps(document).encode()
+
+
+def signature_manifest(pusher: Pusher, repo: str, layers: list[tuple[bytes, bytes]]) -> Blob:
+    """Push the payloads and a config, and return the signature manifest that lists them, laid out as
+    containers/image writes sigstore attachments: an OCI manifest whose layers are simple-signing
+    payloads with the base64 signature in `dev.cosignproject.cosign/signature`."""
+    descriptors = []
+    for payload, signature in layers:
+        pusher.push_blob(repo, payload)
+        descriptors.append(
+            {
+                "mediaType": SIMPLE_SIGNING,
+                "size": len(payload),
+                "digest": sha256(payload),
+                "annotations": {"dev.cosignproject.cosign/signature": base64.b64encode(signature).decode()},
+            }
+        )
+    config = json.dumps(
+        {
+            "architecture": "",
+            "os": "",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descriptors]},
+        }
+    ).encode()
+    pusher.push_blob(repo, config)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": sha256(config)},
+        "layers": descriptors,
+    }
+    return Blob(json.dumps(document).encode(), OCI_MANIFEST)
+
+
+def sign_image(
+    pusher: Pusher,
+    repo: str,
+    manifest_digest: str,
+    key: PrivateKey,
+    *,
+    reference: str | None = None,
+    signed_digest: str | None = None,
+) -> Blob:
+    """Attach a signature of `manifest_digest` by `key` under `sha256-<hex>.sig` in `repo`.
+    `reference` and `signed_digest` default to the truth; tests change them to tamper."""
+    payload = simple_signing_payload(signed_digest or manifest_digest, reference or f"registry.test/{repo}:1")
+    manifest = signature_manifest(pusher, repo, [(payload, sign_payload(key, payload))])
+    pusher.push_manifest(repo, manifest_digest.replace(":", "-") + ".sig", manifest)
+    return manifest
