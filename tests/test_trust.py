@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +278,62 @@ async def test_warm_reports_a_refused_image_and_caches_none_of_its_blobs(
     )
     assert summary.images == 1
     assert len(summary.failures) == 1
+    assert summary.failed == {"docker.io/trust/unsigned:1"}
     assert "trust/unsigned" in summary.failures[0] and "403" in summary.failures[0]
     assert blob_gets(origin, signed.unsigned) == 0
     cached = trusted_edge.cached_files()
     assert not any(blob.digest.split(":")[1] in path for blob in signed.unsigned.blobs for path in cached)
+
+
+def test_warm_pin_with_the_policy_pins_only_what_it_could_warm(
+    tmp_path: Path, origin: Registry, seeded: Seeded, signed: Signed
+) -> None:
+    cache = tmp_path / "cache"
+    config = tmp_path / "edgecache.toml"
+    config.write_text(
+        f"""
+[cache]
+dir = "{cache}"
+
+[[upstream]]
+name = "docker.io"
+url = "{origin.url}"
+
+[[trust.rules]]
+pattern = "docker.io/trust/*"
+action = "require"
+keys = ["{signed.keys.public_pem}"]
+"""
+    )
+    refs = ["docker.io/trust/signed:1", "docker.io/trust/unsigned:1"]
+    warmed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecache",
+            "warm",
+            "--config",
+            str(config),
+            "--pin",
+            "--platform",
+            "all",
+            *refs,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert warmed.returncode == 1, warmed.stderr  # one image refused
+    assert "warmed 1/2 images" in warmed.stdout
+    assert "docker.io/trust/unsigned:1: manifest 1: HTTP 403" in warmed.stderr
+    assert REQUIRE_MESSAGE in warmed.stderr
+    assert "docker.io/trust/unsigned:1 not pinned: it was not warmed" in warmed.stderr
+    pins = subprocess.run(
+        [sys.executable, "-m", "edgecache", "pin", "ls", "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert pins.stdout.split() == ["docker.io/trust/signed:1"]
+    assert blob_gets(origin, signed.unsigned) == 0
