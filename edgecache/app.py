@@ -105,6 +105,7 @@ class Edgecache:
             max_stale=config.cache.max_stale,
             stale_while_revalidate=config.cache.stale_while_revalidate,
             negative_ttl=config.cache.negative_ttl,
+            referrers_ttl=config.cache.referrers_ttl,
         )
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
         trust = SignatureGate(trust_policy, pull, metrics)

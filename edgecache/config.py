@@ -82,6 +82,7 @@ class CacheConfig:
     stale_while_revalidate: float = 0.0
     max_stale: float = 86400.0
     negative_ttl: float = 30.0
+    referrers_ttl: float = 30.0  # a referrers listing is kept this long; 0: asked upstream every time
     abandoned_fills: str = "finish"
     scrub_rate: float = 20.0  # MB/s the background scrubber re-hashes stored files at; 0: off
 
@@ -487,6 +488,8 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.stale_while_revalidate: must be >= 0 seconds")
     if config.cache.negative_ttl < 0:
         raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
+    if config.cache.referrers_ttl < 0:
+        raise ConfigError("cache.referrers_ttl: must be >= 0 seconds")
     if config.cache.scrub_rate < 0:
         raise ConfigError("cache.scrub_rate: must be >= 0 MB/s (0 turns the scrubber off)")
     parse_size(config.prefetch.max_bytes, "prefetch.max_bytes")

@@ -28,6 +28,7 @@ from edgecache.fill.source import BlobSource
 from edgecache.fill.window import Cursor
 from edgecache.metrics import Metrics
 from edgecache.oci import (
+    OCI_INDEX,
     OCI_MANIFEST,
     ByteRange,
     Digest,
@@ -195,6 +196,7 @@ class PullService:
         max_stale: float,
         stale_while_revalidate: float = 0.0,
         negative_ttl: float = 30.0,
+        referrers_ttl: float = 30.0,
     ) -> None:
         self._store = store
         self._manifests = manifests
@@ -214,6 +216,10 @@ class PullService:
             TTLCache(maxsize=10_000, ttl=negative_ttl) if negative_ttl > 0 else None
         )
         self._trust: TrustGate = _AcceptAll()
+        # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
+        self._referrers: TTLCache[tuple[str, RepoName, Digest, str], tuple[dict[str, str], bytes]] | None = (
+            TTLCache(maxsize=10_000, ttl=referrers_ttl) if referrers_ttl > 0 else None
+        )
 
     def reconfigure(self, cache: CacheConfig) -> None:
         """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
@@ -624,12 +630,67 @@ class PullService:
         body = json.dumps({"name": link_name, "tags": page.tags}).encode()
         return Reply(200, headers, BytesBody(body), CacheResult.PASS)
 
+    # -- referrers (issue 18): cached briefly, with the tag-schema fallback ---------------------------
+
     async def referrers(self, target: Target, digest: Digest, params: Mapping[str, str]) -> Reply:
+        """The referrers of `digest` as an OCI index, filtered by `artifactType` when asked.
+
+        From upstream's referrers API when it has one; when it answers 404 (no such API: distribution
+        2.8, many mirrors) from the tag-schema fallback, the index tagged `sha256-<hex>`, as the
+        distribution spec says a client would; with neither, an empty index (the spec's answer for a
+        digest without referrers: a registry with the API never says 404 here). A listing is kept
+        `cache.referrers_ttl` seconds: signatures and attestations are added after the image."""
+        artifact_type = params.get("artifactType")
+        key = (target.upstream_name, target.repo, digest, artifact_type or "")
+        if self._referrers is not None and (held := self._referrers.get(key)) is not None:
+            return Reply(200, dict(held[0]), BytesBody(held[1]), CacheResult.HIT)
         answer = await target.upstream.passthrough(target.repo, f"referrers/{digest}", params)
-        if answer.status == 404:
-            raise errors.ManifestUnknown(f"upstream {target.upstream_name} has no referrers for it")
-        headers = {"Content-Type": answer.content_type}
-        return Reply(200, headers, BytesBody(answer.body), CacheResult.PASS)
+        if answer.status == 200:
+            body, filtered = answer.body, False
+            try:
+                document = json.loads(body)
+            except ValueError:
+                raise errors.UpstreamUnavailable(
+                    "upstream sent a referrers list that does not parse"
+                ) from None
+            if artifact_type and "artifactType" not in (answer.filters or ""):
+                body, filtered = _referrers_index(document.get("manifests") or [], artifact_type), True
+            else:
+                filtered = bool(answer.filters)
+        else:
+            body = await self._referrers_fallback(target, digest, artifact_type)
+            filtered = artifact_type is not None
+        headers = {"Content-Type": OCI_INDEX}
+        if filtered:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if self._referrers is not None:
+            self._referrers[key] = (headers, body)
+        return Reply(200, dict(headers), BytesBody(body), CacheResult.MISS)
+
+    async def _referrers_fallback(self, target: Target, digest: Digest, artifact_type: str | None) -> bytes:
+        """The `sha256-<hex>` tag's index (through the manifest path: cached, verified), filtered."""
+        fallback = ManifestQuery(Tag.parse(f"{digest.algorithm}-{digest.hex}"), None, head=False)
+        try:
+            reply = await self.manifest(target, fallback)
+        except errors.ManifestUnknown:
+            return _referrers_index([], None)
+        body = reply.body.data if isinstance(reply.body, BytesBody) else b"{}"
+        reply.close()
+        try:
+            manifests = json.loads(body).get("manifests") or []
+        except (ValueError, AttributeError):
+            manifests = []
+        return _referrers_index(manifests, artifact_type)
+
+
+def _referrers_index(manifests: list[object], artifact_type: str | None) -> bytes:
+    """An OCI image index of referrer descriptors, only those of `artifact_type` when given."""
+    kept = [
+        m
+        for m in manifests
+        if isinstance(m, dict) and (artifact_type is None or m.get("artifactType") == artifact_type)
+    ]
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}).encode()
 
 
 def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> tuple[int, int, int]:

@@ -28,7 +28,17 @@ from edgecache.ops import warm
 from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.cosign import KeyPair, make_key_pair, sign_image
 from tests.support.faults import FaultProxy
-from tests.support.images import Image, Index, Pusher, build_image, build_index
+from tests.support.images import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Blob,
+    Image,
+    Index,
+    Pusher,
+    build_image,
+    build_index,
+)
 from tests.support.registry import Registry
 
 ACCEPT = {
@@ -56,6 +66,7 @@ class Signed:
     multi: Index
     unsigned_multi: Index
     banned: Image
+    signature: Blob  # the signature manifest of `signed`
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +82,12 @@ def signed(origin: Registry, tmp_path_factory: pytest.TempPathFactory) -> Signed
     for name, image in images.items():
         pusher.push_image("banned/app" if name == "banned" else f"trust/{name}", "1", image)
 
-    def sign(repo: str, image_digest: str, key: KeyPair = keys, **tamper: str) -> None:
-        sign_image(pusher, repo, image_digest, key.key, reference=f"registry.test:5000/{repo}:1", **tamper)
+    def sign(repo: str, image_digest: str, key: KeyPair = keys, **tamper: str) -> Blob:
+        return sign_image(
+            pusher, repo, image_digest, key.key, reference=f"registry.test:5000/{repo}:1", **tamper
+        )
 
-    sign("trust/signed", images["signed"].manifest.digest)
+    signature = sign("trust/signed", images["signed"].manifest.digest)
     sign("trust/other", images["other"].manifest.digest, other)
     sign("trust/digest", images["digest"].manifest.digest, signed_digest=images["signed"].manifest.digest)
     # a valid signature of this very digest, for another repository
@@ -98,6 +111,7 @@ def signed(origin: Registry, tmp_path_factory: pytest.TempPathFactory) -> Signed
         multi,
         unsigned_multi,
         images["banned"],
+        signature,
     )
 
 
@@ -337,3 +351,52 @@ keys = ["{signed.keys.public_pem}"]
     )
     assert pins.stdout.split() == ["docker.io/trust/signed:1"]
     assert blob_gets(origin, signed.unsigned) == 0
+
+
+SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM_TYPE = "application/spdx+json"
+
+
+async def test_referrers_come_from_the_tag_schema_fallback_filtered_and_cached(
+    tmp_path: Path, origin: Registry, seeded: Seeded, signed: Signed
+) -> None:
+    subject = signed.signed.manifest.digest
+    pusher = Pusher(origin.url)
+    # the registry checks that an index's manifests exist: the signature, and the image standing in
+    # for an SBOM
+    signature = {
+        "mediaType": OCI_MANIFEST,
+        "size": len(signed.signature.data),
+        "digest": signed.signature.digest,
+    }
+    sbom = {"mediaType": DOCKER_MANIFEST, "size": len(signed.signed.manifest.data), "digest": subject}
+    fallback = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{**signature, "artifactType": SIG_TYPE}, {**sbom, "artifactType": SBOM_TYPE}],
+    }
+    pusher.push_manifest(
+        "trust/signed", subject.replace(":", "-"), Blob(json.dumps(fallback).encode(), OCI_INDEX)
+    )
+    config = trust_config(edge_config(tmp_path / "cache", origin.url, tag_ttl=0.0), signed)
+    async with running_edge(config) as edge:
+        before = origin.count("GET", f"/v2/trust/signed/referrers/{subject}")
+        async with edge.http.get(f"/v2/trust/signed/referrers/{subject}") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == OCI_INDEX
+            assert "OCI-Filters-Applied" not in resp.headers
+            listing = await resp.json(content_type=None)
+        assert [m["artifactType"] for m in listing["manifests"]] == [SIG_TYPE, SBOM_TYPE]
+        async with edge.http.get(
+            f"/v2/trust/signed/referrers/{subject}", params={"artifactType": SBOM_TYPE}
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+            listing = await resp.json(content_type=None)
+        assert [m["artifactType"] for m in listing["manifests"]] == [SBOM_TYPE]
+        # the listing is kept (cache.referrers_ttl): asked again, upstream is not
+        asked = origin.count("GET", f"/v2/trust/signed/referrers/{subject}")
+        assert asked == before + 2  # one per artifactType
+        async with edge.http.get(f"/v2/trust/signed/referrers/{subject}") as resp:
+            assert resp.status == 200 and resp.headers["X-Cache"] == "HIT"
+        assert origin.count("GET", f"/v2/trust/signed/referrers/{subject}") == asked
