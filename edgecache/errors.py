@@ -38,6 +38,8 @@
         └── ManifestTooLarge        SIZE_INVALID        502
 
 `message` is fixed per class; `detail` is a short, safe string (never paths, exception text or secrets).
+The signature policy's refusals carry their detail (the rule's name) as the message too: dockerd and
+containerd show a client only `message`, and an operator's user needs to see which rule refused.
 An error is complete when built (nothing is set on it afterwards). Rendering happens in one place, the
 front's error rendering (`http.front.error_reply`).
 """
@@ -51,6 +53,7 @@ class EdgecacheError(Exception):
     code = "UNKNOWN"
     status = 500
     message = "internal error"
+    detail_is_message = False  # the detail is shown as the message too (the signature policy's)
 
     def __init__(self, detail: str = "", *, retry_after: float | None = None, negative: bool = False) -> None:
         super().__init__(detail or self.message)
@@ -66,7 +69,8 @@ class EdgecacheError(Exception):
         return CacheResult.PASS if isinstance(self, ClientError) else CacheResult.MISS
 
     def body(self) -> dict[str, list[dict[str, str]]]:
-        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+        message = self.detail if self.detail_is_message and self.detail else self.message
+        return {"errors": [{"code": self.code, "message": message, "detail": self.detail}]}
 
 
 class ClientError(EdgecacheError):
@@ -171,6 +175,7 @@ class SignatureRefused(AccessDenied):
     trusted key for this digest and repository. `detail` names the rule."""
 
     message = "the manifest is refused by the signature policy"
+    detail_is_message = True
 
 
 class TooManyAttempts(ClientError):
@@ -247,6 +252,7 @@ class SignatureUnavailable(UpstreamUnavailable):
 
     message = "the signature the trust policy requires cannot be fetched from upstream"
     status = 503
+    detail_is_message = True
 
 
 class UpstreamInterrupted(UpstreamUnavailable):

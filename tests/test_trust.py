@@ -25,7 +25,8 @@ import pytest
 
 from edgecache.config import Config, TrustConfig, TrustRule
 from edgecache.ops import warm
-from tests.conftest import Edge, Seeded, edge_config, running_edge
+from tests.conftest import Edge, Seeded, edge_config, running_edge, spawn_edge
+from tests.support.clients import ClientError, Containerd, Dockerd, require_clients, require_root
 from tests.support.cosign import KeyPair, make_key_pair, sign_image
 from tests.support.faults import FaultProxy
 from tests.support.images import (
@@ -140,8 +141,10 @@ async def get(edge: Edge, path: str, method: str = "GET") -> tuple[int, dict[str
 
 
 def refusal(document: dict[str, object]) -> tuple[str, str]:
+    """(code, message) of an OCI error; the signature policy's message is its detail, naming the rule."""
     error = document["errors"][0]  # type: ignore[index]
-    return error["code"], error["detail"]
+    assert error["message"] == error["detail"]
+    return error["code"], error["message"]
 
 
 def blob_gets(origin: Registry, image: Image) -> int:
@@ -400,3 +403,37 @@ async def test_referrers_come_from_the_tag_schema_fallback_filtered_and_cached(
         async with edge.http.get(f"/v2/trust/signed/referrers/{subject}") as resp:
             assert resp.status == 200 and resp.headers["X-Cache"] == "HIT"
         assert origin.count("GET", f"/v2/trust/signed/referrers/{subject}") == asked
+
+
+@pytest.mark.clients
+def test_dockerd_is_refused_an_unsigned_image_and_pulls_a_signed_one(
+    tmp_path: Path, origin: Registry, seeded: Seeded, signed: Signed
+) -> None:
+    """The real client: dockerd (vfs, its own containerd) pulls a signed image through a
+    policy-enforcing `edgecache serve`, and is refused an unsigned one with the rule in its error."""
+    require_root()
+    require_clients()
+    config = f"""
+[[trust.rules]]
+pattern = "docker.io/trust/*"
+action = "require"
+keys = ["{signed.keys.public_pem}"]
+"""
+    with (
+        spawn_edge(tmp_path, origin.url, config=config) as edge,
+        Containerd() as containerd,
+        Dockerd(registry_mirrors=[edge.url], containerd=containerd) as dockerd,
+    ):
+        host = edge.url.removeprefix("http://")  # loopback: dockerd speaks plain HTTP to it
+        dockerd.pull(f"{host}/trust/signed:1")
+        assert dockerd.image_id(f"{host}/trust/signed:1") == signed.signed.config.digest
+        with pytest.raises(ClientError) as refused:
+            dockerd.pull(f"{host}/trust/unsigned:1")
+        assert REQUIRE_MESSAGE in str(refused.value)
+        # Through registry-mirrors, dockerd is refused the same way, logs it, and then falls back to
+        # Docker Hub (out of reach here): a mirror's policy binds dockerd only where Hub is not
+        # reachable from the nodes (the README says so).
+        with pytest.raises(ClientError):
+            dockerd.pull("trust/unsigned:1")
+        assert f"after error: denied: {REQUIRE_MESSAGE}" in dockerd.log_path.read_text()
+        assert blob_gets(origin, signed.unsigned) == 0
