@@ -13,7 +13,8 @@ Decisions, for a rule that requires a signature:
   manifest asked for by digest before its index was verified needs its own signature.
 - Signature manifests and other cosign attachments (`sha256-<hex>.sig`, `.att`, `.sbom`, and the
   referrers tag fallback `sha256-<hex>`) are not themselves subject to the policy: clients (cosign,
-  podman) fetch them to verify for themselves.
+  podman) fetch them to verify for themselves. A manifest with image layers under such a tag is an
+  image all the same, and checked.
 - No signature manifest upstream: refused (403). Signatures, none valid: refused (403). The signature
   cannot be fetched (upstream down, 5xx, rate-limited): refused with 503 (fail closed, never an
   unverified serve).
@@ -32,6 +33,7 @@ from edgecache.access.trust import (
     Result,
     Rule,
     TrustPolicy,
+    has_image_layers,
     index_children,
     signature_layers,
     signature_tag,
@@ -167,7 +169,10 @@ class SignatureGate:
 
 
 def _is_attachment(query: ManifestQuery, answer: ManifestAnswer) -> bool:
-    """A signature (or other cosign attachment) manifest: by its tag, or by digest by its content."""
-    if isinstance(query.reference, Tag):
-        return ATTACHMENT_TAG.fullmatch(str(query.reference)) is not None
-    return answer.manifest is not None and signature_layers(answer.manifest.body) is not None
+    """A signature (or other cosign attachment) manifest: by its tag unless it carries image layers
+    (an image tagged `sha256-<hex>.sig` is still an image), or by digest by its content. A HEAD by such
+    a tag serves no content; whatever a client then fetches by digest is checked."""
+    manifest = answer.manifest
+    if isinstance(query.reference, Tag) and ATTACHMENT_TAG.fullmatch(str(query.reference)):
+        return manifest is None or not has_image_layers(manifest.body)
+    return manifest is not None and signature_layers(manifest.body) is not None

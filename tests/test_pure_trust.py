@@ -15,6 +15,7 @@ from edgecache.access.trust import (
     ATTACHMENT_TAG,
     Result,
     TrustPolicy,
+    has_image_layers,
     index_children,
     load_public_key,
     payload_mismatch,
@@ -196,3 +197,16 @@ def test_keys_that_cannot_be_used_are_refused_naming_the_rule(tmp_path: Path) ->
             load_public_key(str(tmp_path / name), "trust.rules[0].keys")
     with pytest.raises(ConfigError, match=r"trust.rules\[0\].keys"):
         TrustPolicy(TrustConfig(rules=(TrustRule("*", "require", (str(tmp_path / "junk.pem"),)),)))
+
+
+def test_image_layers_tell_an_image_from_an_attachment() -> None:
+    image = {"layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}]}
+    docker = {"layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip"}]}
+    signature = {"layers": [{"mediaType": SIMPLE_SIGNING}]}
+    attestation = {"layers": [{"mediaType": "application/vnd.dsse.envelope.v1+json"}]}
+    assert has_image_layers(json.dumps(image).encode())
+    assert has_image_layers(json.dumps(docker).encode())
+    assert not has_image_layers(json.dumps(signature).encode())
+    assert not has_image_layers(json.dumps(attestation).encode())
+    assert not has_image_layers(json.dumps({"manifests": []}).encode())  # an index: its children are checked
+    assert has_image_layers(b"not json")

@@ -198,6 +198,17 @@ async def test_a_manifest_without_a_trusted_signature_is_refused_naming_the_rule
     assert blob_gets(origin, image) == 0
 
 
+async def test_an_image_tagged_like_a_signature_is_still_checked(
+    trusted_edge: Edge, origin: Registry, signed: Signed
+) -> None:
+    image = signed.unsigned
+    disguise = "sha256-" + "e" * 64 + ".sig"
+    Pusher(origin.url).push_manifest("trust/unsigned", disguise, image.manifest)
+    status, document, _ = await get(trusted_edge, f"/v2/trust/unsigned/manifests/{disguise}")
+    assert status == 403 and refusal(document) == ("DENIED", REQUIRE_MESSAGE)
+    assert blob_gets(origin, image) == 0
+
+
 async def test_a_reject_rule_refuses_without_asking_for_signatures(
     trusted_edge: Edge, origin: Registry, signed: Signed
 ) -> None:

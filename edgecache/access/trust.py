@@ -245,6 +245,22 @@ def signature_layers(body: bytes) -> list[tuple[Digest, int, str]] | None:
     return found
 
 
+def has_image_layers(body: bytes) -> bool:
+    """Does this manifest carry filesystem layers (something a runtime would unpack and run)?
+
+    Attachments (signatures, attestations, SBOMs) carry payloads of other types; an image tagged
+    like an attachment (`sha256-<hex>.sig`) to slip past the policy carries tar layers. What does not
+    parse counts as an image: the policy then applies."""
+    try:
+        layers = json.loads(body).get("layers") or []
+        return any(
+            "image.layer" in str(layer.get("mediaType")) or "image.rootfs" in str(layer.get("mediaType"))
+            for layer in layers
+        )
+    except (ValueError, AttributeError, TypeError):
+        return True
+
+
 def index_children(body: bytes) -> list[Digest]:
     """The manifests an index lists (none for an image manifest or what does not parse)."""
     try:
