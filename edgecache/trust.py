@@ -73,16 +73,17 @@ class SignatureGate:
             return
         if rule.action == "reject":
             self._refuse(target, answer.digest, rule, Result.REJECTED, "a reject rule")
-        if policy.remembered(answer.digest, rule):
+        where = f"{target.upstream_name}/{target.repo}"
+        if policy.remembered(answer.digest, rule, where):
             result, reason = Result.VERIFIED, ""
         else:
             result, reason = await self._verify(target, rule, answer.digest)
         if result is not Result.VERIFIED:
             self._refuse(target, answer.digest, rule, result, reason)
-        policy.remember(answer.digest, rule)
+        policy.remember(answer.digest, rule, where)
         if answer.manifest is not None:
             for child in index_children(answer.manifest.body):
-                policy.remember(child, rule)  # covered by the signed index that lists it
+                policy.remember(child, rule, where)  # covered by the signed index that lists it
         self._count(Result.VERIFIED)
 
     async def _verify(self, target: Target, rule: Rule, digest: Digest) -> tuple[Result, str]:

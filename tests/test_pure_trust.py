@@ -32,6 +32,7 @@ from tests.support.cosign import SIMPLE_SIGNING, make_key_pair, sign_payload, si
 DIGEST = Digest.of(b"a manifest")
 OTHER = Digest.of(b"another manifest")
 REPO = RepoName.parse("library/alpine")
+HERE = "docker.io/library/alpine"
 
 
 def test_first_matching_rule_wins_and_nothing_matching_is_accepted(tmp_path: Path) -> None:
@@ -126,21 +127,22 @@ def test_signature_manifests_and_attachment_tags_are_recognised() -> None:
     assert index_children(body) == []
 
 
-def test_verdicts_are_remembered_per_rule_and_forgotten_on_reload(tmp_path: Path) -> None:
+def test_verdicts_are_remembered_per_rule_and_repository_and_forgotten_on_reload(tmp_path: Path) -> None:
     keys = make_key_pair(tmp_path, "k")
     config = TrustConfig(rules=(TrustRule("*", "require", (str(keys.public_pem),)),), cache_size=2)
     policy = TrustPolicy(config)
     rule = policy.rule_for("docker.io", REPO)
     assert rule is not None
-    policy.remember(DIGEST, rule)
-    assert policy.remembered(DIGEST, rule)
-    assert not policy.remembered(OTHER, rule)
+    policy.remember(DIGEST, rule, HERE)
+    assert policy.remembered(DIGEST, rule, HERE)
+    assert not policy.remembered(OTHER, rule, HERE)
+    assert not policy.remembered(DIGEST, rule, "docker.io/library/other")  # vouched for in one repository
     for i in range(3):  # bounded: the oldest goes
-        policy.remember(Digest.of(str(i).encode()), rule)
-    assert not policy.remembered(DIGEST, rule)
-    policy.remember(DIGEST, rule)
+        policy.remember(Digest.of(str(i).encode()), rule, HERE)
+    assert not policy.remembered(DIGEST, rule, HERE)
+    policy.remember(DIGEST, rule, HERE)
     policy.reconfigure(config)
-    assert not policy.remembered(DIGEST, rule)
+    assert not policy.remembered(DIGEST, rule, HERE)
 
 
 def test_results_are_the_metric_label_set() -> None:

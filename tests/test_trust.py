@@ -198,6 +198,17 @@ async def test_a_manifest_without_a_trusted_signature_is_refused_naming_the_rule
     assert blob_gets(origin, image) == 0
 
 
+async def test_a_digest_verified_in_one_repository_is_not_thereby_trusted_in_another(
+    trusted_edge: Edge, origin: Registry, signed: Signed
+) -> None:
+    Pusher(origin.url).push_image("trust/copy", "1", signed.signed)  # the same bytes, unsigned there
+    digest = signed.signed.manifest.digest
+    status, _, _ = await get(trusted_edge, f"/v2/trust/signed/manifests/{digest}")
+    assert status == 200
+    status, document, _ = await get(trusted_edge, f"/v2/trust/copy/manifests/{digest}")
+    assert status == 403 and refusal(document) == ("DENIED", REQUIRE_MESSAGE)
+
+
 async def test_an_image_tagged_like_a_signature_is_still_checked(
     trusted_edge: Edge, origin: Registry, signed: Signed
 ) -> None:

@@ -178,14 +178,17 @@ def signature_tag(digest: Digest) -> str:
 
 
 class TrustPolicy:
-    """The rules, and the verdicts remembered for (digest, rule).
+    """The rules, and the verdicts remembered for (digest, rule, repository).
+
+    The repository is part of the key because a signature vouches for a digest in one repository:
+    the same bytes verified under `acme/debug` are not thereby vouched for under `acme/prod`.
 
     Only verified verdicts are remembered: a refusal is decided again next time, so a signature pushed
     after a refused pull counts as soon as the signature tag's cache entry expires."""
 
     def __init__(self, config: TrustConfig) -> None:
         self._rules = load_rules(config.rules)
-        self._verified: LRUCache[tuple[Digest, int], bool] = LRUCache(config.cache_size)
+        self._verified: LRUCache[tuple[Digest, int, str], bool] = LRUCache(config.cache_size)
         self.max_signature_bytes = parse_size(config.max_signature_bytes, "trust.max_signature_bytes")
 
     def reconfigure(self, config: TrustConfig) -> None:
@@ -204,11 +207,12 @@ class TrustPolicy:
         target = f"{upstream}/{repo}"
         return next((r for r in self._rules if fnmatch.fnmatchcase(target, r.pattern)), None)
 
-    def remembered(self, digest: Digest, rule: Rule) -> bool:
-        return self._verified.get((digest, rule.index), False)
+    def remembered(self, digest: Digest, rule: Rule, target: str) -> bool:
+        """Verified before for this rule and `target` (UPSTREAM/REPOSITORY)?"""
+        return self._verified.get((digest, rule.index, target), False)
 
-    def remember(self, digest: Digest, rule: Rule) -> None:
-        self._verified[(digest, rule.index)] = True
+    def remember(self, digest: Digest, rule: Rule, target: str) -> None:
+        self._verified[(digest, rule.index, target)] = True
 
     def vouches(
         self, rule: Rule, digest: Digest, repo: RepoName, payload: bytes, annotation: str
