@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from edgecache.config import Config, TrustConfig, TrustRule
@@ -41,6 +43,7 @@ from tests.support.images import (
     build_index,
 )
 from tests.support.registry import Registry
+from tests.support.waiting import wait_until
 
 ACCEPT = {
     "Accept": ", ".join(
@@ -459,3 +462,40 @@ keys = ["{signed.keys.public_pem}"]
             dockerd.pull("trust/unsigned:1")
         assert f"after error: denied: {REQUIRE_MESSAGE}" in dockerd.log_path.read_text()
         assert blob_gets(origin, signed.unsigned) == 0
+
+
+async def test_sighup_rereads_the_key_files_of_a_running_server(
+    tmp_path: Path, origin: Registry, seeded: Seeded, signed: Signed
+) -> None:
+    key_file = tmp_path / "trusted.pub"
+    key_file.write_bytes(signed.keys.public_pem.read_bytes())
+    config = f"""
+[[trust.rules]]
+pattern = "docker.io/trust/*"
+action = "require"
+keys = ["{key_file}"]
+"""
+    with spawn_edge(tmp_path, origin.url, config=config) as edge:
+        async with aiohttp.ClientSession(edge.url, headers=ACCEPT) as http:
+
+            async def status_of(repo: str) -> int:
+                async with http.get(f"/v2/{repo}/manifests/1") as resp:
+                    return resp.status
+
+            assert await status_of("trust/signed") == 200
+            assert await status_of("trust/other") == 403
+            key_file.write_bytes(signed.other.public_pem.read_bytes())  # the same path, another key
+            edge.proc.send_signal(signal.SIGHUP)
+
+            async def swapped() -> bool:
+                return await status_of("trust/other") == 200
+
+            await wait_until(swapped, message="the reloaded key was not used")
+            assert await status_of("trust/signed") == 403  # its verdict was forgotten with the old key
+            # a key file that cannot be read refuses the reload and keeps the rules in force
+            key_file.write_text("not a key")
+            edge.proc.send_signal(signal.SIGHUP)
+            await wait_until(
+                lambda: "reload refused" in edge.log_path.read_text(), message="the bad key was not refused"
+            )
+            assert await status_of("trust/other") == 200
