@@ -182,7 +182,7 @@ class TrustConfig:
     """[trust]: ordered [[trust.rules]] (the first match wins; nothing matching is accepted)."""
 
     rules: tuple[TrustRule, ...] = ()
-    cache_size: int = 10_000  # (digest, rule) verdicts remembered; cleared on SIGHUP
+    cache_size: int = 10_000  # verified (digest, rule, repository) verdicts remembered; cleared on SIGHUP
     max_signature_bytes: str = "64K"  # a signature payload blob larger than this is not fetched
 
 

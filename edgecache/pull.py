@@ -68,6 +68,10 @@ class Upstream(BlobSource, Protocol):
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough: ...
 
 
+# Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
+ReferrersCache = TTLCache[tuple[str, RepoName, Digest, str], tuple[dict[str, str], bytes]]
+
+
 class TrustGate(Protocol):
     """The signature policy's say on a manifest answer (issue 18; `trust.SignatureGate` in service):
     returns to serve it, raises SignatureRefused / SignatureUnavailable to refuse it."""
@@ -217,21 +221,27 @@ class PullService:
         )
         self._trust: TrustGate = _AcceptAll()
         # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
-        self._referrers: TTLCache[tuple[str, RepoName, Digest, str], tuple[dict[str, str], bytes]] | None = (
-            TTLCache(maxsize=10_000, ttl=referrers_ttl) if referrers_ttl > 0 else None
-        )
+        self._referrers_ttl = referrers_ttl
+        self._referrers = self._referrers_cache(referrers_ttl)
 
     def reconfigure(self, cache: CacheConfig) -> None:
         """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
         self._tag_ttl = cache.tag_ttl
         self._max_stale = cache.max_stale
         self._swr = cache.stale_while_revalidate
+        if cache.referrers_ttl != self._referrers_ttl:
+            self._referrers_ttl = cache.referrers_ttl
+            self._referrers = self._referrers_cache(cache.referrers_ttl)
 
     def set_unchecked(self, upstreams: frozenset[str]) -> None:
         """The upstreams for which knowing which repository holds a digest protects nothing (the
         wiring decides: `app.unchecked_upstreams`); their stored digests are served under any
         repository name without asking upstream, even with their facts lost and upstream down."""
         self._unchecked = upstreams
+
+    @staticmethod
+    def _referrers_cache(ttl: float) -> ReferrersCache | None:
+        return TTLCache(maxsize=10_000, ttl=ttl) if ttl > 0 else None
 
     def set_trust(self, gate: TrustGate) -> None:
         """The signature policy asked about every manifest answer before it is recorded or served."""
@@ -646,17 +656,11 @@ class PullService:
             return Reply(200, dict(held[0]), BytesBody(held[1]), CacheResult.HIT)
         answer = await target.upstream.passthrough(target.repo, f"referrers/{digest}", params)
         if answer.status == 200:
-            body, filtered = answer.body, False
-            try:
-                document = json.loads(body)
-            except ValueError:
-                raise errors.UpstreamUnavailable(
-                    "upstream sent a referrers list that does not parse"
-                ) from None
             if artifact_type and "artifactType" not in (answer.filters or ""):
-                body, filtered = _referrers_index(document.get("manifests") or [], artifact_type), True
+                body, filtered = _referrers_index(_listed(answer.body), artifact_type), True
             else:
-                filtered = bool(answer.filters)
+                _listed(answer.body)  # relayed as it is, once known to be a listing
+                body, filtered = answer.body, bool(answer.filters)
         else:
             body = await self._referrers_fallback(target, digest, artifact_type)
             filtered = artifact_type is not None
@@ -672,15 +676,28 @@ class PullService:
         fallback = ManifestQuery(Tag.parse(f"{digest.algorithm}-{digest.hex}"), None, head=False)
         try:
             reply = await self.manifest(target, fallback)
-        except errors.ManifestUnknown:
+        except (errors.ManifestUnknown, errors.SignatureRefused):
+            # none; or an image pushed under that tag, which the signature policy refused
             return _referrers_index([], None)
         body = reply.body.data if isinstance(reply.body, BytesBody) else b"{}"
         reply.close()
         try:
-            manifests = json.loads(body).get("manifests") or []
-        except (ValueError, AttributeError):
+            manifests = _listed(body)
+        except errors.UpstreamUnavailable:
             manifests = []
         return _referrers_index(manifests, artifact_type)
+
+
+def _listed(body: bytes) -> list[object]:
+    """The descriptors of a referrers listing (an OCI index); UpstreamUnavailable if it is not one."""
+    try:
+        document = json.loads(body)
+        manifests = document.get("manifests") or []
+    except (ValueError, AttributeError):
+        raise errors.UpstreamUnavailable("upstream sent a referrers list that does not parse") from None
+    if not isinstance(manifests, list):
+        raise errors.UpstreamUnavailable("upstream sent a referrers list that does not parse")
+    return manifests
 
 
 def _referrers_index(manifests: list[object], artifact_type: str | None) -> bytes:

@@ -1,7 +1,11 @@
 """Key pairs in the cosign/sigstore format, made with `cryptography`, for skopeo to sign with.
 
 skopeo 1.9 signs with `--sign-by-sigstore-private-key KEY --sign-passphrase-file F` but has no
-`generate-sigstore-key` (added in 1.10), and cosign is not packaged in Debian. The private key format
+`generate-sigstore-key` (added in 1.10), and cosign is not packaged in Debian. Debian's build of
+skopeo 1.9 (and of podman, from the same containers/image) has sigstore patched out: signing fails
+with "creating signature: Debian-local change: sigstore disabled" and a `sigstoreSigned` policy
+rejects every image with the same words. So the keys below are what skopeo and cosign would read,
+and `sign_image` writes signatures the way they do, through the registry's real push API. The format
 is small enough to write here: a PEM block "ENCRYPTED SIGSTORE PRIVATE KEY" whose body is JSON
 (go-securesystemslib's `encrypted` package):
 
