@@ -18,6 +18,7 @@ from aiohttp import web
 
 from edgecache import sdnotify
 from edgecache.access.policy import AccessPolicy
+from edgecache.access.trust import TrustPolicy
 from edgecache.config import AccessConfig, Config, UpstreamConfig, split_host_port
 from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
@@ -39,6 +40,7 @@ from edgecache.store.keeper import CacheKeeper
 from edgecache.store.manifests import ManifestCache
 from edgecache.store.membership import Membership
 from edgecache.store.scrub import Scrubber
+from edgecache.trust import SignatureGate
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
 
@@ -62,6 +64,7 @@ class Edgecache:
     members: Membership
     scrubber: Scrubber
     prefetcher: Prefetcher | None
+    trust: SignatureGate
     log_format: str = "text"
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -69,6 +72,7 @@ class Edgecache:
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
         access = AccessPolicy(config.access)  # reads the htpasswd file: fail before taking the cache
+        trust_policy = TrustPolicy(config.trust)  # reads the trusted keys: the same
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
@@ -122,8 +126,11 @@ class Edgecache:
             negative_ttl=config.cache.negative_ttl,
             prefetcher=prefetcher,
             watch_window=prefetch.watch_window,
+            referrers_ttl=config.cache.referrers_ttl,
         )
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
+        trust = SignatureGate(trust_policy, pull, metrics)
+        pull.set_trust(trust)
         readiness = Readiness(store, clients)
         upstreams = Upstreams(clients, config.default_upstream)
         usage = Usage()
@@ -144,6 +151,7 @@ class Edgecache:
             members,
             scrubber,
             prefetcher,
+            trust,
             log_format,
         )
 
@@ -188,12 +196,13 @@ class Edgecache:
         """Take what can change at run time from a reloaded configuration: upstream credentials,
         timeouts, tag TTL rules and health thresholds; cache TTLs, size limits, watermarks and the scrub
         rate; access rules and the htpasswd file (not the access mode: that decides what the listeners
-        are)."""
+        are); the signature policy's rules and keys (its remembered verdicts are forgotten)."""
         access = new.access
         if (access.mode, access.client_ca) != (self.config.access.mode, self.config.access.client_ca):
             access = dataclasses.replace(
                 access, mode=self.config.access.mode, client_ca=self.config.access.client_ca
             )
+        self.trust.policy.reconfigure(new.trust)  # may raise ConfigError (a key): nothing applied yet
         self.front.access.reconfigure(access)  # may raise ConfigError: nothing applied yet
         for upstream in new.upstreams:
             client = self.clients.get(upstream.name)

@@ -138,6 +138,8 @@ def run_warm(args: argparse.Namespace) -> int:
         for ref in refs:
             if ":" in ref.reference:
                 print(f"edgecache warm: {ref} not pinned: pins name tags, not digests", file=sys.stderr)
+            elif str(ref) in summary.failed:
+                print(f"edgecache warm: {ref} not pinned: it was not warmed", file=sys.stderr)
             else:
                 maintenance.pin(config.cache.dir, "add", str(ref))
     return 1 if summary.failures else 0

@@ -82,6 +82,7 @@ class CacheConfig:
     stale_while_revalidate: float = 0.0
     max_stale: float = 86400.0
     negative_ttl: float = 30.0
+    referrers_ttl: float = 30.0  # a referrers listing is kept this long; 0: asked upstream every time
     abandoned_fills: str = "finish"
     scrub_rate: float = 20.0  # MB/s the background scrubber re-hashes stored files at; 0: off
 
@@ -163,6 +164,29 @@ ACCESS_MODES = ("anonymous", "htpasswd", "mtls")
 
 
 @dataclass(frozen=True)
+class TrustRule:
+    """What the signature policy asks of the manifests of repositories matching `pattern` (a glob on
+    UPSTREAM/REPOSITORY, `*` spans slashes, as in access rules): "accept" them, "reject" them, or
+    "require" a sigstore/cosign signature by one of `keys` (PEM public key files)."""
+
+    pattern: str
+    action: str
+    keys: StrList = ()
+
+
+TRUST_ACTIONS = ("accept", "reject", "require")
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """[trust]: ordered [[trust.rules]] (the first match wins; nothing matching is accepted)."""
+
+    rules: tuple[TrustRule, ...] = ()
+    cache_size: int = 10_000  # verified (digest, rule, repository) verdicts remembered; cleared on SIGHUP
+    max_signature_bytes: str = "64K"  # a signature payload blob larger than this is not fetched
+
+
+@dataclass(frozen=True)
 class PrefetchConfig:
     """Fills started ahead of the client from a manifest it was served (pull.prefetch)."""
 
@@ -190,6 +214,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -312,7 +337,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
     env = os.environ if env is None else env
-    known_top = {"server", "cache", "upstream", "default_upstream", "access", "prefetch", "status"}
+    known_top = {"server", "cache", "upstream", "default_upstream", "access", "prefetch", "status", "trust"}
     for key in doc:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known_top))})")
@@ -322,6 +347,7 @@ def load_config(
     access = dict(_table(doc, "access"))
     prefetch = dict(_table(doc, "prefetch"))
     status = dict(_table(doc, "status"))
+    trust = dict(_table(doc, "trust"))
     upstream_tables = doc.get("upstream", [])
     if isinstance(upstream_tables, dict):
         upstream_tables = [upstream_tables]
@@ -398,6 +424,7 @@ def load_config(
         access=_build_access(access),
         prefetch=_build(PrefetchConfig, "prefetch", prefetch),
         status=_build(StatusConfig, "status", status),
+        trust=_build_trust(trust),
     )
     validate(config)
     return config
@@ -413,6 +440,28 @@ def _build_access(table: dict[str, Any]) -> AccessConfig:
             raise ConfigError(f"access.rules[{i}].identity: must be set")
     access: AccessConfig = _build(AccessConfig, "access", table)
     return dataclasses.replace(access, rules=built)
+
+
+def _build_trust(table: dict[str, Any]) -> TrustConfig:
+    rules = table.pop("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError("trust.rules: expected [[trust.rules]] tables")
+    built = tuple(_build(TrustRule, f"trust.rules[{i}]", rule) for i, rule in enumerate(rules))
+    for i, rule in enumerate(built):
+        key = f"trust.rules[{i}]"
+        if not rule.pattern:
+            raise ConfigError(f"{key}.pattern: must be set (a glob on UPSTREAM/REPOSITORY)")
+        if rule.action not in TRUST_ACTIONS:
+            raise ConfigError(f"{key}.action: one of {', '.join(TRUST_ACTIONS)}, got {rule.action!r}")
+        if rule.action == "require" and not rule.keys:
+            raise ConfigError(f"{key}.keys: a require rule needs at least one public key file")
+        if rule.action != "require" and rule.keys:
+            raise ConfigError(f"{key}.keys: only a require rule has keys")
+    trust: TrustConfig = _build(TrustConfig, "trust", table)
+    if trust.cache_size < 1:
+        raise ConfigError("trust.cache_size: must be >= 1")
+    parse_size(trust.max_signature_bytes, "trust.max_signature_bytes")
+    return dataclasses.replace(trust, rules=built)
 
 
 def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -439,6 +488,8 @@ def validate(config: Config) -> None:
         raise ConfigError("cache.stale_while_revalidate: must be >= 0 seconds")
     if config.cache.negative_ttl < 0:
         raise ConfigError("cache.negative_ttl: must be >= 0 seconds")
+    if config.cache.referrers_ttl < 0:
+        raise ConfigError("cache.referrers_ttl: must be >= 0 seconds")
     if config.cache.scrub_rate < 0:
         raise ConfigError("cache.scrub_rate: must be >= 0 MB/s (0 turns the scrubber off)")
     parse_size(config.prefetch.max_bytes, "prefetch.max_bytes")

@@ -16,6 +16,7 @@
     │   ├── UpstreamUnknown         NAME_UNKNOWN        404 (a `ns=` that is not configured)
     │   ├── Unauthorized            UNAUTHORIZED        401 (with WWW-Authenticate)
     │   ├── AccessDenied            DENIED              403 (an access rule refused it)
+    │   │   └── SignatureRefused    DENIED              403 (the signature policy refused the manifest)
     │   ├── TooManyAttempts         TOOMANYREQUESTS     429 (failed logins from one client)
     │   └── RequestTimeout          UNSUPPORTED         408 (request headers too slow)
     ├── TooManyConnections          TOOMANYREQUESTS     503 (the connection cap)
@@ -27,6 +28,7 @@
     ├── UpstreamRateLimited         TOOMANYREQUESTS     429
     └── UpstreamError               the upstream failed: never reported as "not found"
         ├── UpstreamUnavailable     UNAVAILABLE         502 (5xx, refused, reset, bad answer)
+        │   ├── SignatureUnavailable                    503 (a required signature cannot be fetched)
         │   ├── UpstreamDown                            503 (marked down after repeated failures)
         │   └── UpstreamInterrupted                     a body cut short mid-way (resumable)
         │       └── UpstreamStalled                     a body silent or trickling past its deadline
@@ -36,6 +38,8 @@
         └── ManifestTooLarge        SIZE_INVALID        502
 
 `message` is fixed per class; `detail` is a short, safe string (never paths, exception text or secrets).
+The signature policy's refusals carry their detail (the rule's name) as the message too: dockerd and
+containerd show a client only `message`, and an operator's user needs to see which rule refused.
 An error is complete when built (nothing is set on it afterwards). Rendering happens in one place, the
 front's error rendering (`http.front.error_reply`).
 """
@@ -49,6 +53,7 @@ class EdgecacheError(Exception):
     code = "UNKNOWN"
     status = 500
     message = "internal error"
+    detail_is_message = False  # the detail is shown as the message too (the signature policy's)
 
     def __init__(self, detail: str = "", *, retry_after: float | None = None, negative: bool = False) -> None:
         super().__init__(detail or self.message)
@@ -64,7 +69,8 @@ class EdgecacheError(Exception):
         return CacheResult.PASS if isinstance(self, ClientError) else CacheResult.MISS
 
     def body(self) -> dict[str, list[dict[str, str]]]:
-        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+        message = self.detail if self.detail_is_message and self.detail else self.message
+        return {"errors": [{"code": self.code, "message": message, "detail": self.detail}]}
 
 
 class ClientError(EdgecacheError):
@@ -164,6 +170,14 @@ class AccessDenied(ClientError):
     status = 403
 
 
+class SignatureRefused(AccessDenied):
+    """A [[trust.rules]] entry refused the manifest: rejected outright, unsigned, or not signed by a
+    trusted key for this digest and repository. `detail` names the rule."""
+
+    message = "the manifest is refused by the signature policy"
+    detail_is_message = True
+
+
 class TooManyAttempts(ClientError):
     """Too many failed logins from one client: refused without checking, for a while."""
 
@@ -230,6 +244,15 @@ class UpstreamDown(UpstreamUnavailable):
 
     message = "upstream registry is down"
     status = 503
+
+
+class SignatureUnavailable(UpstreamUnavailable):
+    """A rule requires a signature and it cannot be fetched (upstream down or failing): the manifest
+    is not served unverified (fail closed), and the client may retry."""
+
+    message = "the signature the trust policy requires cannot be fetched from upstream"
+    status = 503
+    detail_is_message = True
 
 
 class UpstreamInterrupted(UpstreamUnavailable):

@@ -40,6 +40,8 @@ SCRUB_RESULTS = ("ok", "changed", "corrupt", "gone")
 # Why a blob of a served manifest was not prefetched: already stored, already filling, past the
 # manifest's byte cap, the upstream's queue full, or no room in the cache for it.
 PREFETCH_SKIPS = ("cached", "filling", "cap", "queue_full", "no_room")
+# What the signature policy decided about a manifest (access.trust.Result): a closed set, no repository.
+TRUST_RESULTS = ("accepted", "verified", "rejected", "unsigned", "untrusted", "unavailable")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 _API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
 _CACHED_ROUTES = ("manifest", "blob")
@@ -286,6 +288,15 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.trust_decisions = Counter(
+            "edgecache_trust_decisions_total",
+            "Manifests the signature policy decided on, by result (refusals: rejected, unsigned, "
+            "untrusted, unavailable)",
+            ["result"],
+            registry=r,
+        )
+        for result in TRUST_RESULTS:
+            self.trust_decisions.labels(result)
         # The series dashboards and alerts read exist from start-up (not every combination: a
         # label set first seen later appears then, and sums over it stay right).
         for route in _API_ROUTES:

@@ -30,6 +30,7 @@ from edgecache.fill.window import Cursor
 from edgecache.metrics import Metrics
 from edgecache.oci import (
     INLINE_HASH_LIMIT,
+    OCI_INDEX,
     OCI_MANIFEST,
     ByteRange,
     Digest,
@@ -70,6 +71,22 @@ class Upstream(BlobSource, Protocol):
     async def get_manifest(self, repo: RepoName, reference: str) -> FetchedManifest: ...
     async def head_blob(self, repo: RepoName, digest: Digest) -> int | None: ...
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough: ...
+
+
+# Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
+ReferrersCache = TTLCache[tuple[str, RepoName, Digest, str], tuple[dict[str, str], bytes]]
+
+
+class TrustGate(Protocol):
+    """The signature policy's say on a manifest answer (issue 18; `trust.SignatureGate` in service):
+    returns to serve it, raises SignatureRefused / SignatureUnavailable to refuse it."""
+
+    async def check(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None: ...
+
+
+class _AcceptAll:
+    async def check(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +207,7 @@ class PullService:
         negative_ttl: float = 30.0,
         prefetcher: Prefetcher | None = None,
         watch_window: float = 0.0,
+        referrers_ttl: float = 30.0,
     ) -> None:
         self._store = store
         self._manifests = manifests
@@ -214,18 +232,33 @@ class PullService:
         # Manifests with nothing to prefetch at their last serve (indexes, or every blob stored): not
         # parsed again for a minute, so a hot manifest's hits stay cheap.
         self._settled: TTLCache[tuple[str, Digest], bool] = TTLCache(maxsize=10_000, ttl=60.0)
+        self._trust: TrustGate = _AcceptAll()
+        # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
+        self._referrers_ttl = referrers_ttl
+        self._referrers = self._referrers_cache(referrers_ttl)
 
     def reconfigure(self, cache: CacheConfig) -> None:
         """Reloaded TTLs apply to the next request; entries already cached keep their confirmation time."""
         self._tag_ttl = cache.tag_ttl
         self._max_stale = cache.max_stale
         self._swr = cache.stale_while_revalidate
+        if cache.referrers_ttl != self._referrers_ttl:
+            self._referrers_ttl = cache.referrers_ttl
+            self._referrers = self._referrers_cache(cache.referrers_ttl)
 
     def set_unchecked(self, upstreams: frozenset[str]) -> None:
         """The upstreams for which knowing which repository holds a digest protects nothing (the
         wiring decides: `app.unchecked_upstreams`); their stored digests are served under any
         repository name without asking upstream, even with their facts lost and upstream down."""
         self._unchecked = upstreams
+
+    @staticmethod
+    def _referrers_cache(ttl: float) -> ReferrersCache | None:
+        return TTLCache(maxsize=10_000, ttl=ttl) if ttl > 0 else None
+
+    def set_trust(self, gate: TrustGate) -> None:
+        """The signature policy asked about every manifest answer before it is recorded or served."""
+        self._trust = gate
 
     async def settled(self) -> None:
         """Wait for background revalidations started so far (shutdown, tests)."""
@@ -246,6 +279,9 @@ class PullService:
             answer = await self._manifest_by_digest(target, query.reference)
         else:
             answer = await self._manifest_by_tag(target, query, query.reference)
+        # trust (issue 18): the signature policy decides on the answer before it is recorded or
+        # served; a refusal raises here, so nothing of a refused manifest is served or prefetched.
+        await self._trust.check(target, query, answer)
         await self._remember(target, answer)
         reply = self._manifest_reply(query, answer)
         if self._prefetch is not None:
@@ -504,7 +540,12 @@ class PullService:
         task.add_done_callback(self._background.discard)
 
     async def _prefetch_image(self, target: Target, digest: Digest, platforms: set[str]) -> None:
+        """Fetch a moved tag's manifest and prefetch its blobs (an index: those of `platforms`), each
+        manifest first passing the signature policy as a client's GET would: a refused one raises,
+        and none of its blobs are fetched."""
         manifest = await self._manifests.get(digest) or await self._fetch_manifest(target, digest)
+        answer = ManifestAnswer(digest, manifest.media_type, manifest, None, CacheResult.MISS)
+        await self._trust.check(target, ManifestQuery(digest, None, head=False), answer)
         await self._members.record_manifest(target.upstream_name, target.repo, digest, manifest.body)
         parts = await _parts_async(manifest.body)
         for child in parts.children:
@@ -720,12 +761,74 @@ class PullService:
         body = json.dumps({"name": link_name, "tags": page.tags}).encode()
         return Reply(200, headers, BytesBody(body), CacheResult.PASS)
 
+    # -- referrers (issue 18): cached briefly, with the tag-schema fallback ---------------------------
+
     async def referrers(self, target: Target, digest: Digest, params: Mapping[str, str]) -> Reply:
+        """The referrers of `digest` as an OCI index, filtered by `artifactType` when asked.
+
+        From upstream's referrers API when it has one; when it answers 404 (no such API: distribution
+        2.8, many mirrors) from the tag-schema fallback, the index tagged `sha256-<hex>`, as the
+        distribution spec says a client would; with neither, an empty index (the spec's answer for a
+        digest without referrers: a registry with the API never says 404 here). A listing is kept
+        `cache.referrers_ttl` seconds: signatures and attestations are added after the image."""
+        artifact_type = params.get("artifactType")
+        key = (target.upstream_name, target.repo, digest, artifact_type or "")
+        if self._referrers is not None and (held := self._referrers.get(key)) is not None:
+            return Reply(200, dict(held[0]), BytesBody(held[1]), CacheResult.HIT)
         answer = await target.upstream.passthrough(target.repo, f"referrers/{digest}", params)
-        if answer.status == 404:
-            raise errors.ManifestUnknown(f"upstream {target.upstream_name} has no referrers for it")
-        headers = {"Content-Type": answer.content_type}
-        return Reply(200, headers, BytesBody(answer.body), CacheResult.PASS)
+        if answer.status == 200:
+            if artifact_type and "artifactType" not in (answer.filters or ""):
+                body, filtered = _referrers_index(_listed(answer.body), artifact_type), True
+            else:
+                _listed(answer.body)  # relayed as it is, once known to be a listing
+                body, filtered = answer.body, bool(answer.filters)
+        else:
+            body = await self._referrers_fallback(target, digest, artifact_type)
+            filtered = artifact_type is not None
+        headers = {"Content-Type": OCI_INDEX}
+        if filtered:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if self._referrers is not None:
+            self._referrers[key] = (headers, body)
+        return Reply(200, dict(headers), BytesBody(body), CacheResult.MISS)
+
+    async def _referrers_fallback(self, target: Target, digest: Digest, artifact_type: str | None) -> bytes:
+        """The `sha256-<hex>` tag's index (through the manifest path: cached, verified), filtered."""
+        fallback = ManifestQuery(Tag.parse(f"{digest.algorithm}-{digest.hex}"), None, head=False)
+        try:
+            reply = await self.manifest(target, fallback)
+        except (errors.ManifestUnknown, errors.SignatureRefused):
+            # none; or an image pushed under that tag, which the signature policy refused
+            return _referrers_index([], None)
+        body = reply.body.data if isinstance(reply.body, BytesBody) else b"{}"
+        reply.close()
+        try:
+            manifests = _listed(body)
+        except errors.UpstreamUnavailable:
+            manifests = []
+        return _referrers_index(manifests, artifact_type)
+
+
+def _listed(body: bytes) -> list[object]:
+    """The descriptors of a referrers listing (an OCI index); UpstreamUnavailable if it is not one."""
+    try:
+        document = json.loads(body)
+        manifests = document.get("manifests") or []
+    except (ValueError, AttributeError):
+        raise errors.UpstreamUnavailable("upstream sent a referrers list that does not parse") from None
+    if not isinstance(manifests, list):
+        raise errors.UpstreamUnavailable("upstream sent a referrers list that does not parse")
+    return manifests
+
+
+def _referrers_index(manifests: list[object], artifact_type: str | None) -> bytes:
+    """An OCI image index of referrer descriptors, only those of `artifact_type` when given."""
+    kept = [
+        m
+        for m in manifests
+        if isinstance(m, dict) and (artifact_type is None or m.get("artifactType") == artifact_type)
+    ]
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}).encode()
 
 
 def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> tuple[int, int, int]:

@@ -327,10 +327,15 @@ async def test_tags_list_pagination_link_points_at_the_mirror(
         await proxy.stop()
 
 
-async def test_referrers_404_from_upstream_passes_through(edge: Edge, seeded: Seeded) -> None:
+async def test_referrers_without_an_upstream_api_or_fallback_tag_are_an_empty_index(
+    edge: Edge, seeded: Seeded
+) -> None:
+    # the origin (distribution 2.8) has no referrers API (404) and there is no sha256-<hex> tag:
+    # the spec's answer is 200 with an empty index, never a 404
     async with edge.http.get(f"/v2/library/alpine/referrers/{seeded.alpine.manifest.digest}") as resp:
-        assert resp.status == 404
-        assert (await error_of(resp))["code"] == "MANIFEST_UNKNOWN"
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+        assert (await resp.json(content_type=None))["manifests"] == []
 
 
 async def test_upstream_404s_are_404s(edge: Edge) -> None:

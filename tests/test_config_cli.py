@@ -18,6 +18,8 @@ from edgecache.config import (
     AccessRule,
     CacheConfig,
     ServerConfig,
+    TrustConfig,
+    TrustRule,
     UpstreamConfig,
     load_config,
 )
@@ -53,7 +55,7 @@ def test_documented_config_file_states_the_defaults() -> None:
     assert load_config(str(ROOT / "conf/edgecache.toml"), env={}) == load_config(env={})
     # ...and documents every key there is (set, or commented out where the default is computed).
     text = (ROOT / "conf/edgecache.toml").read_text()
-    for cls in (ServerConfig, CacheConfig, UpstreamConfig, AccessConfig, AccessRule):
+    for cls in (ServerConfig, CacheConfig, UpstreamConfig, AccessConfig, AccessRule, TrustConfig, TrustRule):
         for field in dataclasses.fields(cls):
             assert re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE), f"{field.name} undocumented"
 

@@ -264,3 +264,37 @@ async def test_a_tag_list_that_does_not_parse_is_an_upstream_failure(world: Worl
     world.upstream.listing = Passthrough(200, "application/json", b"<html>busy</html>", None)
     with pytest.raises(errors.UpstreamUnavailable):
         await world.pull.tags_list(world.target("library/x"), {}, "x", None)
+
+
+async def test_referrers_from_an_upstream_api_are_filtered_here_unless_it_did_and_kept_briefly(
+    world: World,
+) -> None:
+    subject = Digest.of(b"subject")
+    listing = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "digest": str(Digest.of(b"sig")),
+                "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+            },
+            {"digest": str(Digest.of(b"sbom")), "artifactType": "application/spdx+json"},
+        ],
+    }
+    index_type = "application/vnd.oci.image.index.v1+json"
+    world.upstream.listing = Passthrough(200, index_type, json.dumps(listing).encode(), None)
+    target = world.target("library/x")
+    reply = await world.pull.referrers(target, subject, {"artifactType": "application/spdx+json"})
+    assert reply.headers == {"Content-Type": index_type, "OCI-Filters-Applied": "artifactType"}
+    assert isinstance(reply.body, BytesBody)
+    assert [m["artifactType"] for m in json.loads(reply.body.data)["manifests"]] == ["application/spdx+json"]
+    # an upstream that filtered (it says so) is believed; its listing is passed on as it is
+    world.upstream.listing = Passthrough(200, index_type, json.dumps(listing).encode(), None, "artifactType")
+    other = Digest.of(b"other subject")
+    reply = await world.pull.referrers(target, other, {"artifactType": "application/spdx+json"})
+    assert isinstance(reply.body, BytesBody) and len(json.loads(reply.body.data)["manifests"]) == 2
+    assert reply.headers["OCI-Filters-Applied"] == "artifactType"
+    # kept: asked again, upstream is not
+    asked = len(world.upstream.requests)
+    reply = await world.pull.referrers(target, subject, {"artifactType": "application/spdx+json"})
+    assert reply.cache is CacheResult.HIT and len(world.upstream.requests) == asked

@@ -62,6 +62,7 @@ class Summary:
     fetched_bytes: int = 0
     cached_bytes: int = 0
     failures: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)  # references not warmed (refused by policy, or failing)
 
 
 class Warmer:
@@ -77,7 +78,10 @@ class Warmer:
             await self._manifest(ref, ref.reference, top=True)
             self.summary.images += 1
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # A refusal (an access rule, or the signature policy's 403/503) is reported with the
+            # message edgecache gave, and the reference is not pinned by `warm --pin`.
             self.summary.failures.append(f"{ref}: {exc}")
+            self.summary.failed.add(str(ref))
 
     async def _manifest(self, ref: ImageRef, reference: str, top: bool) -> None:
         body, media_type = await self._get_manifest(ref, reference)

@@ -83,6 +83,7 @@ class Passthrough:
     content_type: str
     body: bytes
     link: str | None
+    filters: str | None = None  # OCI-Filters-Applied: what a referrers API filtered already
 
 
 class UpstreamClient:
@@ -211,6 +212,7 @@ class UpstreamClient:
                 content_type=resp.headers.get("Content-Type", "application/json"),
                 body=body,
                 link=resp.headers.get("Link"),
+                filters=resp.headers.get("OCI-Filters-Applied"),
             )
 
     # -- plumbing ------------------------------------------------------------------------------
