@@ -202,7 +202,6 @@ class StatusConfig:
     """The status page (/_edgecache/status and status.json), served where /metrics is."""
 
     enabled: bool = True
-    show_clients: bool = False  # client addresses appear on the page only when this is set
 
 
 @dataclass(frozen=True)

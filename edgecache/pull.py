@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -59,6 +60,8 @@ STALE_WARNING = '110 - "Response is Stale"'
 # to 4 MiB of JSON to parse and sort, on a worker thread.
 INLINE_TAG_LIST_BYTES = 64 * 1024
 WATCH_BATCH = 100  # watched tags revalidated per sweep, at most
+SETTLED_FOR = 60.0  # seconds a manifest with nothing to prefetch is not parsed again
+SETTLED_KEPT = 10_000
 
 
 class Upstream(BlobSource, Protocol):
@@ -231,7 +234,7 @@ class PullService:
         self.pulled_tags: PulledTags[Target] = PulledTags(watch_window if prefetcher else 0.0)
         # Manifests with nothing to prefetch at their last serve (indexes, or every blob stored): not
         # parsed again for a minute, so a hot manifest's hits stay cheap.
-        self._settled: TTLCache[tuple[str, Digest], bool] = TTLCache(maxsize=10_000, ttl=60.0)
+        self._settled: dict[Digest, float] = {}  # -> until when (a plain dict: cheap)
         self._trust: TrustGate = _AcceptAll()
         # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
         self._referrers_ttl = referrers_ttl
@@ -494,20 +497,25 @@ class PullService:
     async def _ahead(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
         """After serving a manifest: note a pulled tag (and a platform taken from its index), and
         start fills for the blobs of an image manifest (GET only) that are not stored yet. An index
-        starts nothing: only the platforms clients then ask for count."""
+        starts nothing: only the platforms clients then ask for count.
+
+        On every manifest hit, so the usual case is two dict lookups: a manifest with nothing to do
+        (an index, or every blob stored) is `_settled` for a minute, its platform mark included."""
         upstream, repo, digest = target.upstream_name, target.repo, answer.digest
         if not isinstance(query.reference, Digest):
             self.pulled_tags.pulled((upstream, repo, query.reference), target, digest)
         manifest = answer.manifest
         if manifest is None or query.head:
             return
-        self.pulled_tags.served(upstream, repo, digest, ())
-        if (upstream, digest) in self._settled:
+        now = time.monotonic()
+        if self._settled.get(digest, 0.0) > now:
             return
         parts = await _parts_async(manifest.body)
         self.pulled_tags.served(upstream, repo, digest, parts.children)
         if self._offer(target, parts):
-            self._settled[(upstream, digest)] = True
+            if len(self._settled) >= SETTLED_KEPT:
+                self._settled = {k: until for k, until in self._settled.items() if until > now}
+            self._settled[digest] = now + SETTLED_FOR
 
     def _offer(self, target: Target, parts: ManifestParts) -> bool:
         """Prefetch the blobs not stored yet; True when there is nothing to do (all of them stored,

@@ -174,7 +174,7 @@ class Prefetcher:
 
     def asked(self, upstream: str, digest: Digest) -> None:
         """A client asked for the blob (GET): a prefetched one counts as used, once."""
-        if self._unasked.pop(digest, None) is not None:
+        if digest in self._unasked and self._unasked.pop(digest, None) is not None:
             self._metrics.prefetch_used.labels(upstream).inc()
 
     def evicted(self, digests: Sequence[Digest]) -> None:
@@ -208,6 +208,7 @@ class PulledTag(Generic[T]):
 
     target: T
     pulled_at: float
+    digest: Digest | None = None  # what it pointed at when last pulled
     platforms: set[str] = field(default_factory=set)
 
 
@@ -221,23 +222,26 @@ class PulledTags(Generic[T]):
         self.window = window
         self._clock = clock
         self._tags: OrderedDict[TagKey, PulledTag[T]] = OrderedDict()
-        self._tag_of: LRUCache[tuple[str, RepoName, Digest], TagKey] = LRUCache(WATCHED_TAGS)
-        self._child_of: LRUCache[tuple[str, RepoName, Digest], tuple[TagKey, str]] = LRUCache(
-            4 * WATCHED_TAGS
-        )
+        # Plain dicts, bounded by dropping the oldest: they are read on every manifest hit.
+        self._tag_of: dict[tuple[str, RepoName, Digest], TagKey] = {}
+        self._child_of: dict[tuple[str, RepoName, Digest], tuple[TagKey, str]] = {}
 
     def pulled(self, key: TagKey, target: T, digest: Digest) -> None:
-        """A client pulled the tag (GET or HEAD) and got `digest`."""
+        """A client pulled the tag (GET or HEAD) and got `digest`. Cheap when nothing changed within
+        the last second (a hot tag's hits)."""
         if self.window <= 0:
             return
+        now = self._clock()
         entry = self._tags.get(key)
+        if entry is not None and entry.digest == digest and now - entry.pulled_at < 1.0:
+            return
         if entry is None:
-            entry = self._tags[key] = PulledTag(target, 0.0)
+            entry = self._tags[key] = PulledTag(target, now)
             if len(self._tags) > WATCHED_TAGS:
                 self._tags.popitem(last=False)
-        entry.target, entry.pulled_at = target, self._clock()
+        entry.target, entry.pulled_at, entry.digest = target, now, digest
         self._tags.move_to_end(key)
-        self._tag_of[(key[0], key[1], digest)] = key
+        _bounded_put(self._tag_of, (key[0], key[1], digest), key, WATCHED_TAGS)
 
     def served(self, upstream: str, repo: RepoName, digest: Digest, children: Sequence[Descriptor]) -> None:
         """A manifest was served: an index a watched tag points at lists its platforms' children;
@@ -247,7 +251,8 @@ class PulledTags(Generic[T]):
         if key is not None:
             for child in children:
                 if child.platform:
-                    self._child_of[(upstream, repo, child.digest)] = (key, child.platform)
+                    where_child = (upstream, repo, child.digest)
+                    _bounded_put(self._child_of, where_child, (key, child.platform), 4 * WATCHED_TAGS)
         parent = self._child_of.get(where)
         if parent is not None and (entry := self._tags.get(parent[0])) is not None:
             entry.platforms.add(parent[1])
@@ -268,3 +273,15 @@ class PulledTags(Generic[T]):
                 break
             del self._tags[key]
         return list(self._tags.items())
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _bounded_put(table: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Set `key`, dropping the oldest entries past `limit` (insertion order: a cheap FIFO bound)."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]

@@ -8,8 +8,8 @@ task the instance starts and stops, never by a request. Gathering is in-memory w
 is shown (the top repositories come from a heap, the lists are cut), so a page load stays short for
 the event loop however many repositories are known.
 
-Nothing here names a client: the page shows no client addresses (`show_clients` is read and kept for
-when it does), and an upstream is shown by name and scheme://host:port, never its credentials.
+Nothing here names a client: the page shows no client addresses, and an upstream is shown by name
+and scheme://host:port, never its credentials.
 """
 
 from __future__ import annotations
