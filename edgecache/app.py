@@ -106,6 +106,7 @@ class Edgecache:
                 concurrency=prefetch.concurrency,
                 queue_limit=prefetch.queue_limit,
                 max_bytes=parse_size(prefetch.max_bytes, "prefetch.max_bytes"),
+                usable=lambda name: name not in clients or clients[name].health.state == "up",
             )
             if prefetch.enabled
             else None

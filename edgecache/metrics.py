@@ -38,8 +38,9 @@ MISMATCH_KINDS = ("blob", "manifest")
 QUARANTINE_REASONS = ("changed", "corrupt")
 SCRUB_RESULTS = ("ok", "changed", "corrupt", "gone")
 # Why a blob of a served manifest was not prefetched: already stored, already filling, past the
-# manifest's byte cap, the upstream's queue full, or no room in the cache for it.
-PREFETCH_SKIPS = ("cached", "filling", "cap", "queue_full", "no_room")
+# manifest's byte cap, the upstream's queue full, no room in the cache for it, or the upstream down
+# or rate limited (a prefetch would only fail, or spend its budget).
+PREFETCH_SKIPS = ("cached", "filling", "cap", "queue_full", "no_room", "unavailable")
 # What the signature policy decided about a manifest (access.trust.Result): a closed set, no repository.
 TRUST_RESULTS = ("accepted", "verified", "rejected", "unsigned", "untrusted", "unavailable")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)

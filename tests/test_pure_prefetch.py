@@ -38,8 +38,14 @@ class World:
     """The parts the app wires, prefetch on, around one in-memory upstream."""
 
     def __init__(
-        self, root: Path, *, concurrency: int = 4, max_bytes: int = 1 << 30, max_size: int = 1 << 30
-    ):
+        self,
+        root: Path,
+        *,
+        concurrency: int = 4,
+        max_bytes: int = 1 << 30,
+        max_size: int = 1 << 30,
+        down: set[str] | None = None,  # upstreams whose health says down (the app asks the client's)
+    ) -> None:
         self.clock = Clock(1_700_000_000.0)
         self.upstream = MemoryUpstream()
         self.metrics = Metrics([self.upstream.name])
@@ -55,6 +61,7 @@ class World:
             concurrency=concurrency,
             queue_limit=100,
             max_bytes=max_bytes,
+            usable=lambda name: name not in (down or set()),
         )
         self.keeper.on_evicted = self.prefetcher.evicted
         self.pull = PullService(
@@ -329,3 +336,16 @@ async def test_a_moved_index_prefetches_the_platforms_clients_took(world: World)
     await world.pull.settled()
     await world.flights.settled()
     assert not set(world.fetched()) & {str(d) for d in new_amd_blobs}
+
+
+async def test_nothing_is_prefetched_from_an_upstream_that_is_down(tmp_path: Path) -> None:
+    down = {"mem"}
+    async with started(World(tmp_path, down=down)) as world:
+        _, blobs = image(world.upstream, [4096, 4096], "v1")
+        await world.manifest("v1")
+        await world.flights.settled()
+        assert world.fetched() == []
+        assert world.sample("edgecache_prefetch_skipped_total", upstream="mem", reason="unavailable") == 3
+        down.clear()  # back up: the next serve prefetches
+        await world.manifest("v1")
+        await wait_until(lambda: len(world.fetched()) == len(blobs))

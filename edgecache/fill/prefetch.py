@@ -74,8 +74,10 @@ class Prefetcher:
         concurrency: int,
         queue_limit: int,
         max_bytes: int,
+        usable: Callable[[str], bool] = lambda upstream: True,
     ) -> None:
         self._flights = flights
+        self._usable = usable  # the upstream may be asked now: not down, not rate limited
         self._keeper = keeper
         self._metrics = metrics
         self.concurrency = concurrency
@@ -98,9 +100,12 @@ class Prefetcher:
         if self._closed:
             return 0
         name = source.name
+        skipped = self._metrics.prefetch_skipped
+        if not self._usable(name):
+            skipped.labels(name, "unavailable").inc(len(blobs))
+            return 0
         lane = self._lanes.get(name) or self._lanes.setdefault(name, _Lane(name))
         budget, queued = self.max_bytes, 0
-        skipped = self._metrics.prefetch_skipped
         for blob in blobs:
             reason = self._skip_reason(name, lane, blob.digest)
             if reason == "queued":
@@ -140,6 +145,8 @@ class Prefetcher:
             reason = self._skip_reason(name, lane, job.digest)
             if reason is None and not self._keeper.could_hold(job.size):
                 reason = "no_room"
+            if reason is None and not self._usable(name):
+                reason = "unavailable"
             if reason is not None:
                 self._metrics.prefetch_skipped.labels(name, reason).inc()
                 continue
