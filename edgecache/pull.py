@@ -502,7 +502,9 @@ class PullService:
         On every manifest hit, so the usual case is two dict lookups: a manifest with nothing to do
         (an index, or every blob stored) is `_settled` for a minute, its platform mark included."""
         upstream, repo, digest = target.upstream_name, target.repo, answer.digest
-        if not isinstance(query.reference, Digest):
+        # Attachment tags (`sha256-<hex>.sig`, the referrers fallback) are not watched: a signature
+        # is fetched with its image, and the image's own tag is what moves.
+        if not isinstance(query.reference, Digest) and not str(query.reference).startswith("sha256-"):
             self.pulled_tags.pulled((upstream, repo, query.reference), target, digest)
         manifest = answer.manifest
         if manifest is None or query.head:

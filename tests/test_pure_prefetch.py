@@ -349,3 +349,12 @@ async def test_nothing_is_prefetched_from_an_upstream_that_is_down(tmp_path: Pat
         down.clear()  # back up: the next serve prefetches
         await world.manifest("v1")
         await wait_until(lambda: len(world.fetched()) == len(blobs))
+
+
+async def test_attachment_tags_are_not_watched(world: World) -> None:
+    image(world.upstream, [4096], "v1")
+    image(world.upstream, [64], "sha256-" + "ab" * 32 + ".sig")  # a cosign signature's tag
+    await world.manifest("sha256-" + "ab" * 32 + ".sig")
+    await world.manifest("v1")
+    world.clock.advance(TAG_TTL + 1)
+    assert await world.pull.revalidate_pulled_tags() == 1  # v1 only
