@@ -1,0 +1,273 @@
+"""Bundles for new and air-gapped sites: `edgecache export` writes an OCI layout tar that skopeo
+reads, `edgecache import` takes edgecache's and skopeo's archives into a cache, whose images are then
+pulled by real clients with the upstream refusing connections."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
+from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
+from tests.support.images import Image
+from tests.support.registry import Registry, free_port
+from tests.support.waiting import wait_until
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgecache", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def skopeo(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    policy = tmp / "skopeo-policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    command = [require_binary("skopeo"), "--policy", str(policy), "--tmpdir", str(tmp), *args]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=client_env(REGISTRIES_CONFIG_PATH=os.devnull),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def closed_upstream() -> str:
+    """An upstream URL nothing listens on: every connection is refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def stored_files(cache: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file in the store and the tag files."""
+    return {
+        str(p.relative_to(cache)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for sub in ("blobs", "manifests", "tags")
+        for p in (cache / sub).rglob("*")
+        if p.is_file()
+    }
+
+
+def index_rows(cache: Path) -> tuple[list[tuple[object, ...]], ...]:
+    db = sqlite3.connect(cache / "index.db")
+    try:
+        return tuple(
+            db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("entries", "members", "pins", "pinned")
+        )
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def app_archive(origin: Registry, seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """team/app:1.0 as skopeo writes an OCI archive, named by a bare tag (its usual form)."""
+    tmp = tmp_path_factory.mktemp("archive")
+    archive = tmp / "app.tar"
+    host = origin.url.removeprefix("http://")
+    skopeo(
+        "copy", "--preserve-digests", "--src-tls-verify=false", "--src-no-creds",
+        f"docker://{host}/team/app:1.0", f"oci-archive:{archive}:1.0",
+        tmp=tmp,
+    )  # fmt: skip
+    return archive
+
+
+def import_app(archive: Path, cache: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    return cli("import", str(archive), "--cache-dir", str(cache), "--repository", "docker.io/team/app", *more)
+
+
+def test_export_through_a_running_node_is_read_by_skopeo(
+    edge_process: EdgeProcess, seeded: Seeded, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle.tar"
+    result = cli("export", "--url", edge_process.url, "alpine:3.19", "team/app:1.0", "-o", str(bundle))
+    assert result.returncode == 0, result.stderr
+    assert "exported 2 images" in result.stdout
+    assert result.stderr == ""  # no progress display when stderr is not a terminal
+    images: list[tuple[str, Image]] = [
+        ("docker.io/library/alpine:3.19", seeded.alpine),
+        ("docker.io/team/app:1.0", seeded.app),
+    ]
+    for ref, image in images:
+        out = tmp_path / ref.replace("/", "_").replace(":", "_")
+        skopeo("copy", "--preserve-digests", f"oci-archive:{bundle}:{ref}", f"dir:{out}", tmp=tmp_path)
+        # the exact bytes the registry serves, so the same digests
+        assert hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == image.manifest.digest[7:]
+        for blob in image.blobs:
+            assert (out / blob.digest[7:]).read_bytes() == blob.data
+
+
+async def test_zstd_bundle_of_one_platform_from_a_cache_directory(
+    origin: Registry, seeded: Seeded, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    warmed = await asyncio.to_thread(
+        cli, "warm", "--cache-dir", str(source), "--upstream", origin.url, "--platform", "all", "multi:v1"
+    )
+    assert warmed.returncode == 0, warmed.stderr
+    bundle = tmp_path / "multi.tar.zst"
+    exported = await asyncio.to_thread(
+        cli, "export", "--cache-dir", str(source), "--platform", "linux/arm64", "multi:v1", "-o", str(bundle)
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "1 platforms left out" in exported.stdout
+    assert bundle.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd, from the name alone
+    site = tmp_path / "site"
+    imported = await asyncio.to_thread(cli, "import", str(bundle), "--cache-dir", str(site))
+    assert imported.returncode == 0, imported.stderr
+    assert "platform manifest" in imported.stderr  # amd64's absence is said, not an error
+    arm64, amd64 = (next(i for i in seeded.multi.images if i.platform["architecture"] == a) for a in ("arm64", "amd64"))
+    for blob in arm64.blobs:
+        assert blob_path(site, blob.digest).read_bytes() == blob.data
+    for blob in amd64.blobs:
+        assert not blob_path(site, blob.digest).exists()
+    async with running_edge(edge_config(site, closed_upstream())) as edge:
+        async with edge.http.get("/v2/library/multi/manifests/v1", headers={"Accept": OCI_INDEX}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == seeded.multi.manifest.data
+        url = f"/v2/library/multi/manifests/{arm64.manifest.digest}"
+        async with edge.http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
+            assert resp.status == 200
+        for blob in arm64.blobs:
+            async with edge.http.get(f"/v2/library/multi/blobs/{blob.digest}") as resp:
+                assert resp.status == 200
+                assert await resp.read() == blob.data
+
+
+@pytest.mark.clients
+def test_a_skopeo_archive_imports_and_is_pulled_with_the_upstream_down(
+    seeded: Seeded, app_archive: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    unnamed = cli("import", str(app_archive), "--cache-dir", str(cache))
+    assert unnamed.returncode == 1 and "--repository" in unnamed.stderr and "Traceback" not in unnamed.stderr
+    result = import_app(app_archive, cache)
+    assert result.returncode == 0, result.stderr
+    assert "1 tags" in result.stdout
+    with spawn_edge(tmp_path, closed_upstream()) as edge:
+        with Containerd() as ctrd:
+            ctrd.pull("docker.io/team/app:1.0", mirror_url=edge.url)
+            assert ctrd.image_digest("docker.io/team/app:1.0") == seeded.app.manifest.digest
+            assert ctrd.check("docker.io/team/app:1.0").complete
+        port = edge.url.rsplit(":", 1)[1]
+        copied = skopeo_copy_all(f"127.0.0.1:{port}/team/app:1.0", tmp_path / "copied")
+        assert copied.digest == seeded.app.manifest.digest
+        assert copied.blobs == {blob.digest for blob in seeded.app.blobs}
+
+
+async def test_import_beside_a_running_server_and_pinned(
+    seeded: Seeded, app_archive: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    async with running_edge(edge_config(cache, closed_upstream())) as edge:
+        async with edge.http.get("/v2/team/app/manifests/1.0") as resp:
+            assert resp.status >= 500  # not cached, upstream down
+        result = await asyncio.to_thread(import_app, app_archive, cache, "--pin")
+        assert result.returncode == 0, result.stderr
+
+        async def served() -> bool:
+            async with edge.http.get("/v2/team/app/manifests/1.0", headers={"Accept": OCI_MANIFEST}) as r:
+                return r.status == 200 and await r.read() == seeded.app.manifest.data
+
+        await wait_until(served, message="the running server did not serve the imported tag")
+        for blob in seeded.app.blobs:
+            async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
+                assert resp.status == 200
+                assert await resp.read() == blob.data
+    pins = await asyncio.to_thread(cli, "pin", "ls", "--cache-dir", str(cache))
+    assert pins.stdout.strip() == "docker.io/team/app:1.0"
+    pruned = await asyncio.to_thread(cli, "prune", "--to", "0", "--cache-dir", str(cache))
+    assert pruned.returncode == 1 and "pinned" in pruned.stderr
+    for blob in seeded.app.blobs:  # pinned: never evicted
+        assert blob_path(cache, blob.digest).exists()
+    unpinned = tmp_path / "unpinned"  # the same import without --pin is evicted by the same prune
+    assert (await asyncio.to_thread(import_app, app_archive, unpinned)).returncode == 0
+    assert (await asyncio.to_thread(cli, "prune", "--to", "0", "--cache-dir", str(unpinned))).returncode == 0
+    assert not any(blob_path(unpinned, blob.digest).exists() for blob in seeded.app.blobs)
+
+
+def test_a_second_import_changes_nothing(app_archive: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = import_app(app_archive, cache, "--pin")
+    assert first.returncode == 0, first.stderr
+    files, rows = stored_files(cache), index_rows(cache)
+    again = import_app(app_archive, cache, "--pin")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("nothing new"), again.stdout
+    assert stored_files(cache) == files
+    assert index_rows(cache) == rows
+
+
+def _rewrite(archive: Path, out: Path, change: dict[str, bytes | None]) -> Path:
+    """A copy of the archive with members replaced (bytes) or left out (None)."""
+    with tarfile.open(archive) as src, tarfile.open(out, "w") as dst:
+        for member in src.getmembers():
+            name = member.name.removeprefix("./")
+            if name in change:
+                data = change[name]
+                if data is None:
+                    continue
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+            else:
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    return out
+
+
+def test_damaged_bundles_import_nothing(seeded: Seeded, app_archive: Path, tmp_path: Path) -> None:
+    layer = seeded.app.layers[0]
+    layer_name = f"blobs/sha256/{layer.digest[7:]}"
+    data = bytearray(app_archive.read_bytes())
+    with tarfile.open(app_archive) as tar:
+        offset = next(m for m in tar.getmembers() if m.name.removeprefix("./") == layer_name).offset_data
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    flipped = bytearray(data)
+    flipped[offset + len(layer.data) // 2] ^= 0xFF
+    bad_name = dict(index)
+    bad_name["manifests"] = [
+        {**index["manifests"][0], "annotations": {"org.opencontainers.image.ref.name": "docker.io/Team/App:1.0"}}
+    ]
+    bad_tag = dict(index)
+    bad_tag["manifests"] = [
+        {**index["manifests"][0], "annotations": {"org.opencontainers.image.ref.name": "docker.io/team/app:-x"}}
+    ]
+    cases = {
+        "corrupt.tar": (bytes(flipped), "does not match its digest"),
+        "truncated.tar": (bytes(data[: offset + len(layer.data) // 2]), "truncated"),
+        "not-a-tar.tar": (b"this is not a bundle\n" * 100, "not a tar archive"),
+        "empty.tar": (b"", "not a tar archive"),
+    }
+    made = {
+        "bad-name.tar": (_rewrite(app_archive, tmp_path / "bad-name.tar", {"index.json": json.dumps(bad_name).encode()}), "invalid image name"),
+        "bad-tag.tar": (_rewrite(app_archive, tmp_path / "bad-tag.tar", {"index.json": json.dumps(bad_tag).encode()}), "invalid image name"),
+        "missing-layer.tar": (_rewrite(app_archive, tmp_path / "missing-layer.tar", {layer_name: None}), "not in the bundle"),
+    }
+    for name, (content, _) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    expected = {name: (tmp_path / name, text) for name, (_, text) in cases.items()} | made
+    for name, (path, text) in expected.items():
+        cache = tmp_path / f"cache-{name}"
+        result = import_app(path, cache)
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert text in result.stderr and "nothing was imported" in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert stored_files(cache) == {}, name
+        assert not any((cache / "tmp").iterdir()), name  # no spool left behind
+        assert index_rows(cache) == ([], [], [], []), name
