@@ -5,7 +5,6 @@ pulled by real clients with the upstream refusing connections."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,6 @@ import pytest
 
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
 from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
-from tests.support.images import Image
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
 
@@ -97,21 +95,43 @@ def test_export_through_a_running_node_is_read_by_skopeo(
     edge_process: EdgeProcess, seeded: Seeded, tmp_path: Path
 ) -> None:
     bundle = tmp_path / "bundle.tar"
-    result = cli("export", "--url", edge_process.url, "alpine:3.19", "team/app:1.0", "-o", str(bundle))
+    refs = ("team/app:1.0", "multi:v1", "alpine:3.19")
+    result = cli("export", "--url", edge_process.url, *refs, "-o", str(bundle))
     assert result.returncode == 0, result.stderr
-    assert "exported 2 images" in result.stdout
+    assert "exported 3 images" in result.stdout
     assert result.stderr == ""  # no progress display when stderr is not a terminal
-    images: list[tuple[str, Image]] = [
-        ("docker.io/library/alpine:3.19", seeded.alpine),
-        ("docker.io/team/app:1.0", seeded.app),
-    ]
-    for ref, image in images:
-        out = tmp_path / ref.replace("/", "_").replace(":", "_")
-        skopeo("copy", "--preserve-digests", f"oci-archive:{bundle}:{ref}", f"dir:{out}", tmp=tmp_path)
-        # the exact bytes the registry serves, so the same digests
-        assert hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == image.manifest.digest[7:]
+    # skopeo reads OCI images and indexes from an OCI layout (not docker schema 2 ones: alpine is
+    # exported with its exact bytes, for edgecache import, and read back below by edgecache)
+    app = tmp_path / "app"
+    skopeo(
+        "copy",
+        "--preserve-digests",
+        f"oci-archive:{bundle}:docker.io/team/app:1.0",
+        f"dir:{app}",
+        tmp=tmp_path,
+    )
+    # the exact bytes the registry serves, so the same digests
+    assert (app / "manifest.json").read_bytes() == seeded.app.manifest.data
+    for blob in seeded.app.blobs:
+        assert (app / blob.digest[7:]).read_bytes() == blob.data
+    multi = tmp_path / "multi"
+    skopeo(
+        "copy", "--all", "--preserve-digests",
+        f"oci-archive:{bundle}:docker.io/library/multi:v1", f"dir:{multi}",
+        tmp=tmp_path,
+    )  # fmt: skip
+    assert (multi / "manifest.json").read_bytes() == seeded.multi.manifest.data
+    for image in seeded.multi.images:
         for blob in image.blobs:
-            assert (out / blob.digest[7:]).read_bytes() == blob.data
+            assert (multi / blob.digest[7:]).read_bytes() == blob.data
+    site = tmp_path / "site"
+    imported = cli("import", str(bundle), "--cache-dir", str(site))
+    assert imported.returncode == 0, imported.stderr
+    assert "3 tags" in imported.stdout
+    for blob in seeded.alpine.blobs:
+        assert blob_path(site, blob.digest).read_bytes() == blob.data
+    tag = json.loads((site / "tags/docker.io/library/alpine/_tags/3.19").read_text())
+    assert tag["digest"] == seeded.alpine.manifest.digest
 
 
 async def test_zstd_bundle_of_one_platform_from_a_cache_directory(
@@ -133,14 +153,23 @@ async def test_zstd_bundle_of_one_platform_from_a_cache_directory(
     imported = await asyncio.to_thread(cli, "import", str(bundle), "--cache-dir", str(site))
     assert imported.returncode == 0, imported.stderr
     assert "platform manifest" in imported.stderr  # amd64's absence is said, not an error
-    arm64, amd64 = (next(i for i in seeded.multi.images if i.platform["architecture"] == a) for a in ("arm64", "amd64"))
+    arm64, amd64 = (
+        next(i for i in seeded.multi.images if i.platform["architecture"] == a) for a in ("arm64", "amd64")
+    )
     for blob in arm64.blobs:
         assert blob_path(site, blob.digest).read_bytes() == blob.data
     for blob in amd64.blobs:
         assert not blob_path(site, blob.digest).exists()
-    async with running_edge(edge_config(site, closed_upstream())) as edge:
+    cut = tmp_path / "cut.tar.zst"  # a compressed bundle cut short imports nothing either
+    cut.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    refused = await asyncio.to_thread(cli, "import", str(cut), "--cache-dir", str(tmp_path / "other"))
+    assert refused.returncode == 1 and "nothing was imported" in refused.stderr, refused.stderr
+    # tag_ttl 0: the tag is revalidated at once, upstream refuses the connection, and the imported
+    # tag is served stale (its confirmation is the import, well within max_stale)
+    async with running_edge(edge_config(site, closed_upstream(), tag_ttl=0.0)) as edge:
         async with edge.http.get("/v2/library/multi/manifests/v1", headers={"Accept": OCI_INDEX}) as resp:
             assert resp.status == 200
+            assert resp.headers["X-Cache"] == "STALE"
             assert await resp.read() == seeded.multi.manifest.data
         url = f"/v2/library/multi/manifests/{arm64.manifest.digest}"
         async with edge.http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
@@ -240,24 +269,25 @@ def test_damaged_bundles_import_nothing(seeded: Seeded, app_archive: Path, tmp_p
         index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
     flipped = bytearray(data)
     flipped[offset + len(layer.data) // 2] ^= 0xFF
-    bad_name = dict(index)
-    bad_name["manifests"] = [
-        {**index["manifests"][0], "annotations": {"org.opencontainers.image.ref.name": "docker.io/Team/App:1.0"}}
-    ]
-    bad_tag = dict(index)
-    bad_tag["manifests"] = [
-        {**index["manifests"][0], "annotations": {"org.opencontainers.image.ref.name": "docker.io/team/app:-x"}}
-    ]
+
+    def renamed(ref_name: str) -> dict[str, bytes | None]:
+        entry = {**index["manifests"][0], "annotations": {"org.opencontainers.image.ref.name": ref_name}}
+        return {"index.json": json.dumps({**index, "manifests": [entry]}).encode()}
+
     cases = {
         "corrupt.tar": (bytes(flipped), "does not match its digest"),
         "truncated.tar": (bytes(data[: offset + len(layer.data) // 2]), "truncated"),
         "not-a-tar.tar": (b"this is not a bundle\n" * 100, "not a tar archive"),
         "empty.tar": (b"", "not a tar archive"),
     }
+    rewritten = {  # valid tars whose names or content are wrong
+        "bad-name.tar": (renamed("docker.io/Team/App:1.0"), "invalid image name"),
+        "bad-tag.tar": (renamed("docker.io/team/app:-x"), "invalid image name"),
+        "missing-layer.tar": ({layer_name: None}, "not in the bundle"),
+    }
     made = {
-        "bad-name.tar": (_rewrite(app_archive, tmp_path / "bad-name.tar", {"index.json": json.dumps(bad_name).encode()}), "invalid image name"),
-        "bad-tag.tar": (_rewrite(app_archive, tmp_path / "bad-tag.tar", {"index.json": json.dumps(bad_tag).encode()}), "invalid image name"),
-        "missing-layer.tar": (_rewrite(app_archive, tmp_path / "missing-layer.tar", {layer_name: None}), "not in the bundle"),
+        name: (_rewrite(app_archive, tmp_path / name, change), text)
+        for name, (change, text) in rewritten.items()
     }
     for name, (content, _) in cases.items():
         (tmp_path / name).write_bytes(content)
