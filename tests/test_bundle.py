@@ -202,7 +202,7 @@ def test_a_skopeo_archive_imports_and_is_pulled_with_the_upstream_down(
 
 
 async def test_import_beside_a_running_server_and_pinned(
-    seeded: Seeded, app_archive: Path, tmp_path: Path
+    origin: Registry, seeded: Seeded, app_archive: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
     async with running_edge(edge_config(cache, closed_upstream())) as edge:
@@ -220,6 +220,26 @@ async def test_import_beside_a_running_server_and_pinned(
             async with edge.http.get(f"/v2/team/app/blobs/{blob.digest}") as resp:
                 assert resp.status == 200
                 assert await resp.read() == blob.data
+        # The tag moves by a second import (now the multi index): the server, which holds the tag in
+        # memory (fresh for tag_ttl), answers with the imported one without a restart.
+        moved = tmp_path / "moved.tar"
+        exported = await asyncio.to_thread(cli, "export", "--url", origin.url, "multi:v1", "-o", str(moved))
+        assert exported.returncode == 0, exported.stderr
+        with tarfile.open(moved) as tar:
+            index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "docker.io/team/app:1.0"}
+        renamed = {"index.json": json.dumps(index).encode()}
+        bundle = await asyncio.to_thread(_rewrite, moved, tmp_path / "renamed.tar", renamed)
+        assert (
+            await asyncio.to_thread(cli, "import", str(bundle), "--cache-dir", str(cache))
+        ).returncode == 0
+
+        async def moved_served() -> bool:
+            accept = f"{OCI_INDEX}, {OCI_MANIFEST}"
+            async with edge.http.get("/v2/team/app/manifests/1.0", headers={"Accept": accept}) as r:
+                return r.status == 200 and await r.read() == seeded.multi.manifest.data
+
+        await wait_until(moved_served, message="the running server kept the tag it held in memory")
     pins = await asyncio.to_thread(cli, "pin", "ls", "--cache-dir", str(cache))
     assert pins.stdout.strip() == "docker.io/team/app:1.0"
     pruned = await asyncio.to_thread(cli, "prune", "--to", "0", "--cache-dir", str(cache))
