@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
 from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
+from tests.support.cosign import make_key_pair, sign_image
+from tests.support.images import Pusher, build_image
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
 
@@ -321,3 +323,36 @@ def test_damaged_bundles_import_nothing(seeded: Seeded, app_archive: Path, tmp_p
         assert stored_files(cache) == {}, name
         assert not any((cache / "tmp").iterdir()), name  # no spool left behind
         assert index_rows(cache) == ([], [], [], []), name
+
+
+async def test_signatures_travel_with_their_image(origin: Registry, tmp_path: Path) -> None:
+    pusher = Pusher(origin.url)
+    image = build_image("bundle-signed", oci=True)
+    pusher.push_image("bundle/signed", "1", image)
+    signature = sign_image(pusher, "bundle/signed", image.manifest.digest, make_key_pair(tmp_path, "k").key)
+    sig_tag = image.manifest.digest.replace(":", "-") + ".sig"
+    bundle = tmp_path / "signed.tar"
+    async with running_edge(edge_config(tmp_path / "node", origin.url)) as node:
+        exported = await asyncio.to_thread(
+            cli, "export", "--url", node.url, "docker.io/bundle/signed:1", "-o", str(bundle)
+        )
+    assert exported.returncode == 0, exported.stderr
+    assert "1 signatures" in exported.stdout
+    with tarfile.open(bundle) as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        names = set(tar.getnames())
+    refs = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"] for m in index["manifests"]}
+    assert refs == {
+        "docker.io/bundle/signed:1": image.manifest.digest,
+        f"docker.io/bundle/signed:{sig_tag}": signature.digest,
+    }
+    for digest in json.loads(signature.data)["layers"]:
+        assert f"blobs/sha256/{digest['digest'][7:]}" in names
+    site = tmp_path / "site"
+    imported = await asyncio.to_thread(cli, "import", str(bundle), "--cache-dir", str(site))
+    assert imported.returncode == 0, imported.stderr
+    async with running_edge(edge_config(site, closed_upstream())) as edge:
+        url = f"/v2/bundle/signed/manifests/{sig_tag}"
+        async with edge.http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == signature.data
