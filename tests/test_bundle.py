@@ -356,3 +356,29 @@ async def test_signatures_travel_with_their_image(origin: Registry, tmp_path: Pa
         async with edge.http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
             assert resp.status == 200
             assert await resp.read() == signature.data
+
+
+async def test_an_image_exported_by_digest_is_served_by_digest(
+    seeded: Seeded, app_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert (await asyncio.to_thread(import_app, app_archive, first)).returncode == 0
+    bundle = tmp_path / "by-digest.tar"
+    ref = f"docker.io/team/app@{seeded.app.manifest.digest}"
+    exported = await asyncio.to_thread(cli, "export", "--cache-dir", str(first), ref, "-o", str(bundle))
+    assert exported.returncode == 0, exported.stderr
+    imported = await asyncio.to_thread(cli, "import", str(bundle), "--cache-dir", str(second))
+    assert imported.returncode == 0, imported.stderr
+    assert not (second / "tags/docker.io/team/app").exists()  # no tag to record
+    # Upstream credentials turn the repository check on: a digest is served for a repository only
+    # when it is known to hold it, and the import recorded that.
+    monkeypatch.setenv("EC_BUNDLE_PASSWORD", "secret")
+    credentials = {"username": "mirror", "password_env": "EC_BUNDLE_PASSWORD"}
+    async with running_edge(edge_config(second, closed_upstream(), upstream=credentials)) as edge:
+        for repository, status in (("team/app", 200), ("team/other", 502)):  # other: upstream must say
+            url = f"/v2/{repository}/manifests/{seeded.app.manifest.digest}"
+            async with edge.http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
+                assert resp.status == status, repository
+            layer = seeded.app.layers[0]
+            async with edge.http.get(f"/v2/{repository}/blobs/{layer.digest}") as resp:
+                assert resp.status == status, repository
