@@ -197,6 +197,8 @@ def run_export(args: argparse.Namespace) -> int:
     except bundle_export.ExportError as exc:
         print(f"edgecache export: {exc}", file=sys.stderr)
         return 1
+    for note in done.notes:
+        print(f"edgecache export: {note}", file=sys.stderr)
     print(
         f"exported {done.images} images to {output}: {done.manifests} manifests, {done.blobs} blobs, "
         f"{done.signatures} signatures, {human_size(done.content_bytes)} "

@@ -180,6 +180,14 @@ async def test_zstd_bundle_of_one_platform_from_a_cache_directory(
             async with edge.http.get(f"/v2/library/multi/blobs/{blob.digest}") as resp:
                 assert resp.status == 200
                 assert await resp.read() == blob.data
+        # This site exports again through its node, upstream still down: what is cached goes, and
+        # the signatures it cannot look up are said, not fatal.
+        again = tmp_path / "again.tar"
+        exported = await asyncio.to_thread(
+            cli, "export", "--url", edge.url, "--platform", "linux/arm64", "multi:v1", "-o", str(again)
+        )
+        assert exported.returncode == 0, exported.stderr
+        assert "not looked up" in exported.stderr
 
 
 @pytest.mark.clients
@@ -305,6 +313,7 @@ def test_damaged_bundles_import_nothing(seeded: Seeded, app_archive: Path, tmp_p
     rewritten = {  # valid tars whose names or content are wrong
         "bad-name.tar": (renamed("docker.io/Team/App:1.0"), "invalid image name"),
         "bad-tag.tar": (renamed("docker.io/team/app:-x"), "invalid image name"),
+        "bad-registry.tar": (renamed("../library/app:1.0"), "is no registry"),
         "missing-layer.tar": ({layer_name: None}, "not in the bundle"),
     }
     made = {

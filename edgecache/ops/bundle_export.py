@@ -26,7 +26,13 @@ from typing import IO, Protocol
 import aiohttp
 
 from edgecache.errors import DigestInvalid
-from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, manifest_media_type
+from edgecache.oci import (
+    MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_BYTES,
+    REGISTRY_HOST,
+    Digest,
+    manifest_media_type,
+)
 from edgecache.ops.oci_layout import (
     INDEX_FILE,
     LAYOUT_FILE,
@@ -125,6 +131,8 @@ class DirSource:
         return await asyncio.to_thread(self._manifest, ref, reference)
 
     def _manifest(self, ref: ImageRef, reference: str) -> Manifest | None:
+        if not REGISTRY_HOST.fullmatch(ref.registry):  # it names a folder under tags/
+            raise ExportError(f"{ref}: {ref.registry[:100]!r} is no registry")
         if ":" in reference:
             digest = Digest.parse(reference)
         else:
@@ -167,6 +175,7 @@ class Plan:
     blobs: dict[Digest, tuple[ImageRef, int]] = field(default_factory=dict)
     signatures: int = 0
     platforms_left_out: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 class Exporter:
@@ -222,7 +231,11 @@ class Exporter:
     async def _signature(self, ref: ImageRef, digest: Digest) -> None:
         """cosign's signature of `digest`, when the repository has one (the `sha256-<hex>.sig` tag)."""
         tag = f"{digest.algorithm}-{digest.hex}.sig"
-        signature = await self._source.manifest(ref, tag)
+        try:
+            signature = await self._source.manifest(ref, tag)
+        except ExportError as exc:  # e.g. the node's upstream is down: the image goes, unsigned
+            self.plan.notes.append(f"{ref}: signature of {digest} not looked up: {exc}")
+            return
         if signature is None:
             return
         self.plan.signatures += 1
@@ -298,6 +311,7 @@ class Exported:
     platforms_left_out: int
     content_bytes: int
     file_bytes: int
+    notes: list[str]
 
 
 async def run(
@@ -350,6 +364,7 @@ async def run(
         platforms_left_out=plan.platforms_left_out,
         content_bytes=content,
         file_bytes=await asyncio.to_thread(lambda: output.stat().st_size),
+        notes=plan.notes,
     )
 
 

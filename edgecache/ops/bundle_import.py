@@ -36,6 +36,7 @@ import zstandard
 from edgecache.errors import ConfigError, DigestInvalid, ManifestInvalid
 from edgecache.oci import (
     MAX_MANIFEST_BYTES,
+    REGISTRY_HOST,
     Digest,
     RepoName,
     Tag,
@@ -45,7 +46,7 @@ from edgecache.oci import (
 from edgecache.ops.bundle_export import REPOSITORY, SKIPPED_LAYERS
 from edgecache.ops.maintenance import pinned_digests
 from edgecache.ops.oci_layout import INDEX_FILE, LAYOUT_FILE, REF_NAME, open_bundle
-from edgecache.ops.warm import parse_ref
+from edgecache.ops.warm import ImageRef, parse_ref
 from edgecache.sizes import human_size
 from edgecache.store.blobs import BlobStore
 from edgecache.store.identity import FileIdentity
@@ -117,21 +118,28 @@ def _name_of(descriptor: dict[str, object], repository: str | None, n: int) -> N
                     "[registry/]repository to import it under"
                 )
             ref_name = f"{repository}:{ref_name}"
-        try:
-            ref = parse_ref(ref_name)
-        except ConfigError as exc:
-            raise BundleError(f"{where}: invalid image name {exc}") from None
+        ref = _parsed(ref_name, where)
         if ":" in ref.reference:  # registry/repository@digest: no tag to record
             return Named(ref.registry, ref.repository, None, digest, media)
         return Named(ref.registry, ref.repository, ref.reference, digest, media)
     where_from = annotations.get(REPOSITORY)
     if not isinstance(where_from, str) and repository is None:
         raise BundleError(f"{where} ({digest}) has no name: give --repository [registry/]repository")
+    ref = _parsed(f"{where_from if isinstance(where_from, str) else repository}@{digest}", where)
+    return Named(ref.registry, ref.repository, None, digest, media)
+
+
+def _parsed(text: str, where: str) -> ImageRef:
+    """An image name from the bundle, validated: its parts become paths under the cache (tags/)."""
     try:
-        ref = parse_ref(f"{where_from if isinstance(where_from, str) else repository}@{digest}")
+        ref = parse_ref(text)
     except ConfigError as exc:
         raise BundleError(f"{where}: invalid image name {exc}") from None
-    return Named(ref.registry, ref.repository, None, digest, media)
+    if not REGISTRY_HOST.fullmatch(ref.registry):
+        raise BundleError(
+            f"{where}: invalid image name {text[:200]!r}: {ref.registry[:100]!r} is no registry"
+        )
+    return ref
 
 
 class Staging:
