@@ -205,28 +205,28 @@ class Exporter:
         if entry not in self.plan.entries:
             self.plan.entries.append(entry)
 
-    async def _walk(self, ref: ImageRef, manifest: Manifest) -> None:
+    async def _walk(self, ref: ImageRef, manifest: Manifest, *, signed: bool = True) -> None:
+        """Take the manifest, its children (the wanted platforms), blobs and, unless it is a
+        signature itself, its signature."""
         if manifest.digest in self.plan.manifests:
             return
         self.plan.manifests[manifest.digest] = manifest
-        doc = json.loads(manifest.body)
-        for child in doc.get("manifests") or []:
-            if not self._wanted(child.get("platform")):
+        try:
+            children, blobs = _parts(manifest.body)
+        except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid):
+            raise ExportError(f"{ref}: manifest {manifest.digest} is malformed") from None
+        for child, platform in children:
+            if not self._wanted(platform):
                 self.plan.platforms_left_out += 1
                 continue
-            reference = str(Digest.parse(child["digest"]))
-            found = await self._source.manifest(ref, reference)
+            found = await self._source.manifest(ref, str(child))
             if found is None:
-                raise ExportError(f"{ref}: manifest {reference} of its index is not available")
+                raise ExportError(f"{ref}: manifest {child} of its index is not available")
             await self._walk(ref, found)
-        for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
-            if not isinstance(descriptor, dict):
-                continue
-            if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
-                continue
-            digest = Digest.parse(descriptor["digest"])
-            self.plan.blobs.setdefault(digest, (ref, int(descriptor["size"])))
-        await self._signature(ref, manifest.digest)
+        for digest, size in blobs:
+            self.plan.blobs.setdefault(digest, (ref, size))
+        if signed:
+            await self._signature(ref, manifest.digest)
 
     async def _signature(self, ref: ImageRef, digest: Digest) -> None:
         """cosign's signature of `digest`, when the repository has one (the `sha256-<hex>.sig` tag)."""
@@ -240,7 +240,7 @@ class Exporter:
             return
         self.plan.signatures += 1
         self._entry(ref, signature, tag=tag)
-        await self._walk(ref, signature)
+        await self._walk(ref, signature, signed=False)
 
     def _wanted(self, platform: object) -> bool:
         if not self._platforms:
@@ -253,7 +253,8 @@ class Exporter:
 
     async def write(self, out: TarWriter, progress: bool) -> int:
         """Write the bundle; returns its bytes of content. index.json comes first, so a reader
-        streaming the tar (edgecache import) can refuse a bundle whose names are wrong early."""
+        streaming the tar (edgecache import) can refuse a bundle whose names are wrong before it
+        reads any blob."""
         index: dict[str, object] = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -289,6 +290,23 @@ class Exporter:
             print(file=sys.stderr)
         out.close()
         return total
+
+
+def _parts(body: bytes) -> tuple[list[tuple[Digest, object]], list[tuple[Digest, int]]]:
+    """(children with their platforms, blobs with their sizes) of a manifest; raises on a malformed
+    one. Foreign (nondistributable) layers are left out: registries never hold them."""
+    doc = json.loads(body)
+    children = [
+        (Digest.parse(child["digest"]), child.get("platform")) for child in doc.get("manifests") or []
+    ]
+    blobs = []
+    for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
+        if descriptor is None:
+            continue
+        if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
+            continue
+        blobs.append((Digest.parse(descriptor["digest"]), int(descriptor["size"])))
+    return children, blobs
 
 
 def _progress(n: int, count: int, done: int, total: int, started: float) -> None:

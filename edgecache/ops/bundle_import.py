@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -146,12 +147,14 @@ class Staging:
     """Files of the bundle, spooled and verified in `<cache>/tmp/import-*/` (same file system as the
     store: a verified file is renamed into place, never copied)."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, repository: str | None) -> None:
         store.tmp.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(dir=store.tmp, prefix="import-"))
         self.files: dict[Digest, tuple[Path, int]] = {}
         self.layout: bytes | None = None
         self.index: bytes | None = None
+        self.repository = repository
+        self.names: list[Named] | None = None
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -183,6 +186,10 @@ class Staging:
                         self.layout = content
                     else:
                         self.index = content
+                    if self.layout is not None and self.index is not None:
+                        # both came first (as edgecache export writes them): wrong names are
+                        # refused before any blob is read
+                        self.names = _names(self, self.repository)
                     continue
                 digest = _blob_name(name)
                 if digest is None:
@@ -273,22 +280,12 @@ def _walk(staging: Staging, named: Named, walked: Walked) -> None:
         except (ManifestInvalid, ValueError):
             raise BundleError(f"{named}: manifest {digest} is not a valid manifest") from None
         walked.manifests[digest] = (media_type, body)
-        for child in doc.get("manifests") or []:
-            try:
-                child_digest = Digest.parse(str(child["digest"]))
-            except (DigestInvalid, KeyError, TypeError):
-                raise BundleError(f"{named}: index {digest} names an invalid manifest") from None
-            child_type = child.get("mediaType") if isinstance(child.get("mediaType"), str) else None
-            queue.append((child_digest, child_type, False))
-        for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
-            if not isinstance(descriptor, dict):
-                continue
-            if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
-                continue
-            try:
-                blob = Digest.parse(str(descriptor.get("digest")))
-            except DigestInvalid:
-                raise BundleError(f"{named}: manifest {digest} names an invalid blob") from None
+        try:
+            children, blobs = _references(doc)
+        except (DigestInvalid, KeyError, TypeError, AttributeError):
+            raise BundleError(f"{named}: manifest {digest} names an invalid manifest or blob") from None
+        queue.extend((child, child_type, False) for child, child_type in children)
+        for blob in blobs:
             if blob not in staging.files:
                 raise BundleError(
                     f"{named}: blob {blob} of manifest {digest} is not in the bundle (an incomplete "
@@ -296,6 +293,25 @@ def _walk(staging: Staging, named: Named, walked: Walked) -> None:
                 )
             walked.blobs.add(blob)
             held.add(str(blob))
+
+
+def _references(doc: dict[str, Any]) -> tuple[list[tuple[Digest, str | None]], list[Digest]]:
+    """(children with their declared media types, blobs) a manifest names; raises on malformed
+    ones. Foreign (nondistributable) layers are left out: registries never hold them."""
+    children = []
+    for child in doc.get("manifests") or []:
+        child_type = child.get("mediaType")
+        children.append(
+            (Digest.parse(str(child["digest"])), child_type if isinstance(child_type, str) else None)
+        )
+    blobs = []
+    for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
+        if descriptor is None:
+            continue
+        if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
+            continue
+        blobs.append(Digest.parse(str(descriptor["digest"])))
+    return children, blobs
 
 
 def _open_cache(root: Path) -> tuple[BlobStore, CacheIndex]:
@@ -320,10 +336,10 @@ def run(path: Path, cache_dir: Path, *, pin: bool, repository: str | None, progr
         repository = f"{base.registry}/{base.repository}"
     root = cache_dir.expanduser()
     store, index = _open_cache(root)
-    staging = Staging(store)
+    staging = Staging(store, repository)
     try:
         staging.read(path, progress)
-        names = _names(staging, repository)
+        names = staging.names or _names(staging, repository)
         walked = Walked()
         for named in names:
             _walk(staging, named, walked)
