@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
 from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
 from tests.support.cosign import make_key_pair, sign_image
-from tests.support.images import Pusher, build_image
+from tests.support.images import Blob, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
 
@@ -391,3 +391,51 @@ async def test_an_image_exported_by_digest_is_served_by_digest(
             layer = seeded.app.layers[0]
             async with edge.http.get(f"/v2/{repository}/blobs/{layer.digest}") as resp:
                 assert resp.status == status, repository
+
+
+MEASURED = (
+    "import sys\n"
+    "from edgecache.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "status = open('/proc/self/status').read()\n"
+    "print('peak=' + status.split('VmHWM:')[1].split()[0], file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def measured_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The command and its peak resident memory in bytes: VmHWM, which starts afresh at exec (unlike
+    getrusage's maxrss, which keeps the forking test process's size)."""
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED, *args], capture_output=True, text=True, timeout=300
+    )
+    peak = int(result.stderr.rsplit("peak=", 1)[1].split()[0]) * 1024
+    return result, peak
+
+
+def test_memory_stays_bounded_whatever_the_blob_size(origin: Registry, tmp_path: Path) -> None:
+    """A 160 MiB layer goes through export (HTTP and cache directory, zstd) and import while neither
+    process grows anywhere near its size: blobs are streamed, never held whole."""
+    size = 160 * 1024 * 1024
+    layer = Blob(os.urandom(size), "application/vnd.oci.image.layer.v1.tar")
+    config = Blob(b'{"architecture":"amd64","os":"linux"}', "application/vnd.oci.image.config.v1+json")
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [layer.descriptor()],
+    }
+    image = Image(config, [layer], Blob(json.dumps(document).encode(), OCI_MANIFEST))
+    Pusher(origin.url).push_image("bundle/large", "1", image)
+    del layer
+    bundle, again, site = tmp_path / "large.tar", tmp_path / "again.tar.zst", tmp_path / "site"
+    steps = [
+        ("export", "--url", origin.url, "docker.io/bundle/large:1", "-o", str(bundle)),
+        ("import", str(bundle), "--cache-dir", str(site)),
+        ("export", "--cache-dir", str(site), "docker.io/bundle/large:1", "-o", str(again)),
+    ]
+    for step in steps:
+        result, peak = measured_cli(*step)
+        assert result.returncode == 0, result.stderr
+        assert peak < size // 2, (step[0], peak)
+    assert blob_path(site, image.layers[0].digest).stat().st_size == size
