@@ -5,9 +5,11 @@ pulled by real clients with the upstream refusing connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -439,3 +441,32 @@ def test_memory_stays_bounded_whatever_the_blob_size(origin: Registry, tmp_path:
         assert result.returncode == 0, result.stderr
         assert peak < size // 2, (step[0], peak)
     assert blob_path(site, image.layers[0].digest).stat().st_size == size
+
+
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run the command with its stderr on a pseudo-terminal; (exit status, what it showed there)."""
+    main, secondary = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "edgecache", *args], stdout=subprocess.PIPE, stderr=secondary, timeout=120
+        )
+        os.close(secondary)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything written was read
+            while chunk := os.read(main, 65536):
+                shown += chunk
+    finally:
+        os.close(main)
+    return result.returncode, shown.decode(errors="replace")
+
+
+def test_progress_is_shown_on_a_terminal(app_archive: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    status, shown = on_a_terminal(
+        "import", str(app_archive), "--cache-dir", str(cache), "--repository", "docker.io/team/app"
+    )
+    assert status == 0 and "read 3 files" in shown, shown  # manifest, config, layer
+    status, shown = on_a_terminal(
+        "export", "--cache-dir", str(cache), "docker.io/team/app:1.0", "-o", str(tmp_path / "b.tar")
+    )
+    assert status == 0 and "2/2 blobs" in shown and "(100%)" in shown, shown
