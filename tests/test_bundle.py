@@ -470,3 +470,25 @@ def test_progress_is_shown_on_a_terminal(app_archive: Path, tmp_path: Path) -> N
         "export", "--cache-dir", str(cache), "docker.io/team/app:1.0", "-o", str(tmp_path / "b.tar")
     )
     assert status == 0 and "2/2 blobs" in shown and "(100%)" in shown, shown
+
+
+def test_an_export_that_fails_leaves_no_file(seeded: Seeded, app_archive: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert import_app(app_archive, cache).returncode == 0
+    config, layer = (blob_path(cache, blob.digest) for blob in seeded.app.blobs)
+    bundle = tmp_path / "out" / "app.tar"
+    bundle.parent.mkdir()
+    data = bytearray(layer.read_bytes())  # changed behind the cache's back (what verify would catch)
+    data[len(data) // 2] ^= 0xFF
+    layer.chmod(0o644)
+    layer.write_bytes(bytes(data))
+    corrupt = cli("export", "--cache-dir", str(cache), "docker.io/team/app:1.0", "-o", str(bundle))
+    assert corrupt.returncode == 1 and "does not match its digest" in corrupt.stderr, corrupt.stderr
+    config.unlink()
+    missing = cli("export", "--cache-dir", str(cache), "docker.io/team/app:1.0", "-o", str(bundle))
+    assert missing.returncode == 1 and "is not in the cache" in missing.stderr, missing.stderr
+    unknown = cli("export", "--cache-dir", str(cache), "docker.io/team/app:2.0", "-o", str(bundle))
+    assert unknown.returncode == 1 and "not found in the cache" in unknown.stderr, unknown.stderr
+    assert not any(bundle.parent.iterdir())  # no bundle, no temporary file
+    for result in (corrupt, missing, unknown):
+        assert "Traceback" not in result.stderr
