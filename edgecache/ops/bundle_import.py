@@ -334,6 +334,8 @@ def run(path: Path, cache_dir: Path, *, pin: bool, repository: str | None, progr
         except ConfigError as exc:
             raise BundleError(f"--repository: {exc}") from None
         repository = f"{base.registry}/{base.repository}"
+    if not path.is_file():
+        raise BundleError(f"{path}: no such file")
     root = cache_dir.expanduser()
     store, index = _open_cache(root)
     staging = Staging(store, repository)
