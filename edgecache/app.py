@@ -113,9 +113,12 @@ class Edgecache:
         )
         if prefetcher is not None:
             keeper.on_evicted = prefetcher.evicted
+        manifests = ManifestCache(store, on_corrupt=keeper.manifest_corrupt, vouch=keeper.may_serve)
+        # `edgecache import` beside the server writes tag files: tags are read again from disk.
+        keeper.on_outside_changes = manifests.forget_tags
         pull = PullService(
             store,
-            ManifestCache(store, on_corrupt=keeper.manifest_corrupt, vouch=keeper.may_serve),
+            manifests,
             flights,
             Coalescer(),
             metrics,

@@ -1,5 +1,5 @@
-"""The `edgecache` command line: serve, warm, stats, and the maintenance commands du, prune, verify and
-pin. Parsing and messages live here; the work is in `app` (serve) and `ops/` (the rest)."""
+"""The `edgecache` command line: serve, warm, stats, export, import, and the maintenance commands du,
+prune, verify and pin. Parsing and messages live here; the work is in `app` (serve) and `ops/` (the rest)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--upstream", metavar="URL|NAME=URL", action="append", help="as for serve")
     warm.add_argument(
         "--pin", action="store_true", help="also pin what was warmed (needs the cache directory)"
+    )
+    export = sub.add_parser("export", help="write images as an OCI layout tar (a bundle for import)")
+    export.add_argument("refs", nargs="+", metavar="REF", help="[registry/]repository[:tag|@digest]")
+    export.add_argument("-o", "--output", metavar="FILE", required=True, help="the bundle (.tar, .tar.zst)")
+    export.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH",
+        help="platforms of indexes to include (repeatable; default: all)",
+    )
+    export.add_argument("--zstd", action="store_true", help="compress with zstd (implied by a .zst name)")
+    export.add_argument("--url", help="a running edgecache to export through")
+    export.add_argument("--cache-dir", metavar="DIR", help="export from this cache directory, no server")
+    export.add_argument("--config", metavar="FILE", help="read cache.dir from this configuration")
+    import_ = sub.add_parser("import", help="import a bundle (OCI layout tar) into a cache directory")
+    import_.add_argument("file", metavar="FILE", help="the bundle (edgecache export's, or an oci-archive)")
+    import_.add_argument("--cache-dir", metavar="DIR", help="the cache directory (default: configured)")
+    import_.add_argument("--config", metavar="FILE", help="read cache.dir from this configuration")
+    import_.add_argument("--pin", action="store_true", help="pin the imported tags (never evicted)")
+    import_.add_argument(
+        "--repository",
+        metavar="[REGISTRY/]REPOSITORY",
+        help="where to import images the bundle names by a bare tag (skopeo's oci-archive:FILE:TAG)",
     )
     for name, text in (
         ("du", "size, entries, pinned bytes and the largest repositories of a cache"),
@@ -145,6 +168,70 @@ def run_warm(args: argparse.Namespace) -> int:
     return 1 if summary.failures else 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from edgecache.ops import bundle_export, warm
+    from edgecache.sizes import human_size
+
+    refs = [warm.parse_ref(text) for text in args.refs]
+    if args.url and (args.cache_dir or args.config):
+        raise ConfigError("give --url or --cache-dir, not both")
+    cache_dir = None
+    if not args.url:
+        if not args.cache_dir and not args.config:
+            raise ConfigError("give --url of a running edgecache, or --cache-dir (or --config)")
+        cache_dir = Path(load_config(args.config, cache_dir=args.cache_dir).cache.dir).expanduser()
+    output = Path(args.output)
+    zstd = args.zstd or output.suffix in (".zst", ".zstd")
+    try:
+        done = asyncio.run(
+            bundle_export.run(
+                refs,
+                output,
+                url=args.url,
+                cache_dir=cache_dir,
+                platforms=args.platform or [],
+                zstd=zstd,
+                progress=sys.stderr.isatty(),
+            )
+        )
+    except bundle_export.ExportError as exc:
+        print(f"edgecache export: {exc}", file=sys.stderr)
+        return 1
+    for note in done.notes:
+        print(f"edgecache export: {note}", file=sys.stderr)
+    print(
+        f"exported {done.images} images to {output}: {done.manifests} manifests, {done.blobs} blobs, "
+        f"{done.signatures} signatures, {human_size(done.content_bytes)} "
+        f"({human_size(done.file_bytes)} on disk)"
+        + (f"; {done.platforms_left_out} platforms left out" if done.platforms_left_out else "")
+    )
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from edgecache.ops import bundle_import
+
+    cache_dir = Path(load_config(args.config, cache_dir=args.cache_dir).cache.dir)
+    try:
+        done = bundle_import.run(
+            Path(args.file),
+            cache_dir,
+            pin=args.pin,
+            repository=args.repository,
+            progress=sys.stderr.isatty(),
+        )
+    except bundle_import.BundleError as exc:
+        print(f"edgecache import: {exc}; nothing was imported", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"edgecache import: {exc.filename or args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for note in done.notes:
+        print(f"edgecache import: {note}", file=sys.stderr)
+    print(bundle_import.describe(done))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stats":
@@ -156,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_warm(args)
         except ConfigError as exc:
             print(f"edgecache warm: {exc}", file=sys.stderr)
+            return 2
+    if args.command in ("export", "import"):
+        try:
+            return run_export(args) if args.command == "export" else run_import(args)
+        except ConfigError as exc:
+            print(f"edgecache {args.command}: {exc}", file=sys.stderr)
             return 2
     if args.command in ("du", "prune", "verify", "pin"):
         try:

@@ -141,6 +141,8 @@ class CacheKeeper:
         self._seen_version = -1
         # Told which digests an eviction removed (the prefetcher counts the ones nobody asked for).
         self.on_evicted: Callable[[list[Digest]], None] | None = None
+        # Told when another process changed the index (`edgecache import` wrote tags beside it).
+        self.on_outside_changes: Callable[[], None] | None = None
         metrics.cache_limit_bytes.set(max_size)
 
     def reconfigure(
@@ -320,12 +322,15 @@ class CacheKeeper:
         await self._run(self.index.touch, [(d, when, n) for d, (when, n) in batch.items()])
 
     async def _pick_up_outside_changes(self) -> None:
-        """`edgecache prune` and `pin` may run beside the server: when another process changed the
-        index (SQLite's data_version tells, for free), re-read pins and what is stored."""
+        """`edgecache prune`, `pin` and `import` may run beside the server: when another process
+        changed the index (SQLite's data_version tells, for free), re-read pins and what is stored,
+        and tell `on_outside_changes` (tag entries held in memory are read again from disk)."""
         version = await self._run(self.index.data_version)
         if version == self._seen_version:
             return
         self._seen_version = version
+        if self.on_outside_changes is not None:
+            self.on_outside_changes()
         await self._reload_pins()
         if not self._loaded:
             return  # the load in progress reads what is stored

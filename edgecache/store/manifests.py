@@ -97,6 +97,11 @@ class ManifestCache:
         await asyncio.to_thread(self._save_tag, key, entry)
         return entry
 
+    def forget_tags(self) -> None:
+        """Drop the tag entries held in memory: each is read again from its file when next asked
+        (after `edgecache import` wrote tag files beside the running server)."""
+        self._tags.clear()
+
     async def drop_tag(self, key: TagKey) -> None:
         self._tags.pop(key, None)
         await asyncio.to_thread(self._tag_path(key).unlink, missing_ok=True)
