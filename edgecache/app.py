@@ -186,6 +186,7 @@ class Edgecache:
         if self.prefetcher is not None:
             await self.prefetcher.close()
         await self.front.pull.close()
+        self.front.access.close()  # the LDAP threads: no new checks
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
@@ -196,8 +197,9 @@ class Edgecache:
     def apply(self, new: Config) -> None:
         """Take what can change at run time from a reloaded configuration: upstream credentials,
         timeouts, tag TTL rules and health thresholds; cache TTLs, size limits, watermarks and the scrub
-        rate; access rules and the htpasswd file (not the access mode: that decides what the listeners
-        are); the signature policy's rules and keys (its remembered verdicts are forgotten)."""
+        rate; access rules, the htpasswd file, LDAP settings and the token key (not the access mode:
+        that decides what the listeners are); the signature policy's rules and keys (its remembered
+        verdicts are forgotten)."""
         access = new.access
         if (access.mode, access.client_ca) != (self.config.access.mode, self.config.access.client_ca):
             access = dataclasses.replace(
@@ -321,7 +323,7 @@ class Listeners:
         for listen, tls in server.listeners():
             if not tls:
                 self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, None)
-            elif config.access.mode == "mtls":
+            elif config.access.uses("mtls"):
                 context = mutual_tls_context(server.tls_cert, server.tls_key, config.access.client_ca)
                 self._mtls_context = context
                 self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, context)

@@ -1,10 +1,14 @@
-"""Who may pull what: client identities (htpasswd, mutual TLS, anonymous) and per-repository rules.
+"""Who may pull what: client identities (htpasswd, LDAP, mutual TLS, tokens, anonymous) and
+per-repository rules.
 
-Passwords are bcrypt only and are checked in a worker thread; unknown users cost the same bcrypt work
-as wrong passwords, so timing does not tell which names exist. Successful checks are remembered
-briefly (keyed by a hash, never the password), and failures are counted per client address: past the
-limit, the client gets 429 without any check for a minute. What a client sends in Authorization is
-never logged, forwarded upstream or stored (dockerd sends users' Docker Hub passwords to mirrors).
+Passwords are checked in a worker thread (bcrypt) or by the directory (ldap.py); unknown users cost
+the same bcrypt work as wrong passwords, so timing does not tell which names exist. Login modes are
+tried in the configured order: the first that accepts the credentials wins. Successful checks are
+remembered briefly (keyed by a hash, never the password), with the identity's groups, and failures
+are counted per client address: past the limit, the client gets 429 without any check for a minute.
+With the token service on, a Bearer token of ours is checked locally (tokens.py). What a client
+sends in Authorization is never logged, forwarded upstream or stored (dockerd sends users' Docker
+Hub passwords to mirrors).
 """
 
 from __future__ import annotations
@@ -18,29 +22,22 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
 from cachetools import TTLCache
 
 from edgecache import errors
+from edgecache.access.identity import ANONYMOUS, ANONYMOUS_IDENTITY, Identity, applies
+from edgecache.access.ldap import LdapDirectory
+from edgecache.access.tokens import TokenService
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
 from edgecache.oci import RepoName
 
 log = logging.getLogger(__name__)
 FAILURE_WINDOW = 60.0
-ANONYMOUS = "anonymous"
-
-
-@dataclass(frozen=True)
-class Identity:
-    name: str
-    authenticated: bool
-
-
-ANONYMOUS_IDENTITY = Identity(ANONYMOUS, False)
+__all__ = ["ANONYMOUS", "ANONYMOUS_IDENTITY", "AccessPolicy", "Identity", "load_htpasswd"]
 
 
 def load_htpasswd(path: str) -> dict[str, bytes]:
@@ -66,81 +63,131 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 class AccessPolicy:
     def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self._mode = config.mode
-        self._rules = config.rules
-        self._users: Mapping[str, bytes] = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
-        self._unknown_cost = _highest_cost(self._users)
-        ttl = config.login_cache
         self._clock = clock
-        self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl, timer=clock) if ttl > 0 else None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
-        self._max_failures = config.max_failures
+        self._good: TTLCache[bytes, Identity] | None = None
+        self._ldap: LdapDirectory | None = None
+        self.tokens: TokenService | None = None
+        self._apply(config)
 
-    def reconfigure(self, config: AccessConfig) -> None:
-        """SIGHUP: new rules and a re-read htpasswd file; remembered logins are forgotten."""
-        users = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
-        self._mode, self._rules, self._users = config.mode, config.rules, users
+    def _apply(self, config: AccessConfig) -> None:
+        """Build everything a configuration needs first, then swap it in (a bad file changes nothing)."""
+        users = load_htpasswd(config.htpasswd) if config.uses("htpasswd") else {}
+        ldap = LdapDirectory(config.ldap) if config.uses("ldap") else None
+        tokens = self.tokens
+        if config.token and tokens is not None:
+            tokens.reconfigure(config)
+        elif config.token:
+            tokens = TokenService(config)
+        else:
+            tokens = None
+        old_ldap = self._ldap
+        self._config = config
+        self._modes = config.modes
+        self._rules = config.rules
+        self._users: Mapping[str, bytes] = users
         self._unknown_cost = _highest_cost(users)
         self._max_failures = config.max_failures
-        if self._good is not None:
-            self._good.clear()
+        self._ldap, self.tokens = ldap, tokens
+        ttl = config.login_cache
+        self._good = TTLCache(10_000, ttl, timer=self._clock) if ttl > 0 else None
+        if old_ldap is not None:
+            old_ldap.close()
+
+    def reconfigure(self, config: AccessConfig) -> None:
+        """SIGHUP: new rules, a re-read htpasswd file, LDAP settings and token key; remembered logins
+        are forgotten."""
+        self._apply(config)
+
+    def close(self) -> None:
+        if self._ldap is not None:
+            self._ldap.close()
+
+    @property
+    def token_realm(self) -> str:
+        return self._config.token_realm
 
     async def authenticate(self, header: str | None, peer: str, cert_subject: str | None) -> Identity:
         """The identity of a request (its Authorization header, client address and verified client
         certificate subject). Wrong credentials are refused even where anonymous may pull."""
-        if self._mode == "mtls":
-            return Identity(cert_subject, True) if cert_subject else ANONYMOUS_IDENTITY
-        if self._mode != "htpasswd":
-            return ANONYMOUS_IDENTITY
+        if "mtls" in self._modes and cert_subject:
+            return Identity(cert_subject, True)
         if not header:
             return ANONYMOUS_IDENTITY
         scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
+        scheme = scheme.lower()
+        if scheme == "bearer" and self.tokens is not None:
+            return self.tokens.verify(encoded.strip())
+        if scheme != "basic" or not ("htpasswd" in self._modes or "ldap" in self._modes):
             # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
-        return Identity(await self._check_password(peer, user, password), True)
+        return await self._check_password(peer, user, password)
 
-    async def _check_password(self, peer: str, user: str, password: str) -> str:
+    async def _check_password(self, peer: str, user: str, password: str) -> Identity:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if self._good is not None and self._good.get(key) == user:
-            return user
+        if self._good is not None:
+            remembered = self._good.get(key)
+            if remembered is not None and remembered.name == user:
+                return remembered
         now = self._clock()
         recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= self._max_failures:
             raise errors.TooManyAttempts(retry_after=FAILURE_WINDOW - (now - recent[0]))
-        hashed = self._users.get(user)
-        ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
-        if not ok or hashed is None:
+        identity = await self._first_accepting(user, password)
+        if identity is None:
             self._failures[peer] = [*recent, now]
             log.info("failed login from %s", peer)  # neither the user name nor the password
             raise errors.Unauthorized("wrong user name or password")
         if self._good is not None:
-            self._good[key] = user
-        return user
+            self._good[key] = identity
+        return identity
+
+    async def _first_accepting(self, user: str, password: str) -> Identity | None:
+        """Each login mode in order; None when none accepts. A directory that cannot answer is a 503
+        (DirectoryUnavailable) unless a mode tried before it accepted."""
+        for mode in self._modes:
+            if mode == "htpasswd":
+                hashed = self._users.get(user)
+                last = mode == self._modes[-1] or self._modes[-1] == "mtls"
+                if hashed is None and not last:
+                    continue  # a later mode may know the user (and takes its own time)
+                ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
+                if ok and hashed is not None:
+                    return Identity(user, True)
+            elif mode == "ldap" and self._ldap is not None:
+                groups = await self._ldap.check(user, password)
+                if groups is not None:
+                    return Identity(user, True, groups)
+        return None
 
     def check_base(self, identity: Identity) -> None:
         """The `/v2/` ping: with a login mode it asks anonymous clients to authenticate, which is
         how dockerd learns to send the credentials it has (anonymous pulls still go on after it)."""
-        if self._mode == "htpasswd" and not identity.authenticated:
+        if self._asks_login() and not identity.authenticated:
             raise errors.Unauthorized()
+
+    def _asks_login(self) -> bool:
+        return "htpasswd" in self._modes or "ldap" in self._modes or self.tokens is not None
 
     def check(self, identity: Identity, upstream: str, repo: RepoName) -> None:
         """Raise unless `identity` may pull `upstream/repo`: deny wins over allow, and with rules
         configured nothing is allowed that no rule allows."""
-        if self._allowed(identity, f"{upstream}/{repo}"):
+        if self.allowed(identity, upstream, repo):
             return
-        if not identity.authenticated and self._mode == "htpasswd":
+        if not identity.authenticated and self._asks_login():
             raise errors.Unauthorized()
         raise errors.AccessDenied(f"{identity.name} may not pull {upstream}/{repo}")
 
-    def _allowed(self, identity: Identity, target: str) -> bool:
-        if self._mode != "anonymous" and not identity.authenticated:
+    def allowed(self, identity: Identity, upstream: str, repo: RepoName) -> bool:
+        """The rules' verdict alone (the token service asks it for each scope it may grant)."""
+        target = f"{upstream}/{repo}"
+        if self._modes != ("anonymous",) and not identity.authenticated:
             rules = [r for r in self._rules if r.identity == ANONYMOUS]
             return _decide(rules, target)
         if not self._rules:
             return True
-        rules = [r for r in self._rules if _applies(r, identity)]
+        rules = [r for r in self._rules if applies(r, identity)]
         return _decide(rules, target)
 
 
@@ -161,12 +208,6 @@ def _highest_cost(users: Mapping[str, bytes]) -> int:
 @functools.cache
 def _dummy_hash(rounds: int) -> bytes:
     return bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=min(max(rounds, 4), 16)))
-
-
-def _applies(rule: AccessRule, identity: Identity) -> bool:
-    if rule.identity == identity.name:
-        return True
-    return rule.identity == "*" and identity.authenticated
 
 
 def _decide(rules: list[AccessRule], target: str) -> bool:
