@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import math
 import ssl
 from pathlib import Path
 from typing import Any
@@ -40,14 +42,14 @@ class LdapDirectory:
         url = urlsplit(config.url)
         secure = url.scheme == "ldaps" or config.start_tls
         tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file or None) if secure else None
-        self._server = Server(
-            url.hostname or "",
-            port=url.port or (636 if url.scheme == "ldaps" else 389),
-            use_ssl=url.scheme == "ldaps",
-            tls=tls,
-            connect_timeout=config.connect_timeout,
-            get_info="NO_INFO",
-        )
+        self._server_args: dict[str, Any] = {
+            "host": url.hostname or "",
+            "port": url.port or (636 if url.scheme == "ldaps" else 389),
+            "use_ssl": url.scheme == "ldaps",
+            "tls": tls,
+            "connect_timeout": config.connect_timeout,
+            "get_info": "NO_INFO",
+        }
         self._pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="ldap")
         # Bound on one whole check: connect, StartTLS, two binds and up to two searches.
         self._deadline = config.connect_timeout * 2 + config.response_timeout * 5
@@ -69,10 +71,13 @@ class LdapDirectory:
             raise errors.DirectoryUnavailable(retry_after=5) from None
 
     def _check(self, user: str, password: str) -> frozenset[str] | None:
-        """In a worker thread: the whole exchange with the directory."""
+        """In a worker thread: the whole exchange with the directory. A Server object per check: ldap3's
+        remembers an unreachable address for a while (and is not meant to be shared by threads), and a
+        directory back up must be used at once."""
         config = self._config
+        server = Server(**self._server_args)
         try:
-            service = self._connection(config.bind_dn or None, self._bind_password or None)
+            service = self._connection(server, config.bind_dn or None, self._bind_password or None)
             try:
                 if not service.bind():
                     log.error(
@@ -86,7 +91,7 @@ class LdapDirectory:
                 if len(entries) != 1:
                     return None  # unknown, or ambiguous: either way not this login
                 dn: str = entries[0]["dn"]
-                if not self._user_binds(dn, password):
+                if not self._user_binds(server, dn, password):
                     return None
                 groups = set(_names(_values(entries[0].get("attributes", {}), config.group_attribute)))
                 if config.group_base_dn:
@@ -100,34 +105,49 @@ class LdapDirectory:
                             groups.update(_values(attrs, config.group_name_attribute))
                 return frozenset(groups)
             finally:
-                service.unbind()
-        except LDAPException as exc:
+                _close(service)
+        except errors.DirectoryUnavailable:
+            raise
+        except Exception as exc:  # socket, TLS, protocol: the directory cannot tell, so nobody is let in
             log.warning("LDAP directory %s failed: %s", config.url, type(exc).__name__)
             raise errors.DirectoryUnavailable(retry_after=5) from None
 
-    def _user_binds(self, dn: str, password: str) -> bool:
+    def _user_binds(self, server: Server, dn: str, password: str) -> bool:
         """The user's own bind on a fresh connection: the directory checks the password."""
-        connection = self._connection(dn, password)
+        connection = self._connection(server, dn, password)
         try:
             return bool(connection.bind())  # False for invalidCredentials (and any other refusal)
         finally:
-            connection.unbind()
+            _close(connection)
 
-    def _connection(self, user: str | None, password: str | None) -> Connection:
+    def _connection(self, server: Server, user: str | None, password: str | None) -> Connection:
         config = self._config
         connection = Connection(
-            self._server,
+            server,
             user=user,
             password=password,
             authentication=SIMPLE if user else "ANONYMOUS",
-            receive_timeout=config.response_timeout,
+            receive_timeout=max(1, math.ceil(config.response_timeout)),  # ldap3 packs it as an integer
             read_only=True,
             raise_exceptions=False,
         )
-        connection.open()
-        if config.start_tls and not connection.start_tls():
-            raise errors.DirectoryUnavailable(retry_after=5)
+        try:
+            connection.open()
+            if config.start_tls and not connection.start_tls():
+                raise errors.DirectoryUnavailable(retry_after=5)
+        except BaseException:
+            _close(connection)
+            raise
         return connection
+
+
+def _close(connection: Connection) -> None:
+    """Unbind, and close the socket even when the connection broke half-way (unbind then raises)."""
+    with contextlib.suppress(Exception):  # the socket is closed below either way
+        connection.unbind()
+    sock = getattr(connection, "socket", None)
+    if sock is not None:
+        sock.close()
 
 
 def _values(attributes: Any, name: str) -> list[str]:
