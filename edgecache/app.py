@@ -42,6 +42,7 @@ from edgecache.store.membership import Membership
 from edgecache.store.scrub import Scrubber
 from edgecache.trust import SignatureGate
 from edgecache.upstream.client import UpstreamClient
+from edgecache.upstream.documents import DocumentFetcher
 from edgecache.usage import Usage
 
 log = logging.getLogger("edgecache")
@@ -66,12 +67,15 @@ class Edgecache:
     prefetcher: Prefetcher | None
     trust: SignatureGate
     log_format: str = "text"
+    documents: DocumentFetcher = field(default_factory=DocumentFetcher)  # OIDC discovery and keys
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
-        access = AccessPolicy(config.access)  # reads the htpasswd file: fail before taking the cache
+        documents = DocumentFetcher()
+        # reads the htpasswd file and token key: fail before taking the cache
+        access = AccessPolicy(config.access, fetch=documents)
         trust_policy = TrustPolicy(config.trust)  # reads the trusted keys: the same
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,7 @@ class Edgecache:
             prefetcher,
             trust,
             log_format,
+            documents,
         )
 
     async def start(self) -> None:
@@ -187,6 +192,7 @@ class Edgecache:
             await self.prefetcher.close()
         await self.front.pull.close()
         self.front.access.close()  # the LDAP threads: no new checks
+        await self.documents.close()
         await self.flights.close()
         for client in self.clients.values():
             await client.close()

@@ -175,6 +175,28 @@ class LdapConfig:
 
 
 @dataclass(frozen=True)
+class OidcConfig:
+    """[access.oidc]: bearer tokens from an outside OpenID Connect issuer. Its keys come from `jwks_url`
+    (or the issuer's discovery document), fetched with their own deadline, cached, and fetched again
+    when a token names an unknown key id (at most once per `refresh_interval`)."""
+
+    issuer: str = ""  # "" = off; e.g. https://login.corp.example/realms/dc
+    audience: str = ""  # the `aud` a token must carry (this mirror's client id at the issuer)
+    jwks_url: str = ""  # "" = from {issuer}/.well-known/openid-configuration
+    identity_claim: str = "sub"  # e.g. preferred_username, email
+    groups_claim: str = "groups"
+    algorithms: StrList = ("RS256", "ES256")  # asymmetric only: none and HS* are refused
+    fetch_timeout: float = 5.0
+    refresh_interval: float = 60.0  # fewest seconds between two fetches on unknown key ids
+    keys_ttl: float = 3600.0  # keys are fetched again after this long (kept if the issuer is down)
+    ca_file: str = ""  # CA bundle for the issuer's TLS certificate (else the system's)
+    allow_plain: bool = False  # http:// issuer or JWKS URL: keys could be swapped on the network
+
+
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     # anonymous | htpasswd | ldap | mtls, or a comma-separated list / TOML array of htpasswd, ldap and
     # mtls tried in order (e.g. "htpasswd,ldap").
@@ -185,6 +207,7 @@ class AccessConfig:
     max_failures: int = 10
     rules: tuple[AccessRule, ...] = ()
     ldap: LdapConfig = field(default_factory=LdapConfig)
+    oidc: OidcConfig = field(default_factory=OidcConfig)
     # The token service: 401s ask for a Bearer token from <realm>; /token issues one per login.
     token: bool = False
     token_key: str = ""  # PEM private key (EC P-256 → ES256, RSA → RS256) that signs tokens
@@ -487,13 +510,17 @@ def _build_access(table: dict[str, Any]) -> AccessConfig:
     if not isinstance(ldap_table, dict):
         raise ConfigError("access.ldap: expected an [access.ldap] table")
     ldap: LdapConfig = _build(LdapConfig, "access.ldap", ldap_table)
+    oidc_table = table.pop("oidc", {})
+    if not isinstance(oidc_table, dict):
+        raise ConfigError("access.oidc: expected an [access.oidc] table")
+    oidc: OidcConfig = _build(OidcConfig, "access.oidc", oidc_table)
     mode = table.get("mode")
     if isinstance(mode, list):  # mode = ["htpasswd", "ldap"]: tried in order
         if not all(isinstance(m, str) for m in mode):
             raise ConfigError(f"access.mode: expected a string or a list of strings, got {mode!r}")
         table["mode"] = ",".join(mode)
     access: AccessConfig = _build(AccessConfig, "access", table)
-    return dataclasses.replace(access, rules=built, ldap=ldap)
+    return dataclasses.replace(access, rules=built, ldap=ldap, oidc=oidc)
 
 
 def _build_trust(table: dict[str, Any]) -> TrustConfig:
@@ -624,6 +651,10 @@ def _validate_access(config: Config) -> None:
         _validate_ldap(access.ldap)
     if access.token:
         _validate_token(config)
+    if access.oidc.issuer:
+        _validate_oidc(access.oidc)
+        if access.modes == ("anonymous",):
+            raise ConfigError("access.oidc: needs a login mode (htpasswd, ldap or mtls) beside it")
     if access.uses("mtls"):
         if not config.server.tls:
             raise ConfigError("access.mode mtls: needs TLS (server.tls_cert and server.tls_key)")
@@ -670,6 +701,29 @@ def _validate_ldap(ldap: LdapConfig) -> None:
         raise ConfigError("access.ldap.group_filter: must contain {dn}")
     if ldap.connect_timeout <= 0 or ldap.response_timeout <= 0 or ldap.max_concurrent < 1:
         raise ConfigError("access.ldap: timeouts must be > 0 and max_concurrent >= 1")
+
+
+def _validate_oidc(oidc: OidcConfig) -> None:
+    for key, url in (("issuer", oidc.issuer), ("jwks_url", oidc.jwks_url)):
+        scheme = urlsplit(url).scheme
+        if url and scheme not in ("https", "http"):
+            raise ConfigError(f"access.oidc.{key}: an https URL, got {url!r}")
+        if scheme == "http" and not oidc.allow_plain:
+            raise ConfigError(
+                f"access.oidc.{key}: http:// lets the keys be swapped; use https or allow_plain"
+            )
+    if not oidc.audience:
+        raise ConfigError("access.oidc.audience: must be set (the mirror's client id at the issuer)")
+    bad = [a for a in oidc.algorithms if a not in OIDC_ALGORITHMS]
+    if bad or not oidc.algorithms:
+        allowed = ", ".join(OIDC_ALGORITHMS)
+        raise ConfigError(f"access.oidc.algorithms: asymmetric ones only ({allowed}), got {bad or 'none'}")
+    if oidc.ca_file and not os.path.isfile(oidc.ca_file):
+        raise ConfigError(f"access.oidc.ca_file: cannot read {oidc.ca_file}")
+    if oidc.fetch_timeout <= 0 or oidc.refresh_interval < 0 or oidc.keys_ttl <= 0:
+        raise ConfigError("access.oidc: fetch_timeout and keys_ttl must be > 0, refresh_interval >= 0")
+    if not oidc.identity_claim:
+        raise ConfigError("access.oidc.identity_claim: must be set")
 
 
 def _validate_token(config: Config) -> None:

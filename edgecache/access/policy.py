@@ -25,11 +25,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import bcrypt
+import jwt
 from cachetools import TTLCache
 
 from edgecache import errors
 from edgecache.access.identity import ANONYMOUS, ANONYMOUS_IDENTITY, Identity, applies
 from edgecache.access.ldap import LdapDirectory
+from edgecache.access.oidc import Fetch, OidcVerifier, no_fetch
 from edgecache.access.tokens import TokenService
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
@@ -62,8 +64,12 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 
 class AccessPolicy:
-    def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: AccessConfig, clock: Callable[[], float] = time.monotonic, fetch: Fetch = no_fetch
+    ) -> None:
         self._clock = clock
+        self._fetch = fetch
+        self.oidc: OidcVerifier | None = None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
         self._good: TTLCache[bytes, Identity] | None = None
         self._ldap: LdapDirectory | None = None
@@ -81,6 +87,13 @@ class AccessPolicy:
             tokens = TokenService(config)
         else:
             tokens = None
+        oidc = self.oidc
+        if config.oidc.issuer and oidc is not None:
+            oidc.reconfigure(config.oidc)
+        elif config.oidc.issuer:
+            oidc = OidcVerifier(config.oidc, self._fetch, self._clock)
+        else:
+            oidc = None
         old_ldap = self._ldap
         self._config = config
         self._modes = config.modes
@@ -88,7 +101,7 @@ class AccessPolicy:
         self._users: Mapping[str, bytes] = users
         self._unknown_cost = _highest_cost(users)
         self._max_failures = config.max_failures
-        self._ldap, self.tokens = ldap, tokens
+        self._ldap, self.tokens, self.oidc = ldap, tokens, oidc
         ttl = config.login_cache
         self._good = TTLCache(10_000, ttl, timer=self._clock) if ttl > 0 else None
         if old_ldap is not None:
@@ -116,13 +129,22 @@ class AccessPolicy:
             return ANONYMOUS_IDENTITY
         scheme, _, encoded = header.partition(" ")
         scheme = scheme.lower()
-        if scheme == "bearer" and self.tokens is not None:
-            return self.tokens.verify(encoded.strip())
+        if scheme == "bearer":
+            return await self._bearer(encoded.strip())
         if scheme != "basic" or not ("htpasswd" in self._modes or "ldap" in self._modes):
             # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
         return await self._check_password(peer, user, password)
+
+    async def _bearer(self, token: str) -> Identity:
+        """An outside issuer's token (by its unverified `iss`: only to choose who verifies it), or
+        one of ours. dockerd may send a bearer token it got elsewhere: with neither on, it is ignored."""
+        if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
+            return await self.oidc.verify(token)
+        if self.tokens is not None:
+            return self.tokens.verify(token)
+        return ANONYMOUS_IDENTITY
 
     async def _check_password(self, peer: str, user: str, password: str) -> Identity:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
@@ -214,6 +236,13 @@ def _decide(rules: list[AccessRule], target: str) -> bool:
     if any(fnmatch.fnmatchcase(target, pattern) for rule in rules for pattern in rule.deny):
         return False
     return any(fnmatch.fnmatchcase(target, pattern) for rule in rules for pattern in rule.allow)
+
+
+def _unverified_issuer(token: str) -> object:
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None
 
 
 def _basic_credentials(encoded: str) -> tuple[str, str]:
