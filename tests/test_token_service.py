@@ -8,6 +8,7 @@ Forged tokens (expired, another key, `alg: none`) are made with PyJWT and the te
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -26,6 +27,8 @@ from edgecache.config import Config, load_config
 from tests.conftest import Edge, Seeded, running_edge, spawn_edge
 from tests.support.certs import TestCA
 from tests.support.clients import Dockerd, require_clients, require_root, skopeo_copy_all
+from tests.support.curl import curl
+from tests.support.faults import FaultProxy
 from tests.support.ldap import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, start_slapd
 from tests.support.registry import Registry
 from tests.test_access import PASSWORDS, write_htpasswd
@@ -283,3 +286,53 @@ def test_dockerd_logs_in_and_pulls_through_the_token_flow(
     pulls = [r for r in records if r.get("route") in ("manifest", "blob") and r["status"] == 200]
     assert pulls and all(r["identity"] == "alice" for r in pulls)
     assert PASSWORDS["alice"] not in log_path.read_text()
+
+
+async def test_the_client_certificate_is_the_login_at_token_and_nothing_reaches_the_upstream(
+    tmp_path: Path, origin: Registry, seeded: Seeded
+) -> None:
+    """On the mutual-TLS listener /token takes the certificate's subject as the login; neither the
+    Basic credentials nor the tokens clients send ever reach the upstream (a recording proxy)."""
+    recording = await FaultProxy(origin.url).start()
+    try:
+        ca = TestCA(tmp_path / "pki")
+        server, puller = ca.issue("edge"), ca.issue("puller", client=True)
+        write_key(tmp_path / "token.pem")
+        config = f"""
+[server]
+tls_cert = "{server.cert}"
+tls_key = "{server.key}"
+[access]
+mode = "mtls"
+client_ca = "{ca.cert_path}"
+token = true
+token_key = "{tmp_path / "token.pem"}"
+[[access.rules]]
+identity = "CN=puller"
+allow = ["docker.io/library/*"]
+"""
+        with spawn_edge(tmp_path, recording.url, config=config, tls=True) as edge:
+            cert = (puller.cert, puller.key)
+
+            def get_with_cert(path: str, *headers: str) -> tuple[int, bytes]:
+                got = curl(
+                    edge.url + path, cacert=ca.cert_path, cert=cert, headers=(MANIFEST_ACCEPT, *headers)
+                )
+                return got.status, got.body
+
+            status, body = await asyncio.to_thread(
+                get_with_cert, "/token?service=edgecache&scope=repository:library/alpine:pull"
+            )
+            assert status == 200
+            token = json.loads(body)["token"]
+            assert jwt.decode(token, options={"verify_signature": False})["sub"] == "CN=puller"
+            status, body = await asyncio.to_thread(get_with_cert, ALPINE, f"Authorization: Bearer {token}")
+            assert status == 200 and body == seeded.alpine.manifest.data
+            text = edge.log_path.read_text()
+            assert token not in text and token.split(".")[2] not in text
+        assert recording.seen
+        for seen in recording.seen:
+            sent = json.dumps(seen.headers)
+            assert "Bearer" not in sent and token.split(".")[2] not in sent
+    finally:
+        await recording.stop()
