@@ -127,6 +127,9 @@ async def test_the_token_flow_grants_only_what_the_rules_allow_and_refuses_forge
         }
         status, headers, _ = await get(edge, "/v2/")
         assert status == 401 and "scope" not in challenge(headers)
+        # A failed login before the name is checked: a name outside the grammar is not echoed.
+        status, headers, _ = await get(edge, "/v2/Not,A=Name/manifests/latest", basic("alice", "wrong"))
+        assert status == 401 and "scope" not in challenge(headers)
 
         # alice logs in once and gets a token for library/alpine; it lists only that repository.
         token = await token_for(edge, "repository:library/alpine:pull", basic("alice", PASSWORDS["alice"]))

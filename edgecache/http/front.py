@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -180,9 +181,14 @@ class RegistryFront:
         """Where the client gets a token, for which service and scope (the distribution token spec)."""
         tokens = self.access.tokens
         assert tokens is not None
-        realm = self.access.token_realm or f"{'https' if request.secure else 'http'}://{request.host}/token"
+        realm = self.access.token_realm
+        if not realm:
+            if not _HOST.fullmatch(request.host):
+                raise errors.BadRequest("the Host header is not a host name")
+            realm = f"{'https' if request.secure else 'http'}://{request.host}/token"
         challenge = f'Bearer realm="{_quoted(realm)}",service="{_quoted(tokens.service)}"'
-        if repository is not None:
+        # The name is still raw here (a login may fail before it is checked): named only when plain.
+        if repository is not None and _SCOPE_NAME.fullmatch(repository):
             challenge += f',scope="repository:{repository}:pull"'
         return challenge
 
@@ -332,6 +338,10 @@ def listing_params(query: Mapping[str, str]) -> dict[str, str]:
         except errors.TagInvalid:
             raise errors.ParameterInvalid("last must be a tag") from None
     return params
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+_SCOPE_NAME = re.compile(r"[a-z0-9._\-]+(?::[0-9]{1,5})?(?:/[a-z0-9._\-]+)*", re.ASCII)
 
 
 def _quoted(text: str) -> str:
