@@ -74,14 +74,14 @@ class Edgecache:
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
         documents = DocumentFetcher()
+        metrics = Metrics(u.name for u in config.upstreams)
         # reads the htpasswd file and token key: fail before taking the cache
-        access = AccessPolicy(config.access, fetch=documents)
+        access = AccessPolicy(config.access, fetch=documents, metrics=metrics)
         trust_policy = TrustPolicy(config.trust)  # reads the trusted keys: the same
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
         lock.acquire()
-        metrics = Metrics(u.name for u in config.upstreams)
         store = BlobStore(root)
         store.prepare()
         keeper = CacheKeeper(

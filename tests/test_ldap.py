@@ -185,6 +185,10 @@ async def test_directory_silent_then_stopped(
                 body = await resp.json()
                 assert resp.headers["Content-Type"].startswith("application/json")
             assert body["errors"][0]["code"] == "UNAVAILABLE"
+            checks = "edgecache_access_credential_checks_total"
+            assert await edge.metric(checks, kind="password", result="unavailable") == 5
+            assert await edge.metric(checks, kind="password", result="remembered") == 2
+            assert await edge.metric(checks, kind="password", result="refused") == 0
             # Failures of the directory are not counted as failed logins: after it comes back,
             # dave gets in at once.
             own.start()

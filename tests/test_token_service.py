@@ -173,11 +173,19 @@ async def test_the_token_flow_grants_only_what_the_rules_allow_and_refuses_forge
             "other key": jwt.encode(good, ec.generate_private_key(ec.SECP256R1()), "ES256", {"kid": key.kid}),
             "alg none": jwt.encode(good, None, "none", {"kid": key.kid}),
         }
+        refused_before = await edge.metric(
+            "edgecache_access_credential_checks_total", kind="token", result="refused"
+        )
         for what, bad in forged.items():
             status, headers, body = await get(edge, APP, bearer(bad))
             assert status == 401, what
             assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED", what
             assert challenge(headers)["scope"] == "repository:team/app:pull", what
+        refused = await edge.metric(
+            "edgecache_access_credential_checks_total", kind="token", result="refused"
+        )
+        assert refused == refused_before + len(forged)
+        assert await edge.metric("edgecache_access_credential_checks_total", kind="token", result="ok") >= 5
 
 
 async def test_tokens_from_ldap_logins_need_no_directory_and_keys_rotate_on_reload(

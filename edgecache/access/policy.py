@@ -21,7 +21,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import bcrypt
@@ -35,6 +35,7 @@ from edgecache.access.oidc import Fetch, OidcVerifier, no_fetch
 from edgecache.access.tokens import TokenService
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
+from edgecache.metrics import Metrics
 from edgecache.oci import RepoName
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,14 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 class AccessPolicy:
     def __init__(
-        self, config: AccessConfig, clock: Callable[[], float] = time.monotonic, fetch: Fetch = no_fetch
+        self,
+        config: AccessConfig,
+        clock: Callable[[], float] = time.monotonic,
+        fetch: Fetch = no_fetch,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._fetch = fetch
         self.oidc: OidcVerifier | None = None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
@@ -124,6 +130,7 @@ class AccessPolicy:
         """The identity of a request (its Authorization header, client address and verified client
         certificate subject). Wrong credentials are refused even where anonymous may pull."""
         if "mtls" in self._modes and cert_subject:
+            self._count("certificate", "ok")
             return Identity(cert_subject, True)
         if not header:
             return ANONYMOUS_IDENTITY
@@ -135,23 +142,48 @@ class AccessPolicy:
             # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
-        return await self._check_password(peer, user, password)
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        remembered = self._good.get(key) if self._good is not None else None
+        if remembered is not None and remembered.name == user:
+            self._count("password", "remembered")
+            return remembered
+        return await self._counted("password", self._check_password(peer, user, password, key))
+
+    async def _counted(self, kind: str, check: Awaitable[Identity]) -> Identity:
+        """Await a credential check, counting its outcome (never who or with what)."""
+        try:
+            identity = await check
+        except errors.TooManyAttempts:
+            self._count(kind, "limited")
+            raise
+        except errors.Unauthorized:
+            self._count(kind, "refused")
+            raise
+        except errors.DirectoryUnavailable:
+            self._count(kind, "unavailable")
+            raise
+        self._count(kind, "ok")
+        return identity
+
+    def _count(self, kind: str, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.credential_checks.labels(kind, result).inc()
 
     async def _bearer(self, token: str) -> Identity:
         """An outside issuer's token (by its unverified `iss`: only to choose who verifies it), or
         one of ours. dockerd may send a bearer token it got elsewhere: with neither on, it is ignored."""
         if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
-            return await self.oidc.verify(token)
+            return await self._counted("oidc", self.oidc.verify(token))
         if self.tokens is not None:
-            return self.tokens.verify(token)
+            return await self._counted("token", self._verify_ours(token))
         return ANONYMOUS_IDENTITY
 
-    async def _check_password(self, peer: str, user: str, password: str) -> Identity:
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if self._good is not None:
-            remembered = self._good.get(key)
-            if remembered is not None and remembered.name == user:
-                return remembered
+    async def _verify_ours(self, token: str) -> Identity:
+        assert self.tokens is not None
+        return self.tokens.verify(token)
+
+    async def _check_password(self, peer: str, user: str, password: str, key: bytes) -> Identity:
+        """A password not remembered: checked (within the failure limit), and remembered if good."""
         now = self._clock()
         recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= self._max_failures:
