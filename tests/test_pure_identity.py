@@ -110,6 +110,17 @@ async def test_modes_in_order_the_login_cache_and_a_directory_down(tmp_path: Pat
     assert (await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)).name == "carol"
 
 
+async def test_a_directory_down_does_not_stop_the_modes_after_it(tmp_path: Path) -> None:
+    policy, directory = ldap_policy(tmp_path, Clock(), modes="ldap,htpasswd")
+    directory.down = True
+    assert (await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)).name == "alice"
+    with pytest.raises(errors.DirectoryUnavailable):  # htpasswd said no, the directory could not tell
+        await policy.authenticate(basic("alice", "wrong"), "10.0.0.1", None)
+    directory.down = False
+    with pytest.raises(errors.Unauthorized):
+        await policy.authenticate(basic("alice", "wrong"), "10.0.0.1", None)
+
+
 def test_mode_lists_and_ldap_settings_are_validated(tmp_path: Path) -> None:
     def load(text: str) -> str:
         (tmp_path / "c.toml").write_text(text)

@@ -198,8 +198,10 @@ class AccessPolicy:
         return identity
 
     async def _first_accepting(self, user: str, password: str) -> Identity | None:
-        """Each login mode in order; None when none accepts. A directory that cannot answer is a 503
-        (DirectoryUnavailable) unless a mode tried before it accepted."""
+        """Each login mode in order; None when every one refuses. A directory that cannot answer does
+        not stop the modes after it (a local robot account still logs in during an outage), but if
+        none accepts, the answer is DirectoryUnavailable (503): the directory might have said yes."""
+        unavailable: errors.DirectoryUnavailable | None = None
         for mode in self._modes:
             if mode == "htpasswd":
                 hashed = self._users.get(user)
@@ -210,9 +212,15 @@ class AccessPolicy:
                 if ok and hashed is not None:
                     return Identity(user, True)
             elif mode == "ldap" and self._ldap is not None:
-                groups = await self._ldap.check(user, password)
+                try:
+                    groups = await self._ldap.check(user, password)
+                except errors.DirectoryUnavailable as exc:
+                    unavailable = exc
+                    continue
                 if groups is not None:
                     return Identity(user, True, groups)
+        if unavailable is not None:
+            raise unavailable
         return None
 
     def check_base(self, identity: Identity) -> None:
