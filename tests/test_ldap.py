@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgecache.config import Config, load_config
+from edgecache.errors import ConfigError
 from tests.conftest import Edge, Seeded, running_edge
 from tests.support.ldap import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, start_slapd
 from tests.support.registry import Registry
@@ -195,3 +196,14 @@ async def test_directory_silent_then_stopped(
             assert await status(edge, ALPINE, "dave") == 200
     finally:
         own.stop()
+
+
+async def test_plain_ldap_only_when_the_operator_says_so(
+    tmp_path: Path, origin: Registry, seeded: Seeded, slapd: Slapd
+) -> None:
+    with pytest.raises(ConfigError, match="allow_plain"):
+        ldap_config(tmp_path, origin, slapd, f'url = "{slapd.url}"')
+    config = ldap_config(tmp_path, origin, slapd, f'url = "{slapd.url}"\nallow_plain = true')
+    async with running_edge(config) as edge:
+        assert await status(edge, APP, "carol") == 200
+        assert await status(edge, APP, "carol", "wrong") == 401
