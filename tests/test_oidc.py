@@ -28,6 +28,7 @@ from tests.conftest import Edge, Seeded, running_edge
 from tests.support.clock import Clock
 from tests.support.registry import Registry, free_port
 from tests.test_access import write_htpasswd
+from tests.test_pure_identity import write_key
 
 ALPINE = "/v2/library/alpine/manifests/latest"
 APP = "/v2/team/app/manifests/1.0"
@@ -104,12 +105,13 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
     await running.stop()
 
 
-def oidc_config(tmp_path: Path, origin: Registry, issuer: FakeIssuer) -> Config:
+def oidc_config(tmp_path: Path, origin: Registry, issuer: FakeIssuer, extra: str = "") -> Config:
     (tmp_path / "edgecache.toml").write_text(
         f"""
 [access]
 mode = "htpasswd"
 htpasswd = "{write_htpasswd(tmp_path / "htpasswd")}"
+{extra}
 
 [access.oidc]
 issuer = "{issuer.url}"
@@ -205,6 +207,32 @@ async def test_issuer_tokens_map_to_identities_and_forgeries_are_refused(
         assert await status(edge, APP, issuer.sign("k2", groups=["ops"])) == 200
         issuer.add_key("k3", kind="rsa")
         assert await status(edge, APP, issuer.sign("k3", groups=["ops"])) == 503
+
+
+async def test_token_service_exchanges_an_oidc_token_given_as_the_password(
+    tmp_path: Path, origin: Registry, seeded: Seeded, issuer: FakeIssuer
+) -> None:
+    """Clients that speak only Basic to /token (`docker login -u oidc -p "$JWT"`) exchange the
+    issuer's token for one of ours, carrying its identity and groups."""
+    key = write_key(tmp_path / "token.pem")
+    extra = f'token = true\ntoken_key = "{key}"'
+    async with running_edge(oidc_config(tmp_path, origin, issuer, extra)) as edge:
+        outside = issuer.sign("k1", groups=["ops"])
+        login = "Basic " + base64.b64encode(f"oidc:{outside}".encode()).decode()
+        async with edge.http.get(
+            "/token?service=edgecache&scope=repository:team/app:pull", headers={"Authorization": login}
+        ) as resp:
+            assert resp.status == 200
+            token = (await resp.json())["token"]
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["sub"] == "ci-bot" and claims["groups"] == ["ops"]
+        assert await status(edge, APP, token) == 200
+        expired = issuer.sign("k1", groups=["ops"], iat=int(time.time()) - 900, exp=int(time.time()) - 600)
+        login = "Basic " + base64.b64encode(f"oidc:{expired}".encode()).decode()
+        async with edge.http.get(
+            "/token?scope=repository:team/app:pull", headers={"Authorization": login}
+        ) as resp:
+            assert resp.status == 401
 
 
 async def test_unknown_key_ids_refetch_at_most_once_per_interval() -> None:

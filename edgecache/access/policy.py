@@ -126,9 +126,15 @@ class AccessPolicy:
     def token_realm(self) -> str:
         return self._config.token_realm
 
-    async def authenticate(self, header: str | None, peer: str, cert_subject: str | None) -> Identity:
+    async def authenticate(
+        self, header: str | None, peer: str, cert_subject: str | None, *, exchange: bool = False
+    ) -> Identity:
         """The identity of a request (its Authorization header, client address and verified client
-        certificate subject). Wrong credentials are refused even where anonymous may pull."""
+        certificate subject). Wrong credentials are refused even where anonymous may pull.
+
+        `exchange` (at /token): a Basic password that is a token of the OIDC issuer is verified as
+        one, so clients that only speak Basic to /token (`docker login -u oidc -p "$JWT"`) can use
+        it."""
         if "mtls" in self._modes and cert_subject:
             self._count("certificate", "ok")
             return Identity(cert_subject, True)
@@ -138,8 +144,14 @@ class AccessPolicy:
         scheme = scheme.lower()
         if scheme == "bearer":
             return await self._bearer(encoded.strip())
-        if scheme != "basic" or not ("htpasswd" in self._modes or "ldap" in self._modes):
-            # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
+        if scheme != "basic":
+            return ANONYMOUS_IDENTITY
+        if exchange and self.oidc is not None:
+            user, password = _basic_credentials(encoded.strip(), limit=8192)  # a JWT can be long
+            if _unverified_issuer(password) == self.oidc.issuer:
+                return await self._counted("oidc", self.oidc.verify(password))
+        if not ("htpasswd" in self._modes or "ldap" in self._modes):
+            # No password mode: dockerd sends users' Docker Hub logins to mirrors; not ours, ignored.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
@@ -285,12 +297,12 @@ def _unverified_issuer(token: str) -> object:
         return None
 
 
-def _basic_credentials(encoded: str) -> tuple[str, str]:
+def _basic_credentials(encoded: str, limit: int = 1024) -> tuple[str, str]:
     try:
         decoded = base64.b64decode(encoded, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise errors.Unauthorized("malformed Basic credentials") from None
     user, sep, password = decoded.partition(":")
-    if not sep or not user or len(decoded) > 1024:
+    if not sep or not user or len(decoded) > limit:
         raise errors.Unauthorized("malformed Basic credentials")
     return user, password

@@ -202,7 +202,7 @@ class RegistryFront:
         header = request.headers.get("Authorization")
         if header and not header.lower().startswith("basic "):
             header = None  # a token is not a login: /token takes credentials or a certificate
-        identity = await self.access.authenticate(header, request.peer, request.cert_subject)
+        identity = await self.access.authenticate(header, request.peer, request.cert_subject, exchange=True)
         trace.identity = identity.name
         granted = []
         getall = getattr(request.query, "getall", None)  # aiohttp's MultiDict; granian's adapter joins
