@@ -42,6 +42,7 @@ from edgecache.store.membership import Membership
 from edgecache.store.scrub import Scrubber
 from edgecache.trust import SignatureGate
 from edgecache.upstream.client import UpstreamClient
+from edgecache.upstream.documents import DocumentFetcher
 from edgecache.usage import Usage
 
 log = logging.getLogger("edgecache")
@@ -66,18 +67,21 @@ class Edgecache:
     prefetcher: Prefetcher | None
     trust: SignatureGate
     log_format: str = "text"
+    documents: DocumentFetcher = field(default_factory=DocumentFetcher)  # OIDC discovery and keys
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, config: Config, log_format: str = "text") -> Edgecache:
-        access = AccessPolicy(config.access)  # reads the htpasswd file: fail before taking the cache
+        documents = DocumentFetcher()
+        metrics = Metrics(u.name for u in config.upstreams)
+        # reads the htpasswd file and token key: fail before taking the cache
+        access = AccessPolicy(config.access, fetch=documents, metrics=metrics)
         trust_policy = TrustPolicy(config.trust)  # reads the trusted keys: the same
         root = Path(config.cache.dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         lock = CacheDirLock(root)
         lock.acquire()
-        metrics = Metrics(u.name for u in config.upstreams)
         store = BlobStore(root)
         store.prepare()
         keeper = CacheKeeper(
@@ -157,6 +161,7 @@ class Edgecache:
             prefetcher,
             trust,
             log_format,
+            documents,
         )
 
     async def start(self) -> None:
@@ -189,6 +194,8 @@ class Edgecache:
         if self.prefetcher is not None:
             await self.prefetcher.close()
         await self.front.pull.close()
+        self.front.access.close()  # the LDAP threads: no new checks
+        await self.documents.close()
         await self.flights.close()
         for client in self.clients.values():
             await client.close()
@@ -199,8 +206,9 @@ class Edgecache:
     def apply(self, new: Config) -> None:
         """Take what can change at run time from a reloaded configuration: upstream credentials,
         timeouts, tag TTL rules and health thresholds; cache TTLs, size limits, watermarks and the scrub
-        rate; access rules and the htpasswd file (not the access mode: that decides what the listeners
-        are); the signature policy's rules and keys (its remembered verdicts are forgotten)."""
+        rate; access rules, the htpasswd file, LDAP settings and the token key (not the access mode:
+        that decides what the listeners are); the signature policy's rules and keys (its remembered
+        verdicts are forgotten)."""
         access = new.access
         if (access.mode, access.client_ca) != (self.config.access.mode, self.config.access.client_ca):
             access = dataclasses.replace(
@@ -324,7 +332,7 @@ class Listeners:
         for listen, tls in server.listeners():
             if not tls:
                 self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, None)
-            elif config.access.mode == "mtls":
+            elif config.access.uses("mtls"):
                 context = mutual_tls_context(server.tls_cert, server.tls_key, config.access.client_ca)
                 self._mtls_context = context
                 self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, context)

@@ -151,16 +151,85 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class LdapConfig:
+    """[access.ldap]: where the directory is and how a login is checked against it. The service
+    account finds the user's DN (`user_filter` under `base_dn`, `{user}` escaped); the user's own bind
+    checks the password. Groups come from `group_attribute` on the user's entry (group DNs: their first
+    RDN value is the group's name) and/or a search under `group_base_dn` with `group_filter` (`{dn}`)."""
+
+    url: str = ""  # ldaps://host:636 or ldap://host:389 (plain only with start_tls or allow_plain)
+    start_tls: bool = False
+    ca_file: str = ""  # CA bundle that signs the directory's certificate (else the system's)
+    allow_plain: bool = False  # ldap:// without StartTLS: passwords cross the network in clear
+    bind_dn: str = ""
+    bind_password_file: str = ""
+    base_dn: str = ""
+    user_filter: str = "(uid={user})"
+    group_attribute: str = "memberOf"  # "" for none
+    group_base_dn: str = ""  # "" for no group search
+    group_filter: str = "(member={dn})"
+    group_name_attribute: str = "cn"
+    connect_timeout: float = 3.0
+    response_timeout: float = 5.0
+    max_concurrent: int = 8  # directory checks in flight at once (worker threads)
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    """[access.oidc]: bearer tokens from an outside OpenID Connect issuer. Its keys come from `jwks_url`
+    (or the issuer's discovery document), fetched with their own deadline, cached, and fetched again
+    when a token names an unknown key id (at most once per `refresh_interval`)."""
+
+    issuer: str = ""  # "" = off; e.g. https://login.corp.example/realms/dc
+    audience: str = ""  # the `aud` a token must carry (this mirror's client id at the issuer)
+    jwks_url: str = ""  # "" = from {issuer}/.well-known/openid-configuration
+    identity_claim: str = "sub"  # e.g. preferred_username, email
+    groups_claim: str = "groups"
+    algorithms: StrList = ("RS256", "ES256")  # asymmetric only: none and HS* are refused
+    fetch_timeout: float = 5.0
+    refresh_interval: float = 60.0  # fewest seconds between two fetches on unknown key ids
+    keys_ttl: float = 3600.0  # keys are fetched again after this long (kept if the issuer is down)
+    ca_file: str = ""  # CA bundle for the issuer's TLS certificate (else the system's)
+    allow_plain: bool = False  # http:// issuer or JWKS URL: keys could be swapped on the network
+
+
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
-    mode: str = "anonymous"  # anonymous | htpasswd | mtls
+    # anonymous | htpasswd | ldap | mtls, or a comma-separated list / TOML array of htpasswd, ldap and
+    # mtls tried in order (e.g. "htpasswd,ldap").
+    mode: str = "anonymous"
     htpasswd: str = ""
     client_ca: str = ""
     login_cache: float = 60.0
     max_failures: int = 10
     rules: tuple[AccessRule, ...] = ()
+    ldap: LdapConfig = field(default_factory=LdapConfig)
+    oidc: OidcConfig = field(default_factory=OidcConfig)
+    # The token service: 401s ask for a Bearer token from <realm>; /token issues one per login.
+    token: bool = False
+    token_key: str = ""  # PEM private key (EC P-256 → ES256, RSA → RS256) that signs tokens
+    token_ttl: float = 300.0
+    token_service: str = "edgecache"  # the `service` of the challenge and the tokens' audience
+    token_realm: str = ""  # the /token URL clients are sent to; "" = this node as the client named it
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The login modes in the order they are tried."""
+        return tuple(m.strip() for m in self.mode.split(",") if m.strip())
+
+    def uses(self, mode: str) -> bool:
+        return mode in self.modes
+
+    @property
+    def logins(self) -> bool:
+        """A login mode is on: anonymous clients are asked to authenticate."""
+        return any(m != "anonymous" for m in self.modes)
 
 
-ACCESS_MODES = ("anonymous", "htpasswd", "mtls")
+ACCESS_MODES = ("anonymous", "htpasswd", "ldap", "mtls")
 
 
 @dataclass(frozen=True)
@@ -437,8 +506,21 @@ def _build_access(table: dict[str, Any]) -> AccessConfig:
     for i, rule in enumerate(built):
         if not rule.identity:
             raise ConfigError(f"access.rules[{i}].identity: must be set")
+    ldap_table = table.pop("ldap", {})
+    if not isinstance(ldap_table, dict):
+        raise ConfigError("access.ldap: expected an [access.ldap] table")
+    ldap: LdapConfig = _build(LdapConfig, "access.ldap", ldap_table)
+    oidc_table = table.pop("oidc", {})
+    if not isinstance(oidc_table, dict):
+        raise ConfigError("access.oidc: expected an [access.oidc] table")
+    oidc: OidcConfig = _build(OidcConfig, "access.oidc", oidc_table)
+    mode = table.get("mode")
+    if isinstance(mode, list):  # mode = ["htpasswd", "ldap"]: tried in order
+        if not all(isinstance(m, str) for m in mode):
+            raise ConfigError(f"access.mode: expected a string or a list of strings, got {mode!r}")
+        table["mode"] = ",".join(mode)
     access: AccessConfig = _build(AccessConfig, "access", table)
-    return dataclasses.replace(access, rules=built)
+    return dataclasses.replace(access, rules=built, ldap=ldap, oidc=oidc)
 
 
 def _build_trust(table: dict[str, Any]) -> TrustConfig:
@@ -558,11 +640,22 @@ def _validate_server(server: ServerConfig) -> None:
 
 def _validate_access(config: Config) -> None:
     access = config.access
-    if access.mode not in ACCESS_MODES:
-        raise ConfigError(f"access.mode: one of {', '.join(ACCESS_MODES)}, got {access.mode!r}")
-    if access.mode == "htpasswd" and not os.path.isfile(access.htpasswd):
+    modes = access.modes
+    if not modes or any(m not in ACCESS_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ConfigError(f"access.mode: one or more of {', '.join(ACCESS_MODES)}, got {access.mode!r}")
+    if len(modes) > 1 and "anonymous" in modes:
+        raise ConfigError("access.mode: anonymous cannot be combined with login modes")
+    if access.uses("htpasswd") and not os.path.isfile(access.htpasswd):
         raise ConfigError("access.htpasswd: mode htpasswd needs a readable htpasswd file (bcrypt entries)")
-    if access.mode == "mtls":
+    if access.uses("ldap"):
+        _validate_ldap(access.ldap)
+    if access.token:
+        _validate_token(config)
+    if access.oidc.issuer:
+        _validate_oidc(access.oidc)
+        if access.modes == ("anonymous",):
+            raise ConfigError("access.oidc: needs a login mode (htpasswd, ldap or mtls) beside it")
+    if access.uses("mtls"):
         if not config.server.tls:
             raise ConfigError("access.mode mtls: needs TLS (server.tls_cert and server.tls_key)")
         if not os.path.isfile(access.client_ca):
@@ -583,6 +676,68 @@ def _validate_access(config: Config) -> None:
             "htpasswd or mtls, or allow anonymous pulls explicitly with an [[access.rules]] entry for "
             'identity "anonymous" (e.g. allow = ["*"])'
         )
+
+
+def _validate_ldap(ldap: LdapConfig) -> None:
+    scheme = urlsplit(ldap.url).scheme
+    if scheme not in ("ldap", "ldaps"):
+        raise ConfigError(
+            f"access.ldap.url: expected ldaps://HOST[:PORT] or ldap://HOST[:PORT], got {ldap.url!r}"
+        )
+    if scheme == "ldaps" and ldap.start_tls:
+        raise ConfigError("access.ldap.start_tls: not with ldaps:// (already TLS)")
+    if scheme == "ldap" and not ldap.start_tls and not ldap.allow_plain:
+        raise ConfigError(
+            "access.ldap.url: ldap:// sends passwords in clear; use ldaps://, start_tls = true, or say "
+            "allow_plain = true"
+        )
+    if ldap.ca_file and not os.path.isfile(ldap.ca_file):
+        raise ConfigError(f"access.ldap.ca_file: cannot read {ldap.ca_file}")
+    if not ldap.base_dn or "{user}" not in ldap.user_filter:
+        raise ConfigError("access.ldap.base_dn must be set, and access.ldap.user_filter must contain {user}")
+    if ldap.bind_dn and not os.path.isfile(ldap.bind_password_file):
+        raise ConfigError("access.ldap.bind_password_file: the service account's password file is needed")
+    if ldap.group_base_dn and "{dn}" not in ldap.group_filter:
+        raise ConfigError("access.ldap.group_filter: must contain {dn}")
+    if ldap.connect_timeout <= 0 or ldap.response_timeout <= 0 or ldap.max_concurrent < 1:
+        raise ConfigError("access.ldap: timeouts must be > 0 and max_concurrent >= 1")
+
+
+def _validate_oidc(oidc: OidcConfig) -> None:
+    for key, url in (("issuer", oidc.issuer), ("jwks_url", oidc.jwks_url)):
+        scheme = urlsplit(url).scheme
+        if url and scheme not in ("https", "http"):
+            raise ConfigError(f"access.oidc.{key}: an https URL, got {url!r}")
+        if scheme == "http" and not oidc.allow_plain:
+            raise ConfigError(
+                f"access.oidc.{key}: http:// lets the keys be swapped; use https or allow_plain"
+            )
+    if not oidc.audience:
+        raise ConfigError("access.oidc.audience: must be set (the mirror's client id at the issuer)")
+    bad = [a for a in oidc.algorithms if a not in OIDC_ALGORITHMS]
+    if bad or not oidc.algorithms:
+        allowed = ", ".join(OIDC_ALGORITHMS)
+        raise ConfigError(f"access.oidc.algorithms: asymmetric ones only ({allowed}), got {bad or 'none'}")
+    if oidc.ca_file and not os.path.isfile(oidc.ca_file):
+        raise ConfigError(f"access.oidc.ca_file: cannot read {oidc.ca_file}")
+    if oidc.fetch_timeout <= 0 or oidc.refresh_interval < 0 or oidc.keys_ttl <= 0:
+        raise ConfigError("access.oidc: fetch_timeout and keys_ttl must be > 0, refresh_interval >= 0")
+    if not oidc.identity_claim:
+        raise ConfigError("access.oidc.identity_claim: must be set")
+
+
+def _validate_token(config: Config) -> None:
+    access = config.access
+    if not access.logins:
+        raise ConfigError("access.token: needs a login mode (htpasswd, ldap or mtls)")
+    if not os.path.isfile(access.token_key):
+        raise ConfigError("access.token_key: the token service needs a PEM private key file (EC or RSA)")
+    if not 10 <= access.token_ttl <= 86_400:
+        raise ConfigError("access.token_ttl: between 10 and 86400 seconds")
+    if not access.token_service:
+        raise ConfigError("access.token_service: must be set")
+    if access.token_realm and urlsplit(access.token_realm).scheme not in ("http", "https"):
+        raise ConfigError("access.token_realm: an http(s) URL, e.g. https://edge.dc1:5000/token")
 
 
 def _is_loopback(host: str) -> bool:

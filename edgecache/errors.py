@@ -20,6 +20,7 @@
     │   ├── TooManyAttempts         TOOMANYREQUESTS     429 (failed logins from one client)
     │   └── RequestTimeout          UNSUPPORTED         408 (request headers too slow)
     ├── TooManyConnections          TOOMANYREQUESTS     503 (the connection cap)
+    ├── DirectoryUnavailable        UNAVAILABLE         503 (the LDAP directory is down or too slow)
     ├── NotFound                    upstream said 404
     │   ├── ManifestUnknown         MANIFEST_UNKNOWN    404
     │   ├── BlobUnknown             BLOB_UNKNOWN        404
@@ -159,7 +160,12 @@ class Unauthorized(ClientError):
     code = "UNAUTHORIZED"
     message = "authentication required"
     status = 401
-    challenge = 'Basic realm="edgecache", charset="UTF-8"'
+    BASIC_CHALLENGE = 'Basic realm="edgecache", charset="UTF-8"'
+
+    def __init__(self, detail: str = "", *, challenge: str | None = None) -> None:
+        super().__init__(detail)
+        # The token service replaces the Basic challenge with a Bearer one naming its realm and scope.
+        self.challenge = challenge or self.BASIC_CHALLENGE
 
 
 class AccessDenied(ClientError):
@@ -195,6 +201,15 @@ class RequestTimeout(ClientError):
 class TooManyConnections(EdgecacheError):
     code = "TOOMANYREQUESTS"
     message = "too many connections to this mirror; retry shortly"
+    status = 503
+
+
+class DirectoryUnavailable(EdgecacheError):
+    """The LDAP directory did not answer in time, or refused the service account: a login that is not
+    remembered can be neither accepted nor refused, so nobody is let in and the client may retry."""
+
+    code = "UNAVAILABLE"
+    message = "the login directory is unavailable; retry shortly"
     status = 503
 
 

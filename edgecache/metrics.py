@@ -30,6 +30,7 @@ ROUTES = (
     "health",
     "stats",
     "status",
+    "token",
     "unknown",
 )
 METHODS = ("GET", "HEAD", "other")
@@ -43,6 +44,10 @@ SCRUB_RESULTS = ("ok", "changed", "corrupt", "gone")
 PREFETCH_SKIPS = ("cached", "filling", "cap", "queue_full", "no_room", "unavailable")
 # What the signature policy decided about a manifest (access.trust.Result): a closed set, no repository.
 TRUST_RESULTS = ("accepted", "verified", "rejected", "unsigned", "untrusted", "unavailable")
+# How a request's credentials were checked (a password by htpasswd or LDAP, one of our tokens, an
+# outside OIDC token, a client certificate) and what came of it: closed sets, never a user name.
+CREDENTIAL_KINDS = ("password", "token", "oidc", "certificate")
+CREDENTIAL_RESULTS = ("ok", "remembered", "refused", "unavailable", "limited")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 _API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
 _CACHED_ROUTES = ("manifest", "blob")
@@ -298,6 +303,17 @@ class Metrics:
         )
         for result in TRUST_RESULTS:
             self.trust_decisions.labels(result)
+        self.credential_checks = Counter(
+            "edgecache_access_credential_checks_total",
+            "Credentials checked, by kind (password, token, oidc, certificate) and result (ok, "
+            "remembered: a recent password check reused; refused; unavailable: the directory or OIDC "
+            "issuer could not tell; limited: too many failures from the client)",
+            ["kind", "result"],
+            registry=r,
+        )
+        for kind in CREDENTIAL_KINDS:
+            for result in CREDENTIAL_RESULTS:
+                self.credential_checks.labels(kind, result)
         # The series dashboards and alerts read exist from start-up (not every combination: a
         # label set first seen later appears then, and sums over it stay right).
         for route in _API_ROUTES:

@@ -182,8 +182,10 @@ def test_exposed_listeners_make_the_operator_choose_and_only_bcrypt_is_accepted(
     md5.write_text("carol:$apr1$salt$0123456789abcdefghijkl\n")
     refused = serve_fails(tmp_path, origin, f'[access]\nmode = "htpasswd"\nhtpasswd = "{md5}"\n')
     assert "line 1" in refused and "bcrypt" in refused
-    unknown = serve_fails(tmp_path, origin, '[access]\nmode = "ldap"\n')
+    unknown = serve_fails(tmp_path, origin, '[access]\nmode = "kerberos"\n')
     assert "access.mode" in unknown
+    no_directory = serve_fails(tmp_path, origin, '[access]\nmode = "ldap"\n')
+    assert "access.ldap.url" in no_directory
 
 
 async def test_mutual_tls_identity_is_the_certificate_subject(

@@ -1,5 +1,9 @@
-"""Who may pull what: client logins (htpasswd, mutual TLS) and per-repository rules.
+"""Who may pull what: the identity a request carries and the rules that decide on it.
 
-Later: LDAP, the token service, OIDC and the signature policy live here too. Imports only the
-vocabulary (errors, oci) and config; never the store, the upstream client or an HTTP server.
+`identity` (who, with groups, and a token's scope), `policy` (login modes in order: htpasswd, LDAP,
+mutual TLS; bearer tokens; per-repository rules; the login cache and failure limits), `ldap` (the
+directory, in threads of its own), `tokens` (the token service's keys and JWTs), `oidc` (an outside
+issuer's tokens; its keys are fetched through a callable the wiring passes in) and `trust` (the
+signature policy). Imports only the vocabulary (errors, oci) and config; never the store, the
+upstream client or an HTTP server or client.
 """

@@ -1,10 +1,14 @@
-"""Who may pull what: client identities (htpasswd, mutual TLS, anonymous) and per-repository rules.
+"""Who may pull what: client identities (htpasswd, LDAP, mutual TLS, tokens, anonymous) and
+per-repository rules.
 
-Passwords are bcrypt only and are checked in a worker thread; unknown users cost the same bcrypt work
-as wrong passwords, so timing does not tell which names exist. Successful checks are remembered
-briefly (keyed by a hash, never the password), and failures are counted per client address: past the
-limit, the client gets 429 without any check for a minute. What a client sends in Authorization is
-never logged, forwarded upstream or stored (dockerd sends users' Docker Hub passwords to mirrors).
+Passwords are checked in a worker thread (bcrypt) or by the directory (ldap.py); unknown users cost
+the same bcrypt work as wrong passwords, so timing does not tell which names exist. Login modes are
+tried in the configured order: the first that accepts the credentials wins. Successful checks are
+remembered briefly (keyed by a hash, never the password), with the identity's groups, and failures
+are counted per client address: past the limit, the client gets 429 without any check for a minute.
+With the token service on, a Bearer token of ours is checked locally (tokens.py). What a client
+sends in Authorization is never logged, forwarded upstream or stored (dockerd sends users' Docker
+Hub passwords to mirrors).
 """
 
 from __future__ import annotations
@@ -17,30 +21,26 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import bcrypt
+import jwt
 from cachetools import TTLCache
 
 from edgecache import errors
+from edgecache.access.identity import ANONYMOUS, ANONYMOUS_IDENTITY, Identity, applies
+from edgecache.access.ldap import LdapDirectory
+from edgecache.access.oidc import Fetch, OidcVerifier, no_fetch
+from edgecache.access.tokens import TokenService
 from edgecache.config import AccessConfig, AccessRule
 from edgecache.errors import ConfigError
+from edgecache.metrics import Metrics
 from edgecache.oci import RepoName
 
 log = logging.getLogger(__name__)
 FAILURE_WINDOW = 60.0
-ANONYMOUS = "anonymous"
-
-
-@dataclass(frozen=True)
-class Identity:
-    name: str
-    authenticated: bool
-
-
-ANONYMOUS_IDENTITY = Identity(ANONYMOUS, False)
+__all__ = ["ANONYMOUS", "ANONYMOUS_IDENTITY", "AccessPolicy", "Identity", "load_htpasswd"]
 
 
 def load_htpasswd(path: str) -> dict[str, bytes]:
@@ -65,82 +65,203 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 
 class AccessPolicy:
-    def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self._mode = config.mode
-        self._rules = config.rules
-        self._users: Mapping[str, bytes] = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
-        self._unknown_cost = _highest_cost(self._users)
-        ttl = config.login_cache
+    def __init__(
+        self,
+        config: AccessConfig,
+        clock: Callable[[], float] = time.monotonic,
+        fetch: Fetch = no_fetch,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._clock = clock
-        self._good: TTLCache[bytes, str] | None = TTLCache(10_000, ttl, timer=clock) if ttl > 0 else None
+        self._metrics = metrics
+        self._fetch = fetch
+        self.oidc: OidcVerifier | None = None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
-        self._max_failures = config.max_failures
+        self._good: TTLCache[bytes, Identity] | None = None
+        self._ldap: LdapDirectory | None = None
+        self.tokens: TokenService | None = None
+        self._apply(config)
 
-    def reconfigure(self, config: AccessConfig) -> None:
-        """SIGHUP: new rules and a re-read htpasswd file; remembered logins are forgotten."""
-        users = load_htpasswd(config.htpasswd) if config.mode == "htpasswd" else {}
-        self._mode, self._rules, self._users = config.mode, config.rules, users
+    def _apply(self, config: AccessConfig) -> None:
+        """Build everything a configuration needs first, then swap it in (a bad file changes nothing)."""
+        users = load_htpasswd(config.htpasswd) if config.uses("htpasswd") else {}
+        ldap = LdapDirectory(config.ldap) if config.uses("ldap") else None
+        tokens = self.tokens
+        if config.token and tokens is not None:
+            tokens.reconfigure(config)
+        elif config.token:
+            tokens = TokenService(config)
+        else:
+            tokens = None
+        oidc = self.oidc
+        if config.oidc.issuer and oidc is not None:
+            oidc.reconfigure(config.oidc)
+        elif config.oidc.issuer:
+            oidc = OidcVerifier(config.oidc, self._fetch, self._clock)
+        else:
+            oidc = None
+        old_ldap = self._ldap
+        self._config = config
+        self._modes = config.modes
+        self._rules = config.rules
+        self._users: Mapping[str, bytes] = users
         self._unknown_cost = _highest_cost(users)
         self._max_failures = config.max_failures
-        if self._good is not None:
-            self._good.clear()
+        self._ldap, self.tokens, self.oidc = ldap, tokens, oidc
+        ttl = config.login_cache
+        self._good = TTLCache(10_000, ttl, timer=self._clock) if ttl > 0 else None
+        if old_ldap is not None:
+            old_ldap.close()
 
-    async def authenticate(self, header: str | None, peer: str, cert_subject: str | None) -> Identity:
+    def reconfigure(self, config: AccessConfig) -> None:
+        """SIGHUP: new rules, a re-read htpasswd file, LDAP settings and token key; remembered logins
+        are forgotten."""
+        self._apply(config)
+
+    def close(self) -> None:
+        if self._ldap is not None:
+            self._ldap.close()
+
+    @property
+    def token_realm(self) -> str:
+        return self._config.token_realm
+
+    async def authenticate(
+        self, header: str | None, peer: str, cert_subject: str | None, *, exchange: bool = False
+    ) -> Identity:
         """The identity of a request (its Authorization header, client address and verified client
-        certificate subject). Wrong credentials are refused even where anonymous may pull."""
-        if self._mode == "mtls":
-            return Identity(cert_subject, True) if cert_subject else ANONYMOUS_IDENTITY
-        if self._mode != "htpasswd":
-            return ANONYMOUS_IDENTITY
+        certificate subject). Wrong credentials are refused even where anonymous may pull.
+
+        `exchange` (at /token): a Basic password that is a token of the OIDC issuer is verified as
+        one, so clients that only speak Basic to /token (`docker login -u oidc -p "$JWT"`) can use
+        it."""
+        if "mtls" in self._modes and cert_subject:
+            self._count("certificate", "ok")
+            return Identity(cert_subject, True)
         if not header:
             return ANONYMOUS_IDENTITY
         scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            # dockerd may send a bearer token it got elsewhere: not ours, so treat it as absent.
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return await self._bearer(encoded.strip())
+        if scheme != "basic":
+            return ANONYMOUS_IDENTITY
+        if exchange and self.oidc is not None:
+            user, password = _basic_credentials(encoded.strip(), limit=8192)  # a JWT can be long
+            if _unverified_issuer(password) == self.oidc.issuer:
+                return await self._counted("oidc", self.oidc.verify(password))
+        if not ("htpasswd" in self._modes or "ldap" in self._modes):
+            # No password mode: dockerd sends users' Docker Hub logins to mirrors; not ours, ignored.
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
-        return Identity(await self._check_password(peer, user, password), True)
-
-    async def _check_password(self, peer: str, user: str, password: str) -> str:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if self._good is not None and self._good.get(key) == user:
-            return user
+        remembered = self._good.get(key) if self._good is not None else None
+        if remembered is not None and remembered.name == user:
+            self._count("password", "remembered")
+            return remembered
+        return await self._counted("password", self._check_password(peer, user, password, key))
+
+    async def _counted(self, kind: str, check: Awaitable[Identity]) -> Identity:
+        """Await a credential check, counting its outcome (never who or with what)."""
+        try:
+            identity = await check
+        except errors.TooManyAttempts:
+            self._count(kind, "limited")
+            raise
+        except errors.Unauthorized:
+            self._count(kind, "refused")
+            raise
+        except errors.DirectoryUnavailable:
+            self._count(kind, "unavailable")
+            raise
+        self._count(kind, "ok")
+        return identity
+
+    def _count(self, kind: str, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.credential_checks.labels(kind, result).inc()
+
+    async def _bearer(self, token: str) -> Identity:
+        """An outside issuer's token (by its unverified `iss`: only to choose who verifies it), or
+        one of ours. dockerd may send a bearer token it got elsewhere: with neither on, it is ignored."""
+        if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
+            return await self._counted("oidc", self.oidc.verify(token))
+        if self.tokens is not None:
+            return await self._counted("token", self._verify_ours(token))
+        return ANONYMOUS_IDENTITY
+
+    async def _verify_ours(self, token: str) -> Identity:
+        assert self.tokens is not None
+        return self.tokens.verify(token)
+
+    async def _check_password(self, peer: str, user: str, password: str, key: bytes) -> Identity:
+        """A password not remembered: checked (within the failure limit), and remembered if good."""
         now = self._clock()
         recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= self._max_failures:
             raise errors.TooManyAttempts(retry_after=FAILURE_WINDOW - (now - recent[0]))
-        hashed = self._users.get(user)
-        ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
-        if not ok or hashed is None:
+        identity = await self._first_accepting(user, password)
+        if identity is None:
             self._failures[peer] = [*recent, now]
             log.info("failed login from %s", peer)  # neither the user name nor the password
             raise errors.Unauthorized("wrong user name or password")
         if self._good is not None:
-            self._good[key] = user
-        return user
+            self._good[key] = identity
+        return identity
+
+    async def _first_accepting(self, user: str, password: str) -> Identity | None:
+        """Each login mode in order; None when every one refuses. A directory that cannot answer does
+        not stop the modes after it (a local robot account still logs in during an outage), but if
+        none accepts, the answer is DirectoryUnavailable (503): the directory might have said yes."""
+        unavailable: errors.DirectoryUnavailable | None = None
+        for mode in self._modes:
+            if mode == "htpasswd":
+                hashed = self._users.get(user)
+                last = mode == self._modes[-1] or self._modes[-1] == "mtls"
+                if hashed is None and not last:
+                    continue  # a later mode may know the user (and takes its own time)
+                ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
+                if ok and hashed is not None:
+                    return Identity(user, True)
+            elif mode == "ldap" and self._ldap is not None:
+                try:
+                    groups = await self._ldap.check(user, password)
+                except errors.DirectoryUnavailable as exc:
+                    unavailable = exc
+                    continue
+                if groups is not None:
+                    return Identity(user, True, groups)
+        if unavailable is not None:
+            raise unavailable
+        return None
 
     def check_base(self, identity: Identity) -> None:
         """The `/v2/` ping: with a login mode it asks anonymous clients to authenticate, which is
         how dockerd learns to send the credentials it has (anonymous pulls still go on after it)."""
-        if self._mode == "htpasswd" and not identity.authenticated:
+        if self._asks_login() and not identity.authenticated:
             raise errors.Unauthorized()
+
+    def _asks_login(self) -> bool:
+        return "htpasswd" in self._modes or "ldap" in self._modes or self.tokens is not None
 
     def check(self, identity: Identity, upstream: str, repo: RepoName) -> None:
         """Raise unless `identity` may pull `upstream/repo`: deny wins over allow, and with rules
         configured nothing is allowed that no rule allows."""
-        if self._allowed(identity, f"{upstream}/{repo}"):
+        if self.allowed(identity, upstream, repo):
             return
-        if not identity.authenticated and self._mode == "htpasswd":
+        if not identity.authenticated and self._asks_login():
             raise errors.Unauthorized()
         raise errors.AccessDenied(f"{identity.name} may not pull {upstream}/{repo}")
 
-    def _allowed(self, identity: Identity, target: str) -> bool:
-        if self._mode != "anonymous" and not identity.authenticated:
+    def allowed(self, identity: Identity, upstream: str, repo: RepoName) -> bool:
+        """The rules' verdict alone (the token service asks it for each scope it may grant)."""
+        target = f"{upstream}/{repo}"
+        if self._modes != ("anonymous",) and not identity.authenticated:
             rules = [r for r in self._rules if r.identity == ANONYMOUS]
             return _decide(rules, target)
         if not self._rules:
             return True
-        rules = [r for r in self._rules if _applies(r, identity)]
+        rules = [r for r in self._rules if applies(r, identity)]
         return _decide(rules, target)
 
 
@@ -163,24 +284,25 @@ def _dummy_hash(rounds: int) -> bytes:
     return bcrypt.hashpw(b"edgecache-no-such-user", bcrypt.gensalt(rounds=min(max(rounds, 4), 16)))
 
 
-def _applies(rule: AccessRule, identity: Identity) -> bool:
-    if rule.identity == identity.name:
-        return True
-    return rule.identity == "*" and identity.authenticated
-
-
 def _decide(rules: list[AccessRule], target: str) -> bool:
     if any(fnmatch.fnmatchcase(target, pattern) for rule in rules for pattern in rule.deny):
         return False
     return any(fnmatch.fnmatchcase(target, pattern) for rule in rules for pattern in rule.allow)
 
 
-def _basic_credentials(encoded: str) -> tuple[str, str]:
+def _unverified_issuer(token: str) -> object:
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None
+
+
+def _basic_credentials(encoded: str, limit: int = 1024) -> tuple[str, str]:
     try:
         decoded = base64.b64decode(encoded, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise errors.Unauthorized("malformed Basic credentials") from None
     user, sep, password = decoded.partition(":")
-    if not sep or not user or len(decoded) > 1024:
+    if not sep or not user or len(decoded) > limit:
         raise errors.Unauthorized("malformed Basic credentials")
     return user, password

@@ -90,6 +90,7 @@ class AiohttpFront:
             host=request.host or "",
             peer=peer,
             cert_subject=_cert_subject(request),
+            secure=request.secure,
         )
 
 

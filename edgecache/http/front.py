@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgecache import errors
 from edgecache.access.policy import AccessPolicy
+from edgecache.access.tokens import parse_scopes
 from edgecache.http import status_page
 from edgecache.http.routes import Kind, Route, parse_route
 from edgecache.http.status import StatusBoard, document
@@ -56,6 +59,7 @@ class ClientRequest:
     host: str
     peer: str
     cert_subject: str | None = None
+    secure: bool = False  # arrived over TLS (the token realm this node names is then https)
 
 
 class Upstreams:
@@ -141,24 +145,84 @@ class RegistryFront:
             raise errors.Unsupported("this mirror is read-only: uploads are not supported")
         if route.kind is Kind.CATALOG:
             raise errors.Unsupported("the catalog is not served by this mirror")
-        identity = await self.access.authenticate(
-            request.headers.get("Authorization"), request.peer, request.cert_subject
-        )
-        trace.identity = identity.name
-        if route.kind is Kind.BASE:
-            self.access.check_base(identity)
-            return Reply(200, {**API_VERSION_HEADER, "Content-Type": "application/json"}, BytesBody(b"{}"))
-        target = self._upstreams.choose(route.name, request.query.get("ns"), request.host)
-        trace.upstream = target.upstream_name
-        # Rules see the repository as the upstream names it (`alpine` is docker.io's library/alpine),
-        # so a short name cannot slip past a rule written for the full one.
-        self.access.check(identity, target.upstream_name, target.repo)
+        if route.kind is Kind.TOKEN:
+            return await self._token(request, trace)
+        try:
+            identity = await self.access.authenticate(
+                request.headers.get("Authorization"), request.peer, request.cert_subject
+            )
+            trace.identity = identity.name
+            if route.kind is Kind.BASE:
+                self.access.check_base(identity)
+                return Reply(
+                    200, {**API_VERSION_HEADER, "Content-Type": "application/json"}, BytesBody(b"{}")
+                )
+            target = self._upstreams.choose(route.name, request.query.get("ns"), request.host)
+            trace.upstream = target.upstream_name
+            if identity.token_scope is not None and route.name not in identity.token_scope:
+                raise errors.Unauthorized("the token does not grant this repository")
+            # Rules see the repository as the upstream names it (`alpine` is docker.io's library/alpine),
+            # so a short name cannot slip past a rule written for the full one. A token's identity is
+            # checked again: its scopes were granted for a name, the rules decide on the upstream's.
+            self.access.check(identity, target.upstream_name, target.repo)
+        except errors.Unauthorized as exc:
+            if self.access.tokens is None:
+                raise
+            scope = None if route.kind is Kind.BASE else route.name
+            raise errors.Unauthorized(exc.detail, challenge=self._bearer_challenge(request, scope)) from None
         reply = await self._dispatch(request, route, target)
         if request.method == "GET" and route.kind in (Kind.MANIFEST, Kind.BLOB):
             pull = route.kind is Kind.MANIFEST and not isinstance(route.reference, Digest)
             length = int(reply.headers.get("Content-Length", "0") or 0)
             self._usage.record(target.upstream_name, str(target.repo), pull=pull, bytes_served=length)
         return reply
+
+    def _bearer_challenge(self, request: ClientRequest, repository: str | None) -> str:
+        """Where the client gets a token, for which service and scope (the distribution token spec)."""
+        tokens = self.access.tokens
+        assert tokens is not None
+        realm = self.access.token_realm
+        if not realm:
+            if not _HOST.fullmatch(request.host):
+                raise errors.BadRequest("the Host header is not a host name")
+            realm = f"{'https' if request.secure else 'http'}://{request.host}/token"
+        challenge = f'Bearer realm="{_quoted(realm)}",service="{_quoted(tokens.service)}"'
+        # The name is still raw here (a login may fail before it is checked): named only when plain.
+        if repository is not None and _SCOPE_NAME.fullmatch(repository):
+            challenge += f',scope="repository:{repository}:pull"'
+        return challenge
+
+    async def _token(self, request: ClientRequest, trace: RequestTrace) -> Reply:
+        """GET /token: check the login once (Basic, or the client certificate), grant `pull` on each
+        asked repository the rules allow, and sign a token listing only those."""
+        trace.route = "token"
+        tokens = self.access.tokens
+        if tokens is None:
+            raise errors.RouteUnknown("the token service is turned off")
+        header = request.headers.get("Authorization")
+        if header and not header.lower().startswith("basic "):
+            header = None  # a token is not a login: /token takes credentials or a certificate
+        identity = await self.access.authenticate(header, request.peer, request.cert_subject, exchange=True)
+        trace.identity = identity.name
+        granted = []
+        getall = getattr(request.query, "getall", None)  # aiohttp's MultiDict; granian's adapter joins
+        for scope in parse_scopes(getall("scope", []) if getall else [request.query.get("scope", "")]):
+            if "pull" not in scope.actions:
+                continue
+            try:
+                target = self._upstreams.choose(scope.name, request.query.get("ns"), request.host)
+            except errors.ClientError:
+                continue  # a name that is not valid, or a registry not served: nothing to grant
+            if self.access.allowed(identity, target.upstream_name, target.repo):
+                granted.append(scope.name)
+        token, expires_in, issued = tokens.issue(identity, granted)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued))
+        document = {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": stamp}
+        return Reply(
+            200,
+            {"Content-Type": "application/json", "Cache-Control": "no-store"},
+            BytesBody(json.dumps(document).encode()),
+        )
 
     async def operational(self, request: ClientRequest, trace: RequestTrace) -> Reply:
         """Health checks, metrics, usage statistics and the status page (GET and HEAD only)."""
@@ -274,6 +338,14 @@ def listing_params(query: Mapping[str, str]) -> dict[str, str]:
         except errors.TagInvalid:
             raise errors.ParameterInvalid("last must be a tag") from None
     return params
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+_SCOPE_NAME = re.compile(r"[a-z0-9._\-]+(?::[0-9]{1,5})?(?:/[a-z0-9._\-]+)*", re.ASCII)
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def json_reply(status: int, document: object) -> Reply:

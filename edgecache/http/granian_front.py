@@ -160,11 +160,14 @@ class AsgiFront:
             raise errors.BadRequest("request target must be ASCII") from None
         query: dict[str, str] = {}
         for key, value in parse_qsl(query_string, keep_blank_values=True):
+            if key == "scope" and key in query:  # /token may be asked several scopes: keep them all
+                query[key] += " " + value
             query.setdefault(key, value)
         peer = client_address(_peer(scope), headers.get("X-Forwarded-For"), self._trusted)
         trace.peer = peer
         host = headers.get("Host") or ""
-        return ClientRequest(scope["method"], raw_path, query, headers, host, peer)
+        secure = scope.get("scheme") == "https"
+        return ClientRequest(scope["method"], raw_path, query, headers, host, peer, secure=secure)
 
 
 def _peer(scope: Scope) -> str:

@@ -23,6 +23,7 @@ class Kind(Enum):
     REFERRERS = "referrers"
     UPLOAD = "upload"
     CATALOG = "catalog"
+    TOKEN = "token"  # the token service's endpoint (answered only with access.token on)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern, re.DOTALL))
     for kind, pattern in (
         (Kind.BASE, r"/v2/?"),
+        (Kind.TOKEN, r"/token"),
         (Kind.CATALOG, r"/v2/_catalog"),
         (Kind.UPLOAD, r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?"),
         (Kind.MANIFEST, r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]*)"),
@@ -60,7 +62,7 @@ def parse_route(raw_path: str) -> Route:
         match = pattern.fullmatch(raw_path)
         if match is None:
             continue
-        if kind in (Kind.BASE, Kind.CATALOG):
+        if kind in (Kind.BASE, Kind.CATALOG, Kind.TOKEN):
             return Route(kind)
         name = match["name"]
         if len(name) > 2 * MAX_NAME_LENGTH:

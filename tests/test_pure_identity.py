@@ -1,0 +1,243 @@
+"""Identity decisions without sockets: group rules, login modes tried in order with the login cache
+(a stand-in directory object, injected clock), scopes parsed at /token, and the token service's
+signatures, expiry, audience, scopes and key rotation (PyJWT used directly to forge the bad ones)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from edgecache import errors
+from edgecache.access.identity import Identity, applies
+from edgecache.access.policy import AccessPolicy
+from edgecache.access.tokens import ISSUER, Scope, TokenService, load_key, parse_scopes
+from edgecache.config import AccessConfig, AccessRule, LdapConfig, load_config
+from edgecache.errors import ConfigError
+from edgecache.oci import RepoName
+from tests.support.clock import Clock
+from tests.test_pure_access import basic, write_htpasswd
+
+
+def write_key(path: Path, kind: str = "ec") -> Path:
+    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return path
+
+
+def test_rules_name_groups_and_a_group_never_matches_a_user_of_that_name() -> None:
+    ops = AccessRule("group:ops", allow=("*",))
+    assert applies(ops, Identity("carol", True, frozenset({"ops"})))
+    assert not applies(ops, Identity("dave", True, frozenset({"devs"})))
+    assert not applies(ops, Identity("ops", True))  # a user called ops is not the group
+    assert not applies(ops, Identity("anonymous", False, frozenset({"ops"})))
+
+
+class FakeDirectory:
+    """Stands in for LdapDirectory in pure tests: answers from a dict, counts the checks, or fails."""
+
+    def __init__(self, users: dict[str, tuple[str, frozenset[str]]]) -> None:
+        self.users = users
+        self.checks = 0
+        self.down = False
+
+    async def check(self, user: str, password: str) -> frozenset[str] | None:
+        self.checks += 1
+        if self.down:
+            raise errors.DirectoryUnavailable()
+        known = self.users.get(user)
+        return known[1] if known and known[0] == password else None
+
+    def close(self) -> None:
+        pass
+
+
+def ldap_policy(
+    tmp_path: Path, clock: Clock, modes: str = "htpasswd,ldap"
+) -> tuple[AccessPolicy, FakeDirectory]:
+    config = AccessConfig(
+        mode=modes,
+        htpasswd=write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-pass"}),
+        ldap=LdapConfig(url="ldaps://127.0.0.1:1", base_dn="dc=x"),
+        login_cache=30,
+        max_failures=3,
+        rules=(
+            AccessRule("group:ops", allow=("docker.io/*",)),
+            AccessRule("alice", allow=("docker.io/library/*",)),
+        ),
+    )
+    policy = AccessPolicy(config, clock=clock)
+    directory = FakeDirectory({"carol": ("carol-pass", frozenset({"ops"}))})
+    policy._ldap = directory  # type: ignore[assignment]
+    return policy, directory
+
+
+async def test_modes_in_order_the_login_cache_and_a_directory_down(tmp_path: Path) -> None:
+    clock = Clock()
+    policy, directory = ldap_policy(tmp_path, clock)
+    carol = await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)
+    assert carol == Identity("carol", True, frozenset({"ops"}))
+    policy.check(carol, "docker.io", RepoName.parse("team/app"))
+    assert (await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)).name == "alice"
+    assert directory.checks == 1  # alice was found in htpasswd first
+    # Remembered: the directory is not asked again, even when it is down, until the entry expires.
+    directory.down = True
+    assert await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None) == carol
+    assert directory.checks == 1
+    with pytest.raises(errors.DirectoryUnavailable):  # not remembered: cannot tell, nobody let in
+        await policy.authenticate(basic("carol", "other"), "10.0.0.1", None)
+    clock.advance(31)
+    with pytest.raises(errors.DirectoryUnavailable):
+        await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)
+    # A directory that cannot answer is not a failed login: no 429 after many of them.
+    directory.down = False
+    for _ in range(3):
+        with pytest.raises(errors.Unauthorized):
+            await policy.authenticate(basic("carol", "wrong"), "10.0.0.2", None)
+    with pytest.raises(errors.TooManyAttempts):
+        await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.2", None)
+    assert (await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)).name == "carol"
+
+
+async def test_a_directory_down_does_not_stop_the_modes_after_it(tmp_path: Path) -> None:
+    policy, directory = ldap_policy(tmp_path, Clock(), modes="ldap,htpasswd")
+    directory.down = True
+    assert (await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)).name == "alice"
+    with pytest.raises(errors.DirectoryUnavailable):  # htpasswd said no, the directory could not tell
+        await policy.authenticate(basic("alice", "wrong"), "10.0.0.1", None)
+    directory.down = False
+    with pytest.raises(errors.Unauthorized):
+        await policy.authenticate(basic("alice", "wrong"), "10.0.0.1", None)
+
+
+def test_mode_lists_and_ldap_settings_are_validated(tmp_path: Path) -> None:
+    def load(text: str) -> str:
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(str(tmp_path / "c.toml"), env={})
+        return str(caught.value)
+
+    ldap = '[access.ldap]\nurl = "ldap://dir.example:389"\nbase_dn = "dc=example"\n'
+    assert "clear" in load(f'[access]\nmode = "ldap"\n{ldap}')
+    assert "anonymous cannot be combined" in load('[access]\nmode = ["anonymous", "ldap"]\n')
+    assert "one or more of" in load('[access]\nmode = ["ldap", "kerberos"]\n')
+    assert "start_tls" in load(
+        f'[access]\nmode = "ldap"\n{ldap}start_tls = true\nurl = "ldaps://x"\n'.replace(
+            'url = "ldap://dir.example:389"\n', ""
+        )
+    )
+    assert "token_key" in load(f'[access]\nmode = "ldap"\ntoken = true\n{ldap}allow_plain = true\n')
+    (tmp_path / "ok.toml").write_text(f'[access]\nmode = ["ldap"]\n{ldap}start_tls = true\n')
+    config = load_config(str(tmp_path / "ok.toml"), env={})
+    assert config.access.modes == ("ldap",) and config.access.ldap.start_tls
+
+
+def test_scopes_are_parsed_and_only_repository_scopes_count() -> None:
+    assert parse_scopes(["repository:library/alpine:pull", "repository:localhost:5000/a/b:pull,push"]) == [
+        Scope("library/alpine", ("pull",)),
+        Scope("localhost:5000/a/b", ("pull", "push")),
+    ]
+    assert parse_scopes(["registry:catalog:*", "repository::pull", "nonsense", ""]) == []
+    assert parse_scopes(["repository:a:pull repository:b:pull"]) == [
+        Scope("a", ("pull",)),
+        Scope("b", ("pull",)),
+    ]
+
+
+def token_config(tmp_path: Path, kind: str = "ec", name: str = "key.pem") -> AccessConfig:
+    return AccessConfig(
+        mode="htpasswd", token=True, token_key=str(write_key(tmp_path / name, kind)), token_ttl=60
+    )
+
+
+def claims_of(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_tokens_grant_only_their_scopes_and_forgeries_are_refused(tmp_path: Path, kind: str) -> None:
+    config = token_config(tmp_path, kind)
+    service = TokenService(config)
+    carol = Identity("carol", True, frozenset({"ops"}))
+    token, expires_in, _ = service.issue(carol, ["team/app"])
+    assert expires_in == 60
+    claims = claims_of(token)
+    assert claims["access"] == [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
+    assert claims["aud"] == "edgecache" and claims["iss"] == ISSUER
+    assert jwt.get_unverified_header(token)["alg"] == ("ES256" if kind == "ec" else "RS256")
+    assert service.verify(token) == Identity("carol", True, frozenset({"ops"}), frozenset({"team/app"}))
+
+    key = load_key(config.token_key)
+    now = int(time.time())
+    good = {"iss": ISSUER, "sub": "carol", "aud": "edgecache", "iat": now, "exp": now + 60, "access": []}
+
+    def forged(claims: dict[str, object], signer: object = key.private, alg: str = key.algorithm) -> str:
+        return jwt.encode(claims, signer, algorithm=alg, headers={"kid": key.kid})  # type: ignore[arg-type]
+
+    assert service.verify(forged(good)).name == "carol"  # the forger's baseline is a valid token
+    refused = {
+        "expired": forged({**good, "iat": now - 600, "exp": now - 300}),
+        "other audience": forged({**good, "aud": "another-service"}),
+        "other issuer": forged({**good, "iss": "someone"}),
+        "no expiry": forged({k: v for k, v in good.items() if k != "exp"}),
+        "another key": jwt.encode(
+            good, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": key.kid}
+        ),
+        "alg none": jwt.encode(good, None, algorithm="none", headers={"kid": key.kid}),
+        # HMAC keyed with the public key (the classic confusion attack)
+        "hmac with the public key": _hmac_with_public_key(good, key.private.public_key(), key.kid),
+        "unknown kid": jwt.encode(good, key.private, algorithm=key.algorithm, headers={"kid": "nope"}),
+        "garbage": "not.a.token",
+    }
+    for what, bad in refused.items():
+        with pytest.raises(errors.Unauthorized):
+            service.verify(bad)
+        assert what
+
+
+def _hmac_with_public_key(claims: dict[str, object], public: object, kid: str) -> str:
+    pem = public.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = {"alg": "HS256", "typ": "JWT", "kid": kid}
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    import hashlib
+    import hmac
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    signature = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def test_a_rotated_key_still_verifies_until_its_tokens_expire(tmp_path: Path) -> None:
+    clock = Clock(time.time())
+    config = token_config(tmp_path)
+    service = TokenService(config, clock=clock)
+    old_token, _, _ = service.issue(Identity("carol", True), ["a"])
+    rotated = dataclasses.replace(config, token_key=str(write_key(tmp_path / "new.pem")))
+    service.reconfigure(rotated)
+    new_token, _, _ = service.issue(Identity("carol", True), ["a"])
+    assert claims_of(new_token)["jti"] != claims_of(old_token)["jti"]
+    assert jwt.get_unverified_header(new_token)["kid"] != jwt.get_unverified_header(old_token)["kid"]
+    assert service.verify(old_token).name == "carol"
+    assert service.verify(new_token).name == "carol"
+    clock.advance(config.token_ttl + 10)  # the old key's tokens have all expired: it is gone
+    with pytest.raises(errors.Unauthorized):
+        service.verify(old_token)
+    with pytest.raises(ConfigError):
+        service.reconfigure(dataclasses.replace(config, token_key=str(tmp_path / "missing.pem")))
