@@ -12,8 +12,11 @@ import asyncio
 import base64
 import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,14 @@ from edgecache.access.tokens import ISSUER, load_key
 from edgecache.config import Config, load_config
 from tests.conftest import Edge, Seeded, running_edge, spawn_edge
 from tests.support.certs import TestCA
-from tests.support.clients import Dockerd, require_clients, require_root, skopeo_copy_all
+from tests.support.clients import (
+    Dockerd,
+    client_env,
+    require_binary,
+    require_clients,
+    require_root,
+    skopeo_copy_all,
+)
 from tests.support.curl import curl
 from tests.support.faults import FaultProxy
 from tests.support.ldap import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, start_slapd
@@ -269,6 +279,50 @@ def test_skopeo_logs_in_through_the_token_flow(
     assert pulls and all(r["identity"] == "alice" for r in pulls)
     text = log_path.read_text()
     assert PASSWORDS["alice"] not in text and "eyJ" not in text  # no password, no token in the log
+
+
+@pytest.mark.clients
+def test_podman_logs_in_and_pulls_through_the_token_flow(
+    tls_token_edge: tuple[str, TestCA, Path], tmp_path: Path, seeded: Seeded
+) -> None:
+    """podman (vfs storage under the test's dir, its own auth file) logs in, pulls what alice may
+    pull with the token /token gave it, and is refused what she may not."""
+    url, ca, log_path = tls_token_edge
+    cert_dir = tmp_path / "podman-certs"
+    cert_dir.mkdir()
+    shutil.copy(ca.cert_path, cert_dir / "ca.crt")
+    host = url.removeprefix("https://")
+    podman = require_binary("podman")
+    runroot = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))  # podman wants it under 50 characters
+    storage = ["--root", str(tmp_path / "podman-root"), "--runroot", str(runroot),
+               "--storage-driver", "vfs"]  # fmt: skip
+    auth = ["--authfile", str(tmp_path / "podman-auth.json"), "--cert-dir", str(cert_dir)]
+    env = client_env(REGISTRIES_CONFIG_PATH=os.devnull, CONTAINERS_REGISTRIES_CONF=os.devnull)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [podman, *storage, *args], capture_output=True, text=True, timeout=180, env=env, check=False
+        )
+
+    login = subprocess.run(  # the password on stdin, never in argv
+        [podman, *storage, "login", *auth, "-u", "alice", "--password-stdin", host],
+        input=PASSWORDS["alice"], capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    try:
+        assert login.returncode == 0 and "Login Succeeded" in login.stdout, login.stderr
+        pulled = run("pull", *auth, f"{host}/library/alpine:latest")
+        assert pulled.returncode == 0, pulled.stderr
+        images = run("images", "--digests", "--format", "{{.Digest}}", f"{host}/library/alpine")
+        assert seeded.alpine.manifest.digest in images.stdout
+        refused = run("pull", *auth, f"{host}/team/app:1.0")
+        assert refused.returncode != 0
+        assert re.search(r"(?i)unauthorized|denied|authentication", refused.stderr)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    tokens = [r for r in access_records(log_path) if r.get("route") == "token"]
+    assert tokens and all(r["identity"] == "alice" for r in tokens)
+    text = log_path.read_text()
+    assert PASSWORDS["alice"] not in text and "eyJ" not in text
 
 
 @pytest.mark.clients
