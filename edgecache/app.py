@@ -34,6 +34,7 @@ from edgecache.http.status import StatusBoard
 from edgecache.http.tls import check_certificate, mutual_tls_context
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
+from edgecache.shared.tier import SharedTier
 from edgecache.sizes import parse_size
 from edgecache.store.blobs import BlobStore, CacheDirLock
 from edgecache.store.keeper import CacheKeeper
@@ -66,6 +67,7 @@ class Edgecache:
     prefetcher: Prefetcher | None
     trust: SignatureGate
     log_format: str = "text"
+    shared: SharedTier | None = None
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -130,6 +132,14 @@ class Edgecache:
             referrers_ttl=config.cache.referrers_ttl,
         )
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
+        shared = (
+            SharedTier.build(config.shared, metrics, store.tmp, store.blob_path)
+            if config.shared.enabled
+            else None
+        )
+        if shared is not None:
+            pull.set_shared(shared)
+            flights.on_kept = shared.blob_kept
         trust = SignatureGate(trust_policy, pull, metrics)
         pull.set_trust(trust)
         readiness = Readiness(store, clients)
@@ -154,12 +164,15 @@ class Edgecache:
             prefetcher,
             trust,
             log_format,
+            shared,
         )
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
+        if self.shared is not None:
+            await self.shared.start()  # a missing bucket, or one refusing us, stops the start here
         await self.keeper.start()
         self.scrubber.start()
         unchecked = unchecked_upstreams(self.config.access, self.config.upstreams)
@@ -187,6 +200,8 @@ class Edgecache:
             await self.prefetcher.close()
         await self.front.pull.close()
         await self.flights.close()
+        if self.shared is not None:
+            await self.shared.close()
         for client in self.clients.values():
             await client.close()
         await self.members.flush()
