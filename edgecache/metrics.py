@@ -347,6 +347,11 @@ class Metrics:
             "1 while the shared tier is used, 0 while it is skipped as down (or not configured)",
             registry=r,
         )
+        self.shared_enabled = Gauge(
+            "edgecache_shared_enabled",
+            "1 when a shared tier is configured ([shared] endpoint)",
+            registry=r,
+        )
         for kind in SHARED_KINDS:
             self.shared_hits.labels(kind)
             self.shared_misses.labels(kind)

@@ -75,6 +75,7 @@ class SharedTier:
 
     async def start(self) -> None:
         """Check the bucket (a ConfigError when it is missing or refuses us), then start uploading."""
+        self._metrics.shared_enabled.set(1)
         await self.bucket.check()
         self._metrics.shared_up.set(1)
         self.uploads.start()
