@@ -97,7 +97,7 @@ def shared_cluster(
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                )  # fmt: skip
+                )
             )
         front_port = free_port()
         text = (
