@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import obstore
 from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
-from obstore.store import S3Store
+from obstore.store import ObjectStore, S3Store
 
 from edgecache.config import SharedConfig
 from edgecache.errors import ConfigError
@@ -88,7 +88,10 @@ class Bucket:
     """One bucket on one endpoint. Objects are immutable and named by digest: nothing here needs
     conditional requests or versions."""
 
-    def __init__(self, config: SharedConfig, credentials: Credentials | None) -> None:
+    def __init__(
+        self, config: SharedConfig, credentials: Credentials | None, store: ObjectStore | None = None
+    ) -> None:
+        """`store`: another obstore store in place of the S3 one (the pure tests' MemoryStore)."""
         self.prefix = (
             config.prefix if not config.prefix or config.prefix.endswith("/") else config.prefix + "/"
         )
@@ -117,7 +120,7 @@ class Bucket:
         )
         # No retries inside the library: a failing bucket is skipped for the upstream at once, and
         # the tier's health decides when to ask it again.
-        self._store = S3Store(
+        self._store: ObjectStore = store or S3Store(
             config.bucket,
             endpoint=config.endpoint.rstrip("/"),
             region=config.region,

@@ -123,9 +123,12 @@ class Uploader:
         """Wait until every upload offered so far has ended (tests, shutdown)."""
         await self._idle.wait()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Let the uploads under way end for `grace` seconds, then cancel the workers; never waits
+        longer than that again (a bucket that hangs must not hang the shutdown)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
         for task in self._workers:
             task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._workers:
+            await asyncio.wait(self._workers, timeout=grace)
