@@ -14,7 +14,8 @@ import obstore
 import pytest
 from obstore.store import MemoryStore
 
-from edgecache.config import SharedConfig
+from edgecache.config import Config, SharedConfig, load_config
+from edgecache.errors import ConfigError
 from edgecache.fill.flights import Flights
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
@@ -170,3 +171,37 @@ def test_credentials_come_from_a_file_or_the_environment_and_never_print(tmp_pat
     from_env = load_credentials(SharedConfig(), env=env)
     assert from_env is not None and from_env.secret_access_key == "S"
     assert load_credentials(SharedConfig(), env={}) is None
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def load(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> Config:
+    path = tmp_path / "edgecache.toml"
+    path.write_text(toml)
+    return load_config(str(path), env=env or {}, cache_dir=str(tmp_path / "cache"))
+
+
+def test_shared_is_off_by_default_and_read_from_toml_and_environment(tmp_path: Path) -> None:
+    assert not load(tmp_path, "").shared.enabled
+    config = load(
+        tmp_path,
+        '[shared]\nendpoint = "https://rgw.dc1:7480"\nbucket = "edge"\nprefix = "dc1"\n',
+        env={"EDGECACHE_SHARED_UPLOAD_CONCURRENCY": "4", "EDGECACHE_SHARED_BUCKET": "other"},
+    )
+    assert config.shared.enabled and config.shared.endpoint == "https://rgw.dc1:7480"
+    assert config.shared.bucket == "other" and config.shared.upload_concurrency == 4
+    assert Bucket(config.shared, None, store=MemoryStore()).prefix == "dc1/"
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [('endpoint = "https://rgw"', "shared.bucket"), ('endpoint = "rgw.dc1"\nbucket = "b"', "shared.endpoint"),
+     ('endpoint = "http://rgw"\nbucket = "b"\ncredentials_file = "/nonexistent"', "shared.credentials_file"),
+     ('endpoint = "http://rgw"\nbucket = "b"\nheader_timeout = 0', "shared.header_timeout"),
+     ('endpoint = "http://rgw"\nbucket = "b"\nsecret = "x"', "shared.secret")],
+)  # fmt: skip
+def test_shared_mistakes_stop_the_start_with_one_line(tmp_path: Path, toml: str, named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, f"[shared]\n{toml}\n")
+    assert named in str(raised.value) and "\n" not in str(raised.value)
