@@ -187,3 +187,40 @@ def test_skopeo_pulls_an_index_from_the_bucket_through_a_cold_node(
         sum(origin.count("GET", f"/manifests/{image.manifest.digest}") for image in images) == manifest_gets
     )
     assert metric(second.url, "edgecache_shared_hits_total", kind="manifest") == len(images)
+
+
+def test_serve_refuses_to_start_on_a_missing_bucket_with_one_line(
+    tmp_path: Path, origin: Registry, ceph: Ceph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env_credentials().items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "edgecache.toml"
+    config.write_text(f'[shared]\nendpoint = "{ceph.endpoint}"\nbucket = "no-such-bucket"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecache", "serve", "--config", str(config), "--upstream", origin.url,
+         "--listen", f"127.0.0.1:{free_port()}", "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "configuration error" in line]
+    assert errors == [
+        "edgecache: configuration error: shared.bucket 'no-such-bucket': no such bucket on the endpoint"
+    ]
+    assert "Traceback" not in done.stderr
+    assert env_credentials()["AWS_SECRET_ACCESS_KEY"] not in done.stderr
+
+
+def test_stats_shows_the_shared_tier(shared_cluster: SharedCluster, seeded: Seeded) -> None:
+    node = shared_cluster.nodes[0]
+    pull(node.url, "library/alpine", "latest", seeded.alpine)
+    wait_until_sync(lambda: uploads_idle(node, len(seeded.alpine.blobs)), message="uploads did not end")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgecache", "stats", "--url", node.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("shared tier:"))
+    assert line.startswith("shared tier: up; hits 0 blobs")
+    assert f"uploads done {len(seeded.alpine.blobs) + 1}," in line
