@@ -22,6 +22,7 @@ from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.ceph import ACCESS_KEY, SECRET_KEY, Ceph, start_ceph
 from tests.support.images import Image
 from tests.support.registry import Registry
+from tests.support.tcpfault import TcpFault
 from tests.support.waiting import wait_until
 
 
@@ -273,3 +274,39 @@ async def test_concurrent_pulls_through_a_cold_node_share_one_bucket_read(
     assert all(body == layer.data[i * 1000 :] for i, body in enumerate(bodies))
     assert origin.count("GET", f"/blobs/{layer.digest}") == before
     assert await two.metric("edgecache_shared_hits_total", kind="blob") == 1
+
+
+async def test_a_black_hole_or_a_stalled_bucket_is_skipped_within_its_deadlines(
+    tmp_path: Path, origin: Registry, seeded: Seeded, ceph: Ceph, bucket: str
+) -> None:
+    host, port = ceph.endpoint.removeprefix("http://").split(":")
+    fault = await TcpFault(host, int(port)).start()
+    try:
+        seed = shared_config(tmp_path, origin, ceph, bucket, "seed")
+        faulty = shared_config(tmp_path, origin, ceph, bucket, "faulty")
+        faulty = dataclasses.replace(faulty, shared=dataclasses.replace(faulty.shared, endpoint=fault.url))
+        async with running_edge(seed) as one, running_edge(faulty) as two:
+            await pull(one, "library/big", "latest", seeded.big)
+            await pull(one, "team/app", "1.0", seeded.app)
+            await uploads_settled(one)
+
+            fault.stall_after = 64 * 1024  # a response that stops half-way: the stall deadline (2 s)
+            before = blob_gets(origin, seeded.big)
+            await pull(two, "library/big", "latest", seeded.big)
+            assert blob_gets(origin, seeded.big) > before  # the upstream filled what the bucket did not
+            assert await two.metric("edgecache_shared_errors_total", kind="timeout") >= 1
+            assert await two.metric("edgecache_shared_up") == 0  # a missed deadline: down at once
+
+            fault.stall_after, fault.hang = None, True  # and a black hole: skipped without asking it
+            connections = fault.connections
+            await pull(two, "team/app", "1.0", seeded.app)
+            assert fault.connections == connections, "a down tier was asked"
+
+            fault.hang = False
+
+            async def back() -> bool:
+                return await two.metric("edgecache_shared_up") == 1
+
+            await wait_until(back, timeout=30, message="the probe did not bring the tier back")
+    finally:
+        await fault.stop()
