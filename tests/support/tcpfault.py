@@ -33,26 +33,32 @@ class TcpFault:
     async def stop(self) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
+        writers = [writer]
         try:
             if self.hang:
                 await asyncio.Event().wait()  # a black hole: read nothing, answer nothing
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            writers.append(up_writer)
             await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            for each in writers:  # closed and waited for: no socket is left to the garbage collector
+                each.close()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await each.wait_closed()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: bool) -> None:
         """Copy one direction; responses stop after `stall_after` bytes from when it was set (read at
