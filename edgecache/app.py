@@ -142,7 +142,7 @@ class Edgecache:
             flights.on_kept = shared.blob_kept
         trust = SignatureGate(trust_policy, pull, metrics)
         pull.set_trust(trust)
-        readiness = Readiness(store, clients)
+        readiness = Readiness(store, clients, shared)
         upstreams = Upstreams(clients, config.default_upstream)
         usage = Usage()
         status = StatusBoard(config.status, metrics, keeper, flights, clients, usage, root)
@@ -265,11 +265,15 @@ class Readiness:
 
     store: BlobStore
     clients: dict[str, UpstreamClient]
+    shared: SharedTier | None = None
 
     async def __call__(self) -> tuple[bool, dict[str, object]]:
         writable = await asyncio.to_thread(_writable, self.store.tmp)
         upstreams = {name: client.health.state for name, client in self.clients.items()}
-        return writable, {"cache_writable": writable, "upstreams": upstreams}
+        answer: dict[str, object] = {"cache_writable": writable, "upstreams": upstreams}
+        if self.shared is not None:  # reported, not required: misses go to the upstream meanwhile
+            answer["shared_tier"] = self.shared.state
+        return writable, answer
 
 
 def _writable(directory: Path) -> bool:

@@ -296,6 +296,9 @@ async def test_a_black_hole_or_a_stalled_bucket_is_skipped_within_its_deadlines(
             assert blob_gets(origin, seeded.big) > before  # the upstream filled what the bucket did not
             assert await two.metric("edgecache_shared_errors_total", kind="timeout") >= 1
             assert await two.metric("edgecache_shared_up") == 0  # a missed deadline: down at once
+            async with two.http.get("/readyz") as resp:  # reported, not required: still ready
+                assert resp.status == 200
+                assert (await resp.json())["shared_tier"] == "down"
 
             fault.stall_after, fault.hang = None, True  # and a black hole: skipped without asking it
             connections = fault.connections

@@ -109,7 +109,11 @@ class SharedTier:
             self._metrics.shared_misses.labels("blob").inc()
             return None
         key = blob_key(self.bucket.prefix, digest)
-        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="shared-")
+        try:
+            fd, name = tempfile.mkstemp(dir=self._tmp, prefix="shared-")
+        except OSError:
+            self._metrics.shared_misses.labels("blob").inc()
+            return None
         path = Path(name)
         keep = False
         try:
@@ -128,6 +132,12 @@ class SharedTier:
             else:
                 log.warning("shared tier read of %s failed, asking the upstream: %s", digest, exc)
                 self._failed(exc)
+            self._metrics.shared_misses.labels("blob").inc()
+            return None
+        except OSError as exc:  # our own disk (ENOSPC, EIO) while copying: not the bucket's fault
+            log.warning(
+                "shared tier read of %s failed on disk (%s): asking the upstream", digest, exc.strerror
+            )
             self._metrics.shared_misses.labels("blob").inc()
             return None
         finally:
