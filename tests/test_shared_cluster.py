@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Seeded
 from tests.support.ceph import Ceph, env_credentials, start_ceph
-from tests.support.clients import skopeo_copy_all
+from tests.support.clients import Containerd, require_clients, require_root, skopeo_copy_all
 from tests.support.images import Image
 from tests.support.registry import Registry, free_port, wait_http
 from tests.support.waiting import wait_until_sync
@@ -224,3 +224,24 @@ def test_stats_shows_the_shared_tier(shared_cluster: SharedCluster, seeded: Seed
     line = next(line for line in result.stdout.splitlines() if line.startswith("shared tier:"))
     assert line.startswith("shared tier: up; hits 0 blobs")
     assert f"uploads done {len(seeded.alpine.blobs) + 1}," in line
+
+
+@pytest.mark.clients
+def test_containerd_pulls_through_a_cold_node_from_the_bucket(
+    shared_cluster: SharedCluster, origin: Registry, seeded: Seeded
+) -> None:
+    require_root()
+    require_clients()
+    image = seeded.big
+    first, second, _ = shared_cluster.nodes
+    pull(first.url, "library/big", "latest", image)
+    wait_until_sync(lambda: uploads_idle(first, len(image.blobs)), message="node one's uploads did not end")
+    before = blob_gets(origin, image)
+    with Containerd() as containerd:
+        ref = "docker.io/library/big:latest"
+        containerd.pull(ref, mirror_url=second.url)  # ranged, parallel GETs through hosts.toml
+        assert containerd.image_digest(ref) == image.manifest.digest
+        check = containerd.check(ref)
+        assert check.complete and check.unpacked
+    assert blob_gets(origin, image) == before
+    assert metric(second.url, "edgecache_shared_hits_total", kind="blob") == len(image.blobs)
