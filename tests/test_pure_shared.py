@@ -14,15 +14,20 @@ import obstore
 import pytest
 from obstore.store import MemoryStore
 
+from edgecache import errors
 from edgecache.config import Config, SharedConfig, load_config
 from edgecache.errors import ConfigError
+from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
+from edgecache.pull import BlobQuery, PullService, Target
 from edgecache.shared.bucket import Bucket, TierError, blob_key, load_credentials
 from edgecache.shared.tier import SharedTier
 from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
+from edgecache.store.manifests import ManifestCache
+from edgecache.store.membership import Membership
 from tests.support.clock import Clock
 from tests.support.memory_upstream import MemoryUpstream
 
@@ -205,3 +210,37 @@ def test_shared_mistakes_stop_the_start_with_one_line(tmp_path: Path, toml: str,
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, f"[shared]\n{toml}\n")
     assert named in str(raised.value) and "\n" not in str(raised.value)
+
+
+# -- the pull use case with the tier: the bucket knows no repositories ----------------------------
+
+
+async def test_the_bucket_serves_a_digest_only_to_a_repository_known_to_hold_it(tmp_path: Path) -> None:
+    """Repository checks on (the default in PullService): a digest in the bucket is not served under
+    a repository that does not hold it upstream; under one that does, a HEAD confirms it first."""
+    parts = Parts(tmp_path)
+    await parts.keeper.start()
+    await parts.tier.start()
+    members = Membership(parts.keeper.worker)
+    pull = PullService(
+        parts.store, ManifestCache(parts.store), parts.flights, Coalescer(), parts.metrics, parts.keeper,
+        members, tag_ttl=60.0, max_stale=3600.0,
+    )  # fmt: skip
+    pull.set_shared(parts.tier)
+    try:
+        digest = parts.upstream.add_blob("team/app", BLOB)  # held upstream by team/app only
+        await obstore.put_async(parts.memory, blob_key("dc1/", digest), BLOB)
+        other = RepoName.parse("team/other")
+        with pytest.raises(errors.BlobUnknown):
+            await pull.blob(Target(parts.upstream, other, other), BlobQuery(digest, head=False))
+        assert parts.sample("edgecache_shared_hits_total", kind="blob") == 0
+        reply = await pull.blob(Target(parts.upstream, REPO, REPO), BlobQuery(digest, head=False))
+        reply.close()
+        await parts.flights.settled()
+        assert parts.upstream.count("head_blob") == 2 and parts.upstream.count("open_blob") == 0
+        assert parts.sample("edgecache_shared_hits_total", kind="blob") == 1
+    finally:
+        await parts.tier.close()
+        await parts.flights.close(grace=1)
+        await members.flush()
+        await parts.keeper.close()

@@ -128,8 +128,11 @@ async def test_an_empty_node_pulls_from_the_bucket_not_the_upstream(
         assert bytes(await got.bytes_async()) == blob.data
     assert await obstore.head_async(store, key("manifests", image.manifest.digest))
 
+    heads = origin.count("HEAD", "/blobs/")
     await pull(two, "library/alpine", "latest", image)
     assert blob_gets(origin, image) == before + len(image.blobs), "node two fetched a blob upstream"
+    # The manifest named the blobs: no HEAD was needed to confirm the repository holds them.
+    assert origin.count("HEAD", "/blobs/") == heads
     assert await two.metric("edgecache_shared_hits_total", kind="blob") == len(image.blobs)
     assert await two.metric("edgecache_shared_read_bytes_total") >= sum(len(b.data) for b in image.blobs)
     # Not counted as upstream bytes, and not uploaded back.
