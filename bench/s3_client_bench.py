@@ -2,7 +2,8 @@
 
 Starts the tests' throwaway Ceph cluster (tests/support/ceph.py), then per library, in the same run:
 a multipart PUT of a 48 MiB object (8 MiB parts), a whole streamed GET, and 48 ranged GETs of 1 MiB
-(how a resume or a chunked client reads). Medians of 3; MiB/s. Run:
+(how a resume or a chunked client reads). Medians of 3; MiB/s. aiobotocore is needed for this
+comparison only (`pip install aiobotocore`): it is not a dependency of edgecache. Run:
     PYTHONPATH=. python bench/s3_client_bench.py
 """
 
