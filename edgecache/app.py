@@ -34,6 +34,7 @@ from edgecache.http.status import StatusBoard
 from edgecache.http.tls import check_certificate, mutual_tls_context
 from edgecache.metrics import Metrics
 from edgecache.pull import PullService
+from edgecache.shared.tier import SharedTier
 from edgecache.sizes import parse_size
 from edgecache.store.blobs import BlobStore, CacheDirLock
 from edgecache.store.keeper import CacheKeeper
@@ -68,6 +69,7 @@ class Edgecache:
     trust: SignatureGate
     log_format: str = "text"
     documents: DocumentFetcher = field(default_factory=DocumentFetcher)  # OIDC discovery and keys
+    shared: SharedTier | None = None
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -137,9 +139,17 @@ class Edgecache:
             referrers_ttl=config.cache.referrers_ttl,
         )
         pull.set_unchecked(unchecked_upstreams(config.access, config.upstreams))
+        shared = (
+            SharedTier.build(config.shared, metrics, store.tmp, store.blob_path)
+            if config.shared.enabled
+            else None
+        )
+        if shared is not None:
+            pull.set_shared(shared)
+            flights.on_kept = shared.blob_kept
         trust = SignatureGate(trust_policy, pull, metrics)
         pull.set_trust(trust)
-        readiness = Readiness(store, clients)
+        readiness = Readiness(store, clients, shared)
         upstreams = Upstreams(clients, config.default_upstream)
         usage = Usage()
         status = StatusBoard(config.status, metrics, keeper, flights, clients, usage, root)
@@ -162,12 +172,15 @@ class Edgecache:
             trust,
             log_format,
             documents,
+            shared,
         )
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
+        if self.shared is not None:
+            await self.shared.start()  # a missing bucket, or one refusing us, stops the start here
         await self.keeper.start()
         self.scrubber.start()
         unchecked = unchecked_upstreams(self.config.access, self.config.upstreams)
@@ -197,6 +210,8 @@ class Edgecache:
         self.front.access.close()  # the LDAP threads: no new checks
         await self.documents.close()
         await self.flights.close()
+        if self.shared is not None:
+            await self.shared.close()
         for client in self.clients.values():
             await client.close()
         await self.members.flush()
@@ -261,11 +276,15 @@ class Readiness:
 
     store: BlobStore
     clients: dict[str, UpstreamClient]
+    shared: SharedTier | None = None
 
     async def __call__(self) -> tuple[bool, dict[str, object]]:
         writable = await asyncio.to_thread(_writable, self.store.tmp)
         upstreams = {name: client.health.state for name, client in self.clients.items()}
-        return writable, {"cache_writable": writable, "upstreams": upstreams}
+        answer: dict[str, object] = {"cache_writable": writable, "upstreams": upstreams}
+        if self.shared is not None:  # reported, not required: misses go to the upstream meanwhile
+            answer["shared_tier"] = self.shared.state
+        return writable, answer
 
 
 def _writable(directory: Path) -> bool:

@@ -274,6 +274,35 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class SharedConfig:
+    """The shared object-storage tier (S3 API, e.g. Ceph RGW) between the local disk and the upstream
+    (edgecache.shared). Off while `endpoint` is empty. Credentials never live here: they come from
+    `credentials_file` or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, read when the tier is built."""
+
+    endpoint: str = ""  # e.g. https://rgw.dc1:7480 (path-style addressing)
+    bucket: str = ""
+    prefix: str = ""  # keys are <prefix>blobs/sha256/<hex> and <prefix>manifests/sha256/<hex>
+    region: str = "us-east-1"
+    ca_bundle: str = ""  # PEM file of CAs for an https endpoint (default: the system's)
+    credentials_file: str = ""  # AWS shared-credentials format ([default] aws_access_key_id = ...)
+    connect_timeout: float = 2.0  # the bucket is in the datacenter: short deadlines, then the upstream
+    header_timeout: float = 5.0
+    stall_timeout: float = 5.0
+    min_rate: str = "1M"  # per second over rate_window, or the read is a stall (0: no check)
+    rate_window: float = 10.0
+    down_after: int = 3  # failures in a row (a missed deadline: at once) before the tier is skipped
+    down_for: float = 60.0  # the longest wait between two probes while it is down
+    upload_concurrency: int = 2  # uploads at once (each multipart upload sends up to 4 parts at once)
+    upload_queue: int = 1000  # uploads waiting; more are skipped and counted
+    multipart_threshold: str = "16M"  # larger objects go up in 8 MiB parts
+    head_before_upload: bool = True  # ask whether another node uploaded it first (skips the PUT)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -283,6 +312,7 @@ class Config:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -405,7 +435,17 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
     env = os.environ if env is None else env
-    known_top = {"server", "cache", "upstream", "default_upstream", "access", "prefetch", "status", "trust"}
+    known_top = {
+        "server",
+        "cache",
+        "upstream",
+        "default_upstream",
+        "access",
+        "prefetch",
+        "status",
+        "trust",
+        "shared",
+    }
     for key in doc:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known_top))})")
@@ -416,6 +456,7 @@ def load_config(
     prefetch = dict(_table(doc, "prefetch"))
     status = dict(_table(doc, "status"))
     trust = dict(_table(doc, "trust"))
+    shared = dict(_table(doc, "shared"))
     upstream_tables = doc.get("upstream", [])
     if isinstance(upstream_tables, dict):
         upstream_tables = [upstream_tables]
@@ -444,6 +485,8 @@ def load_config(
             prefetch[rest[len("prefetch_") :]] = value
         elif rest.startswith("status_"):
             status[rest[len("status_") :]] = value
+        elif rest.startswith("shared_"):
+            shared[rest[len("shared_") :]] = value
         elif rest.startswith("upstream_"):
             default_overrides[rest[len("upstream_") :]] = value
     if listen is not None:
@@ -493,6 +536,7 @@ def load_config(
         prefetch=_build(PrefetchConfig, "prefetch", prefetch),
         status=_build(StatusConfig, "status", status),
         trust=_build_trust(trust),
+        shared=_build(SharedConfig, "shared", shared),
     )
     validate(config)
     return config
@@ -554,6 +598,7 @@ def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def validate(config: Config) -> None:
     _validate_server(config.server)
+    _validate_shared(config.shared)
     _validate_access(config)
     max_size = parse_size(config.cache.max_size, "cache.max_size")
     parse_size(config.cache.min_free, "cache.min_free")
@@ -747,3 +792,26 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _validate_shared(shared: SharedConfig) -> None:
+    if not shared.enabled:
+        return
+    parts = urlsplit(shared.endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"shared.endpoint: expected http(s)://HOST[:PORT], got {shared.endpoint!r}")
+    if not shared.bucket:
+        raise ConfigError("shared.bucket: required when shared.endpoint is set")
+    if shared.prefix.startswith("/"):
+        raise ConfigError("shared.prefix: must not start with '/'")
+    for key in ("connect_timeout", "header_timeout", "stall_timeout", "rate_window", "down_for"):
+        if not getattr(shared, key) > 0:
+            raise ConfigError(f"shared.{key}: must be > 0 seconds")
+    parse_size(shared.min_rate, "shared.min_rate")
+    parse_size(shared.multipart_threshold, "shared.multipart_threshold")
+    if shared.down_after < 1 or shared.upload_concurrency < 1 or shared.upload_queue < 1:
+        raise ConfigError("shared.down_after, upload_concurrency and upload_queue: must be >= 1")
+    for key in ("ca_bundle", "credentials_file"):
+        path = getattr(shared, key)
+        if path and not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"shared.{key}: {path} is not a readable file")

@@ -48,6 +48,10 @@ TRUST_RESULTS = ("accepted", "verified", "rejected", "unsigned", "untrusted", "u
 # outside OIDC token, a client certificate) and what came of it: closed sets, never a user name.
 CREDENTIAL_KINDS = ("password", "token", "oidc", "certificate")
 CREDENTIAL_RESULTS = ("ok", "remembered", "refused", "unavailable", "limited")
+# The shared object-storage tier (edgecache.shared): what it is asked for, how uploads end, how it fails.
+SHARED_KINDS = ("blob", "manifest")
+SHARED_UPLOAD_RESULTS = ("done", "failed", "exists", "queue_full", "down")
+SHARED_ERRORS = ("timeout", "unavailable", "denied", "corrupt", "other")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 _API_ROUTES = ("base", "manifest", "blob", "tags", "referrers")
 _CACHED_ROUTES = ("manifest", "blob")
@@ -314,6 +318,63 @@ class Metrics:
         for kind in CREDENTIAL_KINDS:
             for result in CREDENTIAL_RESULTS:
                 self.credential_checks.labels(kind, result)
+        self.shared_hits = Counter(
+            "edgecache_shared_hits_total",
+            "Local misses answered from the shared object-storage tier (verified), by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.shared_misses = Counter(
+            "edgecache_shared_misses_total",
+            "Local misses the shared tier did not hold (or could not serve): asked of the upstream",
+            ["kind"],
+            registry=r,
+        )
+        self.shared_bytes = Counter(
+            "edgecache_shared_read_bytes_total",
+            "Bytes read from the shared tier (blobs and manifests, before verification)",
+            registry=r,
+        )
+        self.shared_uploads = Counter(
+            "edgecache_shared_uploads_total",
+            "Uploads to the shared tier of verified upstream fills, by result (done, failed; skipped: "
+            "exists, queue_full, down)",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.shared_upload_bytes = Counter(
+            "edgecache_shared_upload_bytes_total",
+            "Bytes uploaded to the shared tier",
+            registry=r,
+        )
+        self.shared_backlog = Gauge(
+            "edgecache_shared_upload_backlog",
+            "Uploads to the shared tier waiting or running",
+            registry=r,
+        )
+        self.shared_errors = Counter(
+            "edgecache_shared_errors_total",
+            "Failed requests to the shared tier, by kind (corrupt: an object that failed verification)",
+            ["kind"],
+            registry=r,
+        )
+        self.shared_up = Gauge(
+            "edgecache_shared_up",
+            "1 while the shared tier is used, 0 while it is skipped as down (or not configured)",
+            registry=r,
+        )
+        self.shared_enabled = Gauge(
+            "edgecache_shared_enabled",
+            "1 when a shared tier is configured ([shared] endpoint)",
+            registry=r,
+        )
+        for kind in SHARED_KINDS:
+            self.shared_hits.labels(kind)
+            self.shared_misses.labels(kind)
+            for result in SHARED_UPLOAD_RESULTS:
+                self.shared_uploads.labels(kind, result)
+        for kind in SHARED_ERRORS:
+            self.shared_errors.labels(kind)
         # The series dashboards and alerts read exist from start-up (not every combination: a
         # label set first seen later appears then, and sums over it stay right).
         for route in _API_ROUTES:

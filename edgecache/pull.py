@@ -76,6 +76,16 @@ class Upstream(BlobSource, Protocol):
     async def passthrough(self, repo: RepoName, path: str, query: Mapping[str, str]) -> Passthrough: ...
 
 
+class SharedTier(Protocol):
+    """The shared object-storage tier between the local disk and the upstream (issue 16;
+    shared.tier.SharedTier in service): blob fills ask it before the upstream, manifests by digest
+    come from it when it holds them (verified), and manifests verified from the upstream go up."""
+
+    def source(self, upstream: BlobSource) -> BlobSource: ...
+    async def manifest(self, digest: Digest) -> tuple[str | None, bytes] | None: ...
+    def manifest_fetched(self, digest: Digest, media_type: str, body: bytes) -> None: ...
+
+
 # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
 ReferrersCache = TTLCache[tuple[str, RepoName, Digest, str], tuple[dict[str, str], bytes]]
 
@@ -236,6 +246,7 @@ class PullService:
         # parsed again for a minute, so a hot manifest's hits stay cheap.
         self._settled: dict[Digest, float] = {}  # -> until when (a plain dict: cheap)
         self._trust: TrustGate = _AcceptAll()
+        self._shared: SharedTier | None = None
         # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
         self._referrers_ttl = referrers_ttl
         self._referrers = self._referrers_cache(referrers_ttl)
@@ -258,6 +269,14 @@ class PullService:
     @staticmethod
     def _referrers_cache(ttl: float) -> ReferrersCache | None:
         return TTLCache(maxsize=10_000, ttl=ttl) if ttl > 0 else None
+
+    def set_shared(self, tier: SharedTier | None) -> None:
+        """Fills and manifests by digest ask the shared tier before the upstream."""
+        self._shared = tier
+
+    def _source(self, target: Target) -> BlobSource:
+        """Where this target's fills read from: the shared tier (then the upstream), or the upstream."""
+        return target.upstream if self._shared is None else self._shared.source(target.upstream)
 
     def set_trust(self, gate: TrustGate) -> None:
         """The signature policy asked about every manifest answer before it is recorded or served."""
@@ -420,6 +439,8 @@ class PullService:
         media_type = await manifest_media_type_async(fetched.body, fetched.media_type)
         manifest = CachedManifest(digest, media_type, fetched.body)
         await self._store_manifest(target, manifest)
+        if self._shared is not None:  # by its digest: tags never go to the shared tier
+            self._shared.manifest_fetched(digest, media_type, fetched.body)
         entry = await self._manifests.set_tag(key, digest, manifest.media_type, len(fetched.body))
         return entry, manifest, CacheResult.MISS
 
@@ -429,6 +450,10 @@ class PullService:
         it cannot stand in for that repository holding it)."""
 
         async def fetch() -> CachedManifest:
+            shared = await self._shared_manifest(target, digest)
+            if shared is not None:
+                await self._store_manifest(target, shared)
+                return shared
             fetched = await target.upstream.get_manifest(target.repo, str(digest))
             if await Digest.of_async(fetched.body, digest.algorithm) != digest:
                 log.error("upstream %s sent a manifest that does not match %s", target.upstream_name, digest)
@@ -437,9 +462,27 @@ class PullService:
             media_type = await manifest_media_type_async(fetched.body, fetched.media_type)
             manifest = CachedManifest(digest, media_type, fetched.body)
             await self._store_manifest(target, manifest)
+            if self._shared is not None:
+                self._shared.manifest_fetched(digest, media_type, fetched.body)
             return manifest
 
         return await self._coalesce.run(("manifest", target.upstream_name, target.repo, digest), fetch)
+
+    async def _shared_manifest(self, target: Target, digest: Digest) -> CachedManifest | None:
+        """The manifest from the shared tier (verified there), once the repository is known to hold
+        it (asked of the upstream with a HEAD otherwise: the bucket knows no repositories)."""
+        if self._shared is None:
+            return None
+        await self._confirm_manifest(target, digest)
+        got = await self._shared.manifest(digest)
+        if got is None:
+            return None
+        declared, body = got
+        try:
+            media_type = await manifest_media_type_async(body, declared)
+        except errors.EdgecacheError:
+            return None  # verified bytes that are no manifest: the upstream's answer decides
+        return CachedManifest(digest, media_type, body)
 
     async def _store_manifest(self, target: Target, manifest: CachedManifest) -> None:
         """Keep a verified manifest (when the cache has room) and extend pins to what it references."""
@@ -525,7 +568,7 @@ class PullService:
         assert self._prefetch is not None
         if not parts.blobs:
             return True
-        queued = self._prefetch.offer(target.upstream, target.repo, parts.blobs)
+        queued = self._prefetch.offer(self._source(target), target.repo, parts.blobs)
         return queued == 0 and all(self._keeper.held(blob.digest) is not None for blob in parts.blobs)
 
     def _tag_moved(self, target: Target, key: TagKey, digest: Digest) -> None:
@@ -666,10 +709,14 @@ class PullService:
     async def _blob_fill(self, target: Target, query: BlobQuery, headers: dict[str, str]) -> Reply:
         digest = query.digest
         running = self._flights.running(target.upstream_name, digest)
-        if running is not None and running.repo != target.repo:
+        if (running is not None and running.repo != target.repo) or (
+            running is None and self._shared is not None
+        ):
             # Another repository's fill: join it only once this repository is known to hold the blob.
+            # The same before the shared tier serves it: the bucket knows no repositories.
             await self._confirm_blob(target, digest)
-        flight, led = self._flights.blob(target.upstream, target.repo, digest)
+        source = self._source(target)
+        flight, led = self._flights.blob(source, target.repo, digest)
         # The reply holds the fill from the moment it joins (dropped by Reply.close): a fill that
         # every other reader has left is not abandoned while this one waits for it to start.
         flight.add_reply()
@@ -681,7 +728,7 @@ class PullService:
                 if flight.repo == target.repo:
                     raise
                 # The leader asked under a repository that lacks the blob; ours may have it.
-                flight, led = self._switch(flight, self._flights.blob(target.upstream, target.repo, digest))
+                flight, led = self._switch(flight, self._flights.blob(source, target.repo, digest))
                 size, waited = await flight.wait_started()
             if flight.repo == target.repo:
                 self._members.record(target.upstream_name, target.repo, [digest])  # upstream served it
@@ -697,7 +744,7 @@ class PullService:
                 if cursor is None:
                     # Its bytes have left the window (it came after the first readers, whose places
                     # were kept): a fill of its own, a second upstream GET, since nothing was stored.
-                    fresh = self._flights.blob(target.upstream, target.repo, digest, fresh=True)
+                    fresh = self._flights.blob(source, target.repo, digest, fresh=True)
                     flight, led = self._switch(flight, fresh)
                     _, waited = await flight.wait_started()
                     if flight.passing:  # (else there is room now: a stored fill, read from its spool)

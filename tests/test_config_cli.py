@@ -18,6 +18,7 @@ from edgecache.config import (
     AccessRule,
     CacheConfig,
     ServerConfig,
+    SharedConfig,
     TrustConfig,
     TrustRule,
     UpstreamConfig,
@@ -55,7 +56,8 @@ def test_documented_config_file_states_the_defaults() -> None:
     assert load_config(str(ROOT / "conf/edgecache.toml"), env={}) == load_config(env={})
     # ...and documents every key there is (set, or commented out where the default is computed).
     text = (ROOT / "conf/edgecache.toml").read_text()
-    for cls in (ServerConfig, CacheConfig, UpstreamConfig, AccessConfig, AccessRule, TrustConfig, TrustRule):
+    classes = (ServerConfig, CacheConfig, UpstreamConfig, AccessConfig, AccessRule, TrustConfig, TrustRule)
+    for cls in (*classes, SharedConfig):
         for field in dataclasses.fields(cls):
             assert re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE), f"{field.name} undocumented"
 

@@ -216,6 +216,9 @@ class Flights:
         self._pass_through: TTLCache[Digest, bool] = TTLCache(
             maxsize=10_000, ttl=PASS_AFTER_DISK_FULL, timer=clock
         )
+        # Told of each verified blob once it is in the store, with its size (the shared tier uploads
+        # it from there, off the readers' path); must not wait.
+        self.on_kept: Callable[[Digest, int], None] | None = None
 
     def running(self, upstream: str, digest: Digest) -> BlobFlight | None:
         return self._blobs.get((upstream, digest))
@@ -335,6 +338,8 @@ class Flights:
         # Only now, or another fill could take the room between the rename and the accounting.
         self._keeper.release(flight.reserved)
         flight.reserved = 0
+        if self.on_kept is not None:
+            self.on_kept(flight.digest, size)
 
     async def _open_sink(self, flight: BlobFlight, size: int | None) -> None:
         """Choose where the fill's bytes go, once upstream has said how many there are."""
@@ -368,6 +373,8 @@ class Flights:
         before the body broke off is kept, so a resume continues it."""
         sink = flight.sink
         assert sink is not None
+        # A body from another tier (the shared bucket) says so: its bytes are not upstream bytes.
+        counted = getattr(body, "counts_as_upstream", True)
         upstream_bytes = self._metrics.upstream_bytes.labels(upstream)
         notify = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, flight.notify)
         size = flight.size
@@ -376,7 +383,8 @@ class Flights:
             if size is not None and sink.written + len(block) > size:
                 raise errors.UpstreamUnavailable("upstream sent more than it announced")
             sink.append(block)
-            upstream_bytes.inc(len(block))
+            if counted:
+                upstream_bytes.inc(len(block))
             notify()
 
         try:

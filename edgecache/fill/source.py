@@ -12,7 +12,10 @@ from edgecache.oci import Digest, RepoName
 
 class BlobBody(Protocol):
     """An opened blob body, read on the source's own threads: receiving, hashing and writing then
-    all happen off the event loop, which only hears that another block has landed."""
+    all happen off the event loop, which only hears that another block has landed.
+
+    A body from another tier than the upstream (the shared bucket) has `counts_as_upstream = False`
+    (optional attribute), so its bytes are not counted as upstream bytes."""
 
     @property
     def length(self) -> int | None:

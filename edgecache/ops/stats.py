@@ -6,7 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +21,7 @@ class Snapshot:
     fills_in_flight: float
     upstream_states: dict[str, str]
     top: list[dict[str, object]]
+    shared: dict[str, float] = field(default_factory=dict)  # the shared tier's figures (SHARED_SERIES)
 
     @property
     def hit_ratio(self) -> float | None:
@@ -35,6 +36,43 @@ class Snapshot:
         return max(sum(self.served_bytes.values()) - self.upstream_bytes, 0.0)
 
 
+# The shared tier's series, summed over their labels (or by the label in the key's second part).
+SHARED_SERIES = {
+    "edgecache_shared_enabled": "enabled",
+    "edgecache_shared_up": "up",
+    "edgecache_shared_read_bytes_total": "read_bytes",
+    "edgecache_shared_upload_backlog": "backlog",
+    "edgecache_shared_errors_total": "errors",
+    "edgecache_shared_misses_total": "misses",
+}
+
+
+def _shared_sample(shared: dict[str, float], name: str, labels: dict[str, str], value: float) -> None:
+    if name in SHARED_SERIES:
+        key = SHARED_SERIES[name]
+        shared[key] = shared.get(key, 0.0) + value
+    elif name == "edgecache_shared_hits_total":
+        key = f"hits_{labels.get('kind', '')}"
+        shared[key] = shared.get(key, 0.0) + value
+    elif name == "edgecache_shared_uploads_total":
+        result = labels.get("result", "")
+        key = f"uploads_{result if result in ('done', 'failed') else 'skipped'}"
+        shared[key] = shared.get(key, 0.0) + value
+
+
+def _shared_line(shared: dict[str, float]) -> str:
+    if not shared.get("enabled"):
+        return "shared tier: off"
+    state = "up" if shared.get("up") else "DOWN (misses go to the upstream)"
+    return (
+        f"shared tier: {state}; hits {shared.get('hits_blob', 0):.0f} blobs, "
+        f"{shared.get('hits_manifest', 0):.0f} manifests ({human_size(shared.get('read_bytes', 0))} read), "
+        f"misses {shared.get('misses', 0):.0f}; uploads done {shared.get('uploads_done', 0):.0f}, "
+        f"failed {shared.get('uploads_failed', 0):.0f}, skipped {shared.get('uploads_skipped', 0):.0f}, "
+        f"backlog {shared.get('backlog', 0):.0f}; errors {shared.get('errors', 0):.0f}"
+    )
+
+
 def fetch(url: str, timeout: float = 10.0) -> Snapshot:
     base = url.rstrip("/")
     with urllib.request.urlopen(f"{base}/metrics", timeout=timeout) as resp:
@@ -45,6 +83,7 @@ def fetch(url: str, timeout: float = 10.0) -> Snapshot:
     served: dict[str, float] = defaultdict(float)
     upstream_bytes = in_flight = 0.0
     states: dict[str, str] = {}
+    shared: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -59,7 +98,9 @@ def fetch(url: str, timeout: float = 10.0) -> Snapshot:
                 in_flight += sample.value
             elif sample.name == "edgecache_upstream_health" and sample.value == 1:
                 states[labels["upstream"]] = labels["state"]
-    return Snapshot(dict(by_cache), dict(served), upstream_bytes, in_flight, states, top)
+            elif sample.name.startswith("edgecache_shared_"):
+                _shared_sample(shared, sample.name, labels, sample.value)
+    return Snapshot(dict(by_cache), dict(served), upstream_bytes, in_flight, states, top, shared)
 
 
 def render(snapshot: Snapshot) -> str:
@@ -75,6 +116,7 @@ def render(snapshot: Snapshot) -> str:
         f"fills in flight: {snapshot.fills_in_flight:.0f}",
         "upstreams: "
         + ", ".join(f"{name} {state}" for name, state in sorted(snapshot.upstream_states.items())),
+        _shared_line(snapshot.shared),
         "",
         "top repositories (pulls, bytes served):",
     ]
