@@ -49,7 +49,7 @@ from edgecache.ops.maintenance import pinned_digests
 from edgecache.ops.oci_layout import INDEX_FILE, LAYOUT_FILE, REF_NAME, open_bundle
 from edgecache.ops.warm import ImageRef, parse_ref
 from edgecache.sizes import human_size
-from edgecache.store.blobs import BlobStore
+from edgecache.store.blobs import BlobStore, rename_durably
 from edgecache.store.identity import FileIdentity
 from edgecache.store.index import CacheIndex, Pin
 from edgecache.store.manifests import ManifestCache, TagEntry
@@ -393,7 +393,7 @@ def _commit(
             if index.get(str(digest)) is None:  # stored, not indexed yet (the server will)
                 index.add(str(digest), "blob", size, upstream, repo, FileIdentity.of(final.stat()))
             continue
-        _rename_durably(spool, final)
+        rename_durably(spool, final)
         index.add(str(digest), "blob", size, upstream, repo, FileIdentity.of(final.stat()))
         done.blobs_new += 1
         done.bytes_new += size
@@ -448,17 +448,6 @@ def _pin(store: BlobStore, index: CacheIndex, names: list[Named]) -> int:
     if new or wanted - index.pinned_digests():
         index.set_pinned(wanted)
     return new
-
-
-def _rename_durably(source: Path, final: Path) -> None:
-    """The store's write path (store/blobs.py): rename a verified file into place, fsync the directory."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(source, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def describe(done: Imported) -> str:

@@ -220,7 +220,7 @@ class BlobStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _rename_durably(Path(tmp_name), final)
+            rename_durably(Path(tmp_name), final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
@@ -271,7 +271,7 @@ class Spool:
         file's identity, taken after the rename, so hits can tell when it changes."""
         os.fsync(self.fd)
         final = self._store.blob_path(self.digest)
-        _rename_durably(self.path, final)
+        rename_durably(self.path, final)
         return FileIdentity.of(os.fstat(self.fd))
 
     def discard(self) -> None:
@@ -291,7 +291,9 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _rename_durably(source: Path, final: Path) -> None:
+def rename_durably(source: Path, final: Path) -> None:
+    """Rename a verified file into its place and fsync the directory: after a crash the name is
+    either absent or the whole verified file (the store's write path; `edgecache import` uses it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(source, final)
     dir_fd = os.open(final.parent, os.O_RDONLY)
