@@ -35,6 +35,9 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 255
+# Tags that hold an artifact about another manifest, not an image of their own: cosign's signature,
+# attestation and SBOM tags (`sha256-<hex>.sig`) and the referrers API's tag-schema fallback.
+ATTACHMENT_TAG = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})(\.(sig|att|sbom))?")
 
 
 def hex_pattern(algorithm: str) -> re.Pattern[str] | None:

@@ -30,6 +30,7 @@ from edgecache.fill.source import BlobSource
 from edgecache.fill.window import Cursor
 from edgecache.metrics import Metrics
 from edgecache.oci import (
+    ATTACHMENT_TAG,
     INLINE_HASH_LIMIT,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -547,7 +548,7 @@ class PullService:
         upstream, repo, digest = target.upstream_name, target.repo, answer.digest
         # Attachment tags (`sha256-<hex>.sig`, the referrers fallback) are not watched: a signature
         # is fetched with its image, and the image's own tag is what moves.
-        if not isinstance(query.reference, Digest) and not str(query.reference).startswith("sha256-"):
+        if not isinstance(query.reference, Digest) and not ATTACHMENT_TAG.fullmatch(str(query.reference)):
             self.pulled_tags.pulled((upstream, repo, query.reference), target, digest)
         manifest = answer.manifest
         if manifest is None or query.head:

@@ -29,7 +29,6 @@ import os
 
 from edgecache import errors
 from edgecache.access.trust import (
-    ATTACHMENT_TAG,
     Result,
     Rule,
     TrustPolicy,
@@ -39,7 +38,7 @@ from edgecache.access.trust import (
     signature_tag,
 )
 from edgecache.metrics import Metrics
-from edgecache.oci import Digest, Tag
+from edgecache.oci import ATTACHMENT_TAG, Digest, Tag
 from edgecache.pull import (
     BlobQuery,
     BytesBody,

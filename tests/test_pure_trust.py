@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgecache.access.trust import (
-    ATTACHMENT_TAG,
     Result,
     TrustPolicy,
     has_image_layers,
@@ -26,7 +25,7 @@ from edgecache.access.trust import (
 from edgecache.config import TrustConfig, TrustRule, load_config
 from edgecache.errors import ConfigError
 from edgecache.metrics import TRUST_RESULTS
-from edgecache.oci import Digest, RepoName
+from edgecache.oci import ATTACHMENT_TAG, Digest, RepoName
 from tests.support.cosign import SIMPLE_SIGNING, make_key_pair, sign_payload, simple_signing_payload
 
 DIGEST = Digest.of(b"a manifest")

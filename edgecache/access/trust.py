@@ -31,7 +31,6 @@ import binascii
 import enum
 import fnmatch
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,6 @@ SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIMPLE_SIGNING_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 # The tags cosign and skopeo attach to a manifest digest: signatures, attestations, SBOMs, and the
 # referrers tag-schema fallback (`sha256-<hex>`). They are not themselves subject to the policy.
-ATTACHMENT_TAG = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})(\.(sig|att|sbom))?")
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 
