@@ -28,7 +28,6 @@ import base64
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,36 +41,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.node import EdgeNode  # noqa: E402
 from tests.support.images import Image, Pusher, build_image  # noqa: E402
-from tests.support.registry import free_port, start_registry, wait_http  # noqa: E402
+from tests.support.registry import start_registry  # noqa: E402
 
 REPO = "library/small"
 ACCEPT = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
 PASSWORD = "bench-password-1"
 
 
-class Edge:
-    def __init__(self, origin_url: str, workdir: Path, config: str) -> None:
-        self.port = free_port()
-        self.dir = workdir / f"edge-{self.port}"
-        self.dir.mkdir()
-        (self.dir / "edgecache.toml").write_text(config)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--upstream", origin_url, "--cache-dir", str(self.dir / "cache"), "--log-level", "warning",
-             "--config", str(self.dir / "edgecache.toml")],
-            cwd=ROOT, env={**os.environ, "EDGECACHE_PREFETCH_ENABLED": "false"},
-        )  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/healthz", proc=self.proc)
+class Edge(EdgeNode):
+    """A node with its config file written under `workdir` (prefetch off: requests are what is measured)."""
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def __init__(self, origin_url: str, workdir: Path, config: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edge-", dir=workdir))
+        (self.dir / "edgecache.toml").write_text(config)
+        env = {"EDGECACHE_PREFETCH_ENABLED": "false"}
+        super().__init__(origin_url, self.dir, env=env, config=self.dir / "edgecache.toml", ready="/healthz")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -16,55 +16,22 @@ edgecache read (its own edgecache_upstream_blob_bytes_total) against the image's
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.compare import make_image, pull  # noqa: E402
+from bench.node import EdgeNode, start_wan_proxy  # noqa: E402
 from edgecache.sizes import parse_size  # noqa: E402
-from tests.support.registry import free_port, start_registry, wait_http  # noqa: E402
+from tests.support.registry import start_registry  # noqa: E402
 
 # Two 10-layer images (MiB per layer): layers of one size, where a puller's concurrency decides
 # everything, and a typical application image, whose large base layer bounds any pull of it.
 IMAGES = {"bench/even": [5] * 10, "bench/mixed": [16, 8, 6, 4, 4, 3, 2, 2, 1, 1]}
-
-
-class Edge:
-    def __init__(self, upstream: str, work: Path, *, prefetch: bool, concurrency: int) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "EDGECACHE_PREFETCH_ENABLED": "true" if prefetch else "false",
-            "EDGECACHE_PREFETCH_CONCURRENCY": str(concurrency),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--upstream", upstream, "--cache-dir", str(work / f"cache-{self.port}"),
-             "--log-level", "warning"],
-            cwd=ROOT, env=env,
-        )  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/v2/", proc=self.proc)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"{self.url}/metrics") as resp:
-            text = resp.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def main() -> None:
@@ -80,14 +47,8 @@ def main() -> None:
     scale = 4 if args.quick else 1
     work = Path(tempfile.mkdtemp(prefix="edgecache-prefetch-"))
     origin = start_registry(work / "origin")
-    wan_port = free_port()
-    wan = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "wan_proxy.py"), "--listen", f"127.0.0.1:{wan_port}",
-         "--to", origin.url.removeprefix("http://"), "--latency", str(args.latency), "--rate", args.rate],
-    )  # fmt: skip
+    wan_url, wan = start_wan_proxy(origin.url, args.latency, args.rate)
     try:
-        wan_url = f"http://127.0.0.1:{wan_port}"
-        wait_http(f"{wan_url}/v2/", proc=wan)
         sizes = {repo: make_image(origin, work, repo, [(m << 20) // scale for m in layers])
                  for repo, layers in IMAGES.items()}  # fmt: skip
         rtt = 2 * args.latency * 1000
@@ -102,7 +63,11 @@ def main() -> None:
             upstream_bytes: dict[bool, list[float]] = {True: [], False: []}
             for rep in range(reps):
                 for prefetch in (False, True) if rep % 2 == 0 else (True, False):
-                    edge = Edge(wan_url, work, prefetch=prefetch, concurrency=args.concurrency)
+                    env = {
+                        "EDGECACHE_PREFETCH_ENABLED": "true" if prefetch else "false",
+                        "EDGECACHE_PREFETCH_CONCURRENCY": str(args.concurrency),
+                    }
+                    edge = EdgeNode(wan_url, work, env=env)
                     try:
                         times[prefetch].append(pull(edge.url, repo))
                         upstream_bytes[prefetch].append(edge.metric("edgecache_upstream_blob_bytes_total"))

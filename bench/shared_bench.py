@@ -18,11 +18,9 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,45 +29,24 @@ import obstore
 from obstore.store import S3Store
 
 from bench.compare import make_image, pull
+from bench.node import EdgeNode, start_wan_proxy
 from tests.support.ceph import ACCESS_KEY, SECRET_KEY, env_credentials, start_ceph
-from tests.support.registry import free_port, start_registry, wait_http
+from tests.support.registry import start_registry
 from tests.support.waiting import wait_until_sync
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS_MIB = [8, 8, 8, 8, 8, 8]
 REPO = "bench/shared"
 
 
-class Node:
-    def __init__(self, upstream: str, work: Path, config: Path | None) -> None:
-        self.port = free_port()
-        command = [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{self.port}",
-                   "--upstream", upstream, "--cache-dir", str(work / f"cache-{self.port}"),
-                   "--log-level", "warning"]  # fmt: skip
-        if config is not None:
-            command += ["--config", str(config)]
-        env = {**os.environ, **env_credentials(), "EDGECACHE_PREFETCH_ENABLED": "false"}
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/readyz", proc=self.proc)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"{self.url}/metrics") as resp:
-            text = resp.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def start_node(upstream: str, work: Path, config: Path | None) -> EdgeNode:
+    """A node with the bucket's credentials in its environment (prefetch off: one pull, one fill each)."""
+    env = {**env_credentials(), "EDGECACHE_PREFETCH_ENABLED": "false"}
+    return EdgeNode(upstream, work, env=env, config=config, ready="/readyz")
 
 
 def cold_pull(upstream: str, work: Path, config: Path | None) -> tuple[float, float, float]:
     """(seconds, upstream blob bytes, bytes read from the bucket) of one cold pull by a fresh node."""
-    node = Node(upstream, work, config)
+    node = start_node(upstream, work, config)
     try:
         seconds = pull(node.url, REPO)
         return (
@@ -110,19 +87,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgecache-shared-"))
     ceph = start_ceph()
     origin = start_registry(work / "origin")
-    wan_port = free_port()
-    wan = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "wan_proxy.py"), "--listen", f"127.0.0.1:{wan_port}",
-         "--to", origin.url.removeprefix("http://"), "--latency", str(args.latency), "--rate", args.rate],
-    )  # fmt: skip
+    wan_url, wan = start_wan_proxy(origin.url, args.latency, args.rate)
     try:
-        wan_url = f"http://127.0.0.1:{wan_port}"
-        wait_http(f"{wan_url}/v2/", proc=wan)
         size = make_image(origin, work, REPO, [m << 20 for m in LAYERS_MIB])
         ceph.create_bucket("bench")
         config = work / "shared.toml"
         config.write_text(f'[shared]\nendpoint = "{ceph.endpoint}"\nbucket = "bench"\n')
-        seed = Node(wan_url, work, config)
+        seed = start_node(wan_url, work, config)
         try:
             pull(seed.url, REPO)
             wait_until_sync(
