@@ -108,6 +108,14 @@ class ParameterInvalid(ClientError):
     message = "invalid number of results requested"
 
 
+class ScopeInvalid(ClientError):
+    """A /token request the token service refuses to sign (too many scopes: the token would not fit
+    in the header it is sent back in)."""
+
+    code = "UNSUPPORTED"
+    message = "invalid token scope"
+
+
 class BadRequest(ClientError):
     """The HTTP request itself is malformed (refused by the HTTP layer, before any route)."""
 

@@ -5,6 +5,7 @@ socket; a pure test checks the refetch rate limit with an injected clock."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from edgecache import errors
 from edgecache.access.oidc import OidcVerifier
 from edgecache.config import Config, OidcConfig, load_config
+from edgecache.upstream.documents import MAX_DOCUMENT, DocumentFetcher
 from tests.conftest import Edge, Seeded, running_edge
 from tests.support.clock import Clock
 from tests.support.registry import Registry, free_port
@@ -267,3 +269,36 @@ async def test_unknown_key_ids_refetch_at_most_once_per_interval() -> None:
     assert identity.name == "ci@corp.example" and identity.groups == frozenset({"ops"})
     with pytest.raises(errors.Unauthorized):  # no such claim: no identity
         await verifier.verify(issuer.sign("k1"))
+
+
+async def test_a_key_set_that_arrives_in_pieces_is_read_whole_and_an_oversized_one_refused() -> None:
+    """The issuer's documents come over real sockets in several writes (a fake issuer, as above):
+    the fetch reads to the end, and a document over the cap is refused, not cut short."""
+    document = json.dumps({"keys": [{"kid": f"k{i}", "pad": "x" * 4000} for i in range(20)]}).encode()
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        size = int(request.query.get("size", len(document)))
+        body = document if size <= len(document) else document + b" " * (size - len(document))
+        for start in range(0, len(body), 16 * 1024):
+            await resp.write(body[start : start + 16 * 1024])
+            await asyncio.sleep(0.01)  # the next piece arrives later, as over a real network
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/jwks", pieces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    fetch = DocumentFetcher()
+    try:
+        body = await fetch(f"http://127.0.0.1:{port}/jwks", deadline=10, ca_file="")
+        assert body == document
+        with pytest.raises(ValueError, match="too large"):
+            await fetch(f"http://127.0.0.1:{port}/jwks?size={MAX_DOCUMENT + 1}", deadline=10, ca_file="")
+    finally:
+        await fetch.close()
+        await runner.cleanup()

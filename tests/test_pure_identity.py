@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from edgecache import errors
 from edgecache.access.identity import Identity, applies
 from edgecache.access.policy import AccessPolicy
-from edgecache.access.tokens import ISSUER, Scope, TokenService, load_key, parse_scopes
+from edgecache.access.tokens import ISSUER, MAX_SCOPES, Scope, TokenService, load_key, parse_scopes
 from edgecache.config import AccessConfig, AccessRule, LdapConfig, load_config
 from edgecache.errors import ConfigError
 from edgecache.oci import RepoName
@@ -143,6 +143,13 @@ def test_mode_lists_and_ldap_settings_are_validated(tmp_path: Path) -> None:
     assert config.access.modes == ("ldap",) and config.access.ldap.start_tls
 
 
+def test_a_token_request_for_too_many_scopes_is_refused() -> None:
+    asked = [f"repository:team/app{i}:pull" for i in range(MAX_SCOPES)]
+    assert len(parse_scopes([" ".join(asked)])) == MAX_SCOPES
+    with pytest.raises(errors.ScopeInvalid):
+        parse_scopes([*asked, "repository:one/more:pull"])
+
+
 def test_scopes_are_parsed_and_only_repository_scopes_count() -> None:
     assert parse_scopes(["repository:library/alpine:pull", "repository:localhost:5000/a/b:pull,push"]) == [
         Scope("library/alpine", ("pull",)),
@@ -239,5 +246,18 @@ def test_a_rotated_key_still_verifies_until_its_tokens_expire(tmp_path: Path) ->
     clock.advance(config.token_ttl + 10)  # the old key's tokens have all expired: it is gone
     with pytest.raises(errors.Unauthorized):
         service.verify(old_token)
+
+
+def test_a_reload_that_shortens_the_ttl_keeps_the_old_key_for_the_tokens_it_signed(tmp_path: Path) -> None:
+    clock = Clock(time.time())
+    config = token_config(tmp_path)
+    service = TokenService(config, clock=clock)
+    old_token, lifetime, _ = service.issue(Identity("carol", True), ["a"])
+    shorter = dataclasses.replace(
+        config, token_key=str(write_key(tmp_path / "new.pem")), token_ttl=config.token_ttl / 10
+    )
+    service.reconfigure(shorter)
+    clock.advance(lifetime - 10)  # past the new TTL, within the old token's own lifetime
+    assert service.verify(old_token).name == "carol"
     with pytest.raises(ConfigError):
         service.reconfigure(dataclasses.replace(config, token_key=str(tmp_path / "missing.pem")))

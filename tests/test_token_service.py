@@ -25,7 +25,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgecache.access.tokens import ISSUER, load_key
+from edgecache.access.tokens import ISSUER, MAX_SCOPES, load_key
 from edgecache.config import Config, load_config
 from tests.conftest import Edge, Seeded, running_edge, spawn_edge
 from tests.support.certs import TestCA
@@ -155,6 +155,14 @@ async def test_the_token_flow_grants_only_what_the_rules_allow_and_refuses_forge
         token = await token_for(edge, "repository:team/app:pull", basic("alice", PASSWORDS["alice"]))
         assert jwt.decode(token, options={"verify_signature": False})["access"] == []
         assert (await get(edge, APP, bearer(token)))[0] == 401
+        # Too many scopes for one token (it would not fit in a header): 400 in OCI JSON, no token.
+        scopes = "&".join(f"scope=repository:team/app{i}:pull" for i in range(MAX_SCOPES + 1))
+        status, _, body = await get(edge, f"/token?{scopes}", basic("alice", PASSWORDS["alice"]))
+        assert status == 400 and json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+        # Tokens are not content: /token's bodies do not count as bytes served.
+        served = await edge.metric("edgecache_served_bytes_total", source="memory")
+        await token_for(edge, "repository:library/alpine:pull", basic("alice", PASSWORDS["alice"]))
+        assert await edge.metric("edgecache_served_bytes_total", source="memory") == served
         # Wrong password at /token: 401, no token. Push is never granted.
         assert (await get(edge, "/token?scope=repository:library/alpine:pull", basic("alice", "x")))[0] == 401
         token = await token_for(edge, "repository:team/app:pull,push", basic("bob", PASSWORDS["bob"]))

@@ -12,6 +12,7 @@ signed have expired.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -30,6 +31,7 @@ from edgecache.errors import ConfigError
 
 ISSUER = "edgecache"
 LEEWAY = 5.0  # seconds of clock skew between nodes sharing a key
+MAX_SCOPES = 16  # repositories one /token request may ask for (a pull asks for one or two)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class SigningKey:
     kid: str
     algorithm: str
     private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey  # derived once: every request verifies with it
     retired_at: float | None = None  # when a reload replaced it
+    valid_until: float | None = None  # a retired key verifies until the last token it signed expires
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,14 @@ def parse_scopes(values: Iterable[str]) -> list[Scope]:
     """`scope` query values (repeated or space-separated); other resource types are ignored. NAME may
     hold a colon (a registry prefix with a port), so the actions are split off the right."""
     scopes = []
-    for value in values:
-        for item in value.split():
-            kind, _, rest = item.partition(":")
-            name, sep, actions = rest.rpartition(":")
-            if kind == "repository" and sep and name and len(name) <= 512:
-                scopes.append(Scope(name, tuple(a for a in actions.split(",") if a)))
+    items = [item for value in values for item in value.split()]
+    if len(items) > MAX_SCOPES:
+        raise errors.ScopeInvalid(f"at most {MAX_SCOPES} scopes per token request")
+    for item in items:
+        kind, _, rest = item.partition(":")
+        name, sep, actions = rest.rpartition(":")
+        if kind == "repository" and sep and name and len(name) <= 512:
+            scopes.append(Scope(name, tuple(a for a in actions.split(",") if a)))
     return scopes
 
 
@@ -77,11 +83,10 @@ def load_key(path: str) -> SigningKey:
         algorithm = "RS256"
     else:
         raise ConfigError("access.token_key: expected an EC or RSA private key")
-    public = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    kid = base64.urlsafe_b64encode(hashlib.sha256(public).digest()[:15]).decode()
-    return SigningKey(kid, algorithm, private)
+    public = private.public_key()
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = base64.urlsafe_b64encode(hashlib.sha256(der).digest()[:15]).decode()
+    return SigningKey(kid, algorithm, private, public)
 
 
 class TokenService:
@@ -105,10 +110,11 @@ class TokenService:
         every token it signed has expired (one TTL, the longer of old and new)."""
         key = load_key(config.token_key)
         now = self._clock()
-        keep = max(self._ttl, config.token_ttl) + LEEWAY
-        self._retired = [k for k in self._retired if k.retired_at is not None and now - k.retired_at < keep]
+        self._retired = [k for k in self._retired if k.valid_until is not None and now < k.valid_until]
         if key.kid != self._current.kid:
-            self._retired.append(SigningKey(**{**vars(self._current), "retired_at": now}))
+            # Its last token was signed now, with the TTL in force until now.
+            until = now + self._ttl + LEEWAY
+            self._retired.append(dataclasses.replace(self._current, retired_at=now, valid_until=until))
             self._current = key
         self._ttl, self._audience = config.token_ttl, config.token_service
 
@@ -144,7 +150,7 @@ class TokenService:
         try:
             claims = jwt.decode(
                 token,
-                key.private.public_key(),
+                key.public,
                 algorithms=[key.algorithm],
                 audience=self._audience,
                 issuer=ISSUER,
@@ -172,6 +178,6 @@ class TokenService:
             return self._current
         now = self._clock()
         for key in self._retired:
-            if key.kid == kid and key.retired_at is not None and now - key.retired_at < self._ttl + LEEWAY:
+            if key.kid == kid and key.valid_until is not None and now < key.valid_until:
                 return key
         return None

@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 # Statuses whose responses never have a body, nor a Content-Length (aiohttp strips it; so do we,
 # so that every listener answers alike).
 NO_BODY_STATUSES = frozenset({204, 304, *range(100, 200)})
-# The operators' own endpoints send no content: their bodies are not "bytes served" (else every
+# The operators' own endpoints and /token send no content: their bodies are not "bytes served" (else every
 # scrape, and every refresh of the status page, would count as traffic the cache saved).
-OPERATIONAL_ROUTES = frozenset({"metrics", "stats", "status", "health"})
+OPERATIONAL_ROUTES = frozenset({"metrics", "stats", "status", "health", "token"})
 
 
 class Wire(Protocol):

@@ -86,6 +86,23 @@ class Passthrough:
     filters: str | None = None  # OCI-Filters-Applied: what a referrers API filtered already
 
 
+async def read_capped(
+    resp: aiohttp.ClientResponse, limit: int, each: Callable[[int], None] | None = None
+) -> bytes | None:
+    """A whole small body, read as it arrives (`each` told every chunk's size: a pace check); None
+    when it is over `limit`. (`content.read(n)` would return only what has arrived so far.)"""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+        if each is not None:
+            each(len(chunk))
+    return b"".join(chunks)
+
+
 class UpstreamClient:
     """Talks to one configured upstream registry; built and closed by the app."""
 
@@ -503,16 +520,10 @@ class UpstreamClient:
         too_large = errors.ManifestTooLarge if what == "manifest" else errors.UpstreamUnavailable
         if resp.content_length is not None and resp.content_length > limit:
             raise too_large(f"upstream {what} is larger than {limit // 1024} KiB")
-        pace = BodyPace(self._deadlines)
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in resp.content.iter_any():
-            total += len(chunk)
-            if total > limit:
-                raise too_large(f"upstream {what} is larger than {limit // 1024} KiB")
-            chunks.append(chunk)
-            pace.note(len(chunk))
-        return b"".join(chunks)
+        body = await read_capped(resp, limit, BodyPace(self._deadlines).note)
+        if body is None:
+            raise too_large(f"upstream {what} is larger than {limit // 1024} KiB")
+        return body
 
     def _check_status(self, resp: UpstreamAnswer, kind: str, allow_404: bool) -> None:
         status = resp.status

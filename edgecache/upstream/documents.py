@@ -12,6 +12,8 @@ import ssl
 
 import aiohttp
 
+from edgecache.upstream.client import read_capped
+
 MAX_DOCUMENT = 1024 * 1024
 
 
@@ -33,8 +35,8 @@ class DocumentFetcher:
         ) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
-            body = await resp.content.read(MAX_DOCUMENT + 1)
-            if len(body) > MAX_DOCUMENT:
+            body = await read_capped(resp, MAX_DOCUMENT)
+            if body is None:
                 raise ValueError("document too large")
             return body
 
