@@ -329,6 +329,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("access.mode or access.client_ca")
     if (old.prefetch.enabled, old.prefetch.watch_window) != (new.prefetch.enabled, new.prefetch.watch_window):
         changed.append("prefetch.enabled or prefetch.watch_window")
+    if old.shared != new.shared:
+        changed.append("shared (the shared tier)")
     return changed
 
 

@@ -265,7 +265,7 @@ class Metrics:
         )
         self.prefetch_bytes = Counter(
             "edgecache_prefetch_bytes_total",
-            "Bytes of blobs prefetched and stored (counted when the fill is verified)",
+            "Bytes of blobs prefetched and stored (counted once stored; a blob passed through is not)",
             ["upstream"],
             registry=r,
         )

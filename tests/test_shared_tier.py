@@ -21,7 +21,7 @@ from edgecache.errors import ConfigError
 from tests.conftest import Edge, Seeded, edge_config, running_edge
 from tests.support.ceph import ACCESS_KEY, SECRET_KEY, Ceph, start_ceph
 from tests.support.images import Image
-from tests.support.registry import Registry
+from tests.support.registry import Registry, free_port
 from tests.support.tcpfault import TcpFault
 from tests.support.waiting import wait_until
 
@@ -255,6 +255,23 @@ async def test_a_missing_bucket_or_wrong_credentials_stop_the_start(
         assert "wrong" not in str(raised.value) and SECRET_KEY not in str(raised.value)
     finally:
         instance.lock.release()
+
+
+async def test_an_unreachable_gateway_at_start_up_is_an_outage_not_a_config_error(
+    tmp_path: Path, origin: Registry, seeded: Seeded, ceph: Ceph, bucket: str
+) -> None:
+    """Nothing listens where the gateway should be: the node starts with the tier down, serves
+    from the upstream, and says so in /readyz (a Ceph outage at boot must not stop every edge)."""
+    config = shared_config(tmp_path, origin, ceph, bucket, "n1")
+    config = dataclasses.replace(
+        config, shared=dataclasses.replace(config.shared, endpoint=f"http://127.0.0.1:{free_port()}")
+    )
+    async with running_edge(config) as edge:
+        assert await edge.metric("edgecache_shared_up") == 0
+        assert await edge.metric("edgecache_shared_errors_total", kind="unavailable") == 1
+        async with edge.http.get("/readyz") as resp:
+            assert resp.status == 200 and (await resp.json())["shared_tier"] == "down"
+        await pull(edge, "library/alpine", "latest", seeded.alpine)
 
 
 async def test_concurrent_pulls_through_a_cold_node_share_one_bucket_read(

@@ -64,6 +64,7 @@ class BlobFlight:
         self.finished = False  # the fill task has ended: nothing will write or persist any more
         self.prefetched = False  # started ahead of any client (fill.prefetch), not by a request
         self.ended = asyncio.Event()  # set with `finished`
+        self.kept = False  # verified and stored (not discarded for want of room)
         self.on_abandoned: Callable[[], object] | None = None  # the policy when every reader has gone
         # Released with the sink: keeps the stored file from eviction while readers still send it
         # from the spool's descriptor.
@@ -329,7 +330,7 @@ class Flights:
         if not flight.reserved and not await self._keeper.admit(flight.digest, ObjectKind.BLOB, size):
             spool.discard()  # served through: the readers keep their open descriptors
             return
-        if flight.readers:  # they read the stored file through the spool's descriptor
+        if flight.readers or flight.replies:  # they read the stored file through the spool's descriptor
             flight.guards.enter_context(self._keeper.reading(flight.digest))
         identity = await asyncio.to_thread(spool.persist)
         await self._keeper.stored(
@@ -338,6 +339,7 @@ class Flights:
         # Only now, or another fill could take the room between the rename and the accounting.
         self._keeper.release(flight.reserved)
         flight.reserved = 0
+        flight.kept = True
         if self.on_kept is not None:
             self.on_kept(flight.digest, size)
 

@@ -56,14 +56,6 @@ class _Lane:
     filling: set[Digest] = field(default_factory=set)
 
 
-@dataclass(frozen=True, slots=True)
-class PrefetchSnapshot:
-    """For the status page: per upstream, blobs waiting and filling now."""
-
-    waiting: dict[str, int]
-    filling: dict[str, int]
-
-
 class Prefetcher:
     def __init__(
         self,
@@ -172,7 +164,7 @@ class Prefetcher:
             await flight.ended.wait()
         finally:
             lane.filling.discard(job.digest)
-            if flight.done and flight.error is None:
+            if flight.kept:
                 self._metrics.prefetch_bytes.labels(job.source.name).inc(flight.written)
             else:
                 self._unasked.pop(job.digest, None)
@@ -189,12 +181,6 @@ class Prefetcher:
         for digest in digests:
             if self._unasked.pop(digest, None) is not None:
                 self._metrics.prefetch_evicted_unused.inc()
-
-    def snapshot(self) -> PrefetchSnapshot:
-        return PrefetchSnapshot(
-            {name: len(lane.waiting) for name, lane in self._lanes.items()},
-            {name: len(lane.filling) for name, lane in self._lanes.items()},
-        )
 
     async def close(self) -> None:
         """Forget what waits; the fills themselves are the flights' to finish or cancel."""

@@ -132,7 +132,8 @@ class Bucket:
 
     async def check(self) -> None:
         """At start-up: the bucket exists and takes our credentials (a listing under the prefix);
-        raises ConfigError, one line, otherwise."""
+        raises ConfigError, one line, when it does not. An endpoint that does not answer is an
+        outage, not a mistake in the config: TierError (the tier starts down; a probe brings it up)."""
         where = f"shared.bucket {self.name!r}"
         try:
             await asyncio.wait_for(
@@ -144,14 +145,20 @@ class Bucket:
         except (PermissionDeniedError, UnauthenticatedError):
             raise ConfigError(f"{where}: the endpoint refused our credentials") from None
         except TimeoutError:
-            raise ConfigError(f"{where}: the endpoint did not answer in time") from None
+            raise TierError(
+                "timeout", f"{where}: the endpoint did not answer in time", deadline=True
+            ) from None
         except Exception as exc:
             text = str(exc)
             if "NoSuchBucket" in text or "404" in text:
                 raise ConfigError(f"{where}: no such bucket on the endpoint") from None
             if "AccessDenied" in text or "403" in text or "SignatureDoesNotMatch" in text:
                 raise ConfigError(f"{where}: the endpoint refused our credentials") from None
-            raise ConfigError(f"{where}: the endpoint cannot be reached ({type(exc).__name__})") from None
+            raise TierError(
+                "unavailable",
+                f"{where}: the endpoint cannot be reached ({type(exc).__name__})",
+                deadline=True,
+            ) from None
 
     async def exists(self, key: str) -> bool:
         try:

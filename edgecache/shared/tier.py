@@ -74,10 +74,15 @@ class SharedTier:
         return cls(Bucket(config, load_credentials(config)), metrics, tmp, blob_path, config)
 
     async def start(self) -> None:
-        """Check the bucket (a ConfigError when it is missing or refuses us), then start uploading."""
+        """Check the bucket (a ConfigError when it is missing or refuses us), then start uploading.
+        A bucket that cannot be reached now does not stop the node: the tier starts down, misses go
+        to the upstream, and the probe brings it up when it answers."""
         self._metrics.shared_enabled.set(1)
-        await self.bucket.check()
         self._metrics.shared_up.set(1)
+        try:
+            await self.bucket.check()
+        except TierError as exc:
+            self._failed(exc)
         self.uploads.start()
         log.info("shared tier: bucket %s (prefix %r)", self.bucket.name, self.bucket.prefix)
 

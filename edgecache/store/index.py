@@ -376,13 +376,10 @@ class CacheIndex:
             )
         return added, dropped
 
-    def held(self) -> dict[str, tuple[str, int]]:
-        """{digest: (kind, size)} of every entry: what the index vouches for."""
-        return {d: (k, s) for d, k, s in self._db.execute("SELECT digest, kind, size FROM entries")}
-
     def held_separately(self) -> dict[str, tuple[str, int]]:
-        """`held`, on a connection of its own (call it from any thread): reading a million rows takes
-        a second, and hits asking the index about one digest meanwhile must not queue behind it."""
+        """{digest: (kind, size)} of every entry (what the index vouches for), on a connection of its
+        own (call it from any thread): reading a million rows takes a second, and hits asking the
+        index about one digest meanwhile must not queue behind it."""
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         try:
             return {d: (k, s) for d, k, s in db.execute("SELECT digest, kind, size FROM entries")}

@@ -334,8 +334,8 @@ class CacheKeeper:
         await self._reload_pins()
         if not self._loaded:
             return  # the load in progress reads what is stored
-        entries = await self._run(self.index.all_entries)
-        self._held = Holdings({e.digest: (e.kind, e.size) for e in entries})
+        # Read and built off the loop, as at start-up: a million entries are a second of Python.
+        self._held = await asyncio.to_thread(_holdings, self.index.held_separately)
         self._identities.clear()  # read again from the index as hits need them
         self._first_seen = {d: i for d, i in self._first_seen.items() if d in self._held}
         self._publish()
@@ -352,10 +352,6 @@ class CacheKeeper:
         key = str(digest)
         _, count = self._touched.get(key, (0.0, 0))
         self._touched[key] = (time.time(), count + 1)
-
-    def expected_size(self, digest: Digest) -> int | None:
-        entry = self._held.get(str(digest))
-        return entry[1] if entry else None
 
     async def unchanged(self, digest: Digest, seen: FileIdentity | None) -> bool:
         """Whether an opened stored file is the one admitted (the hit path).
