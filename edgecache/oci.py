@@ -343,6 +343,13 @@ def manifest_parts(body: bytes) -> ManifestParts:
     )
 
 
+async def manifest_parts_async(body: bytes) -> ManifestParts:
+    """manifest_parts, parsing a large body in a worker thread, not on the event loop."""
+    if len(body) <= INLINE_HASH_LIMIT:
+        return manifest_parts(body)
+    return await asyncio.to_thread(manifest_parts, body)
+
+
 def _descriptor(item: object) -> Descriptor | None:
     if not isinstance(item, dict) or item.get("urls"):
         return None

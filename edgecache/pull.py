@@ -44,6 +44,7 @@ from edgecache.oci import (
     declared_media_type,
     manifest_media_type_async,
     manifest_parts,
+    manifest_parts_async,
     page_tag_list,
     parse_range,
 )
@@ -308,7 +309,7 @@ class PullService:
         await self._remember(target, answer)
         reply = self._manifest_reply(query, answer)
         if self._prefetch is not None:
-            await self._ahead(target, query, answer)
+            self._ahead(target, query, answer)
         return reply
 
     async def _manifest_by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
@@ -538,7 +539,7 @@ class PullService:
 
     # -- prefetch: what a served manifest says the client asks for next --------------------------
 
-    async def _ahead(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
+    def _ahead(self, target: Target, query: ManifestQuery, answer: ManifestAnswer) -> None:
         """After serving a manifest: note a pulled tag (and a platform taken from its index), and
         start fills for the blobs of an image manifest (GET only) that are not stored yet. An index
         starts nothing: only the platforms clients then ask for count.
@@ -556,8 +557,21 @@ class PullService:
         now = time.monotonic()
         if self._settled.get(digest, 0.0) > now:
             return
-        parts = await _parts_async(manifest.body)
-        self.pulled_tags.served(upstream, repo, digest, parts.children)
+        if len(manifest.body) <= INLINE_HASH_LIMIT:  # tens of microseconds: done before replying
+            self._prefetch_from(target, digest, manifest_parts(manifest.body))
+            return
+
+        async def parse_then_prefetch() -> object:  # a large one is parsed off the request's path
+            self._prefetch_from(target, digest, await manifest_parts_async(manifest.body))
+            return None
+
+        task = asyncio.create_task(parse_then_prefetch())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _prefetch_from(self, target: Target, digest: Digest, parts: ManifestParts) -> None:
+        now = time.monotonic()
+        self.pulled_tags.served(target.upstream_name, target.repo, digest, parts.children)
         if self._offer(target, parts):
             if len(self._settled) >= SETTLED_KEPT:
                 self._settled = {k: until for k, until in self._settled.items() if until > now}
@@ -601,7 +615,7 @@ class PullService:
         answer = ManifestAnswer(digest, manifest.media_type, manifest, None, CacheResult.MISS)
         await self._trust.check(target, ManifestQuery(digest, None, head=False), answer)
         await self._members.record_manifest(target.upstream_name, target.repo, digest, manifest.body)
-        parts = await _parts_async(manifest.body)
+        parts = await manifest_parts_async(manifest.body)
         for child in parts.children:
             if child.platform in platforms:
                 await self._prefetch_image(target, child.digest, set())
@@ -897,13 +911,6 @@ def _span(byte_range: ByteRange | None, size: int, headers: dict[str, str]) -> t
     headers["Content-Length"] = str(byte_range.length)
     headers["Content-Range"] = byte_range.content_range(size)
     return 206, byte_range.start, byte_range.length
-
-
-async def _parts_async(body: bytes) -> ManifestParts:
-    """manifest_parts, parsing a large body in a worker thread, not on the event loop."""
-    if len(body) <= INLINE_HASH_LIMIT:
-        return manifest_parts(body)
-    return await asyncio.to_thread(manifest_parts, body)
 
 
 def _etag_matches(header: str, etag: str) -> bool:
