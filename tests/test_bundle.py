@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from edgecache.oci import OCI_MANIFEST, Digest
+from edgecache.ops.bundle_export import ExportError, _checked
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
 from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
 from tests.support.cosign import make_key_pair, sign_image
@@ -26,7 +28,6 @@ from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -492,3 +493,13 @@ def test_an_export_that_fails_leaves_no_file(seeded: Seeded, app_archive: Path, 
     assert not any(bundle.parent.iterdir())  # no bundle, no temporary file
     for result in (corrupt, missing, unknown):
         assert "Traceback" not in result.stderr
+
+
+def test_a_manifest_asked_for_by_a_sha512_digest_is_checked_with_sha512() -> None:
+    """The export checks each manifest against the digest it was asked by, in that digest's own
+    algorithm (a sha512 reference was once hashed with sha256 and always refused)."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    asked = Digest.of(body, "sha512")
+    assert _checked(str(asked), body, OCI_MANIFEST).digest == asked
+    with pytest.raises(ExportError, match="does not match"):
+        _checked(str(Digest.of(b"something else", "sha512")), body, OCI_MANIFEST)

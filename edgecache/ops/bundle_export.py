@@ -46,7 +46,7 @@ from edgecache.ops.oci_layout import (
 )
 from edgecache.ops.warm import ImageRef
 from edgecache.sizes import human_size
-from edgecache.store.blobs import BlobStore
+from edgecache.store.blobs import BlobStore, rename_durably
 
 CHUNK = 1024 * 1024
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -81,8 +81,9 @@ class Source(Protocol):
 def _checked(reference: str, body: bytes, declared: str | None) -> Manifest:
     if len(body) > MAX_MANIFEST_BYTES:
         raise ExportError(f"manifest {reference} is larger than {human_size(MAX_MANIFEST_BYTES)}")
-    digest = Digest.of(body)
-    if ":" in reference and Digest.parse(reference) != digest:
+    asked = Digest.parse(reference) if ":" in reference else None
+    digest = Digest.of(body, asked.algorithm if asked else "sha256")
+    if asked is not None and asked != digest:
         raise ExportError(f"manifest {reference} does not match its digest")
     try:
         media_type = manifest_media_type(body, declared)
@@ -364,7 +365,7 @@ async def run(
             try:
                 raw, sink = open_output(Path(temporary), zstd)
                 content = await _write(exporter, raw, sink, progress)
-                os.replace(temporary, output)
+                rename_durably(Path(temporary), output)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temporary)
