@@ -5,6 +5,7 @@ proxy (bench/wan_proxy.py) to put in front of an origin."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -54,8 +55,10 @@ class EdgeNode:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
+        """Stop the node and remove its cache (a full run would leave a GiB of caches behind)."""
         self.proc.terminate()
         self.proc.wait(30)
+        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 def start_wan_proxy(origin_url: str, latency: float, rate: str) -> tuple[str, subprocess.Popen[bytes]]:

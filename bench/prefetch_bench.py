@@ -16,6 +16,7 @@ edgecache read (its own edgecache_upstream_blob_bytes_total) against the image's
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main() -> None:
         origin.proc.terminate()
         wan.wait(10)
         origin.proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

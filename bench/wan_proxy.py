@@ -55,7 +55,7 @@ async def carry(
             await writer.drain()
     finally:
         receiving.cancel()
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(asyncio.CancelledError, OSError):
             await receiving
 
 
@@ -71,8 +71,12 @@ async def serve(listen: str, to: str, latency: float, rate: float) -> None:
             return
         await asyncio.sleep(latency)  # ... and the SYN-ACK's way back
         directions = [carry(client_r, up_w, latency, rate), carry(up_r, client_w, latency, rate)]
-        with contextlib.suppress(OSError):
-            await asyncio.gather(*directions)
+        tasks = [asyncio.create_task(direction) for direction in directions]
+        # Both run to their EOFs (a half-close is normal); one failing (a reset) ends the other.
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for writer in (up_w, client_w):
             writer.close()
 
