@@ -4,7 +4,7 @@ Starts the tests' throwaway Ceph cluster (tests/support/ceph.py), then per libra
 a multipart PUT of a 48 MiB object (8 MiB parts), a whole streamed GET, and 48 ranged GETs of 1 MiB
 (how a resume or a chunked client reads). Medians of 3; MiB/s. aiobotocore is needed for this
 comparison only (`pip install aiobotocore`): it is not a dependency of edgecache. Run:
-    PYTHONPATH=. python bench/s3_client_bench.py
+    .venv/bin/pip install aiobotocore && PYTHONPATH=. .venv/bin/python bench/s3_client_bench.py
 """
 
 from __future__ import annotations

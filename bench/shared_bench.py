@@ -9,7 +9,7 @@ fresh `edgecache serve` with an empty disk pulling like dockerd (bench/compare.p
 - bucket: the shared tier on, seeded by one earlier node (uploads settled), the WAN upstream behind it.
 Also: a HEAD against a PUT of one layer (is `head_before_upload` worth its request?). Medians of 3.
 
-    PYTHONPATH=. python bench/shared_bench.py [--latency 0.02] [--rate 4M]
+    .venv/bin/python bench/shared_bench.py [--latency 0.02] [--rate 4M]   # Ceph: what tests/run installs
 """
 
 from __future__ import annotations
