@@ -229,8 +229,9 @@ class Edgecache:
             access = dataclasses.replace(
                 access, mode=self.config.access.mode, client_ca=self.config.access.client_ca
             )
-        self.trust.policy.reconfigure(new.trust)  # may raise ConfigError (a key): nothing applied yet
-        self.front.access.reconfigure(access)  # may raise ConfigError: nothing applied yet
+        trust = TrustPolicy(new.trust)  # rules and keys read: a ConfigError here applies nothing
+        self.front.access.reconfigure(access)  # may raise ConfigError: nothing applied yet either
+        self.trust.policy = trust  # (its remembered verdicts start empty)
         for upstream in new.upstreams:
             client = self.clients.get(upstream.name)
             if client is not None and client.config.url == upstream.url:

@@ -21,6 +21,11 @@ class CacheResult(StrEnum):
     PASS = "PASS"  # not cacheable: a listing relayed, a refusal of ours, an operational route
 
 
+# Answers that did not ask upstream for the content: what hit ratios count as hits (the status page,
+# `edgecache stats`).
+HIT_RESULTS = frozenset({CacheResult.HIT, CacheResult.REVALIDATED, CacheResult.STALE})
+
+
 class ObjectKind(StrEnum):
     """What a stored digest is: the `kind` column of the index and the directory it lives in."""
 

@@ -139,9 +139,6 @@ def test_verdicts_are_remembered_per_rule_and_repository_and_forgotten_on_reload
     for i in range(3):  # bounded: the oldest goes
         policy.remember(Digest.of(str(i).encode()), rule, HERE)
     assert not policy.remembered(DIGEST, rule, HERE)
-    policy.remember(DIGEST, rule, HERE)
-    policy.reconfigure(config)
-    assert not policy.remembered(DIGEST, rule, HERE)
 
 
 def test_results_are_the_metric_label_set() -> None:

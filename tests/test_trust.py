@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from edgecache.config import Config, TrustConfig, TrustRule
+from edgecache.errors import ConfigError
 from edgecache.ops import warm
 from tests.conftest import Edge, Seeded, edge_config, running_edge, spawn_edge
 from tests.support.clients import ClientError, Containerd, Dockerd, require_clients, require_root
@@ -338,6 +339,21 @@ async def test_reload_rereads_the_keys_and_forgets_verdicts(trusted_edge: Edge, 
     status, document, _ = await get(trusted_edge, "/v2/trust/signed/manifests/1")
     assert status == 403 and refusal(document) == ("DENIED", REQUIRE_MESSAGE)
     status, _, _ = await get(trusted_edge, "/v2/trust/other/manifests/1")  # signed by that key
+    assert status == 200
+
+
+async def test_a_reload_refused_for_its_access_settings_leaves_the_trust_rules_too(
+    trusted_edge: Edge, signed: Signed, tmp_path: Path
+) -> None:
+    config = trusted_edge.instance.config
+    broken = dataclasses.replace(
+        config,
+        trust=TrustConfig(rules=(TrustRule("docker.io/trust/*", "reject"),)),
+        access=dataclasses.replace(config.access, token=True, token_key=str(tmp_path / "missing.pem")),
+    )
+    with pytest.raises(ConfigError):
+        trusted_edge.instance.apply(broken)
+    status, _, _ = await get(trusted_edge, "/v2/trust/signed/manifests/1")  # the old rules still hold
     assert status == 200
 
 

@@ -189,13 +189,6 @@ class TrustPolicy:
         self._verified: LRUCache[tuple[Digest, int, str], bool] = LRUCache(config.cache_size)
         self.max_signature_bytes = parse_size(config.max_signature_bytes, "trust.max_signature_bytes")
 
-    def reconfigure(self, config: TrustConfig) -> None:
-        """SIGHUP: re-read the rules and keys (ConfigError leaves the old ones), forget every verdict."""
-        rules = load_rules(config.rules)
-        self._rules = rules
-        self._verified = LRUCache(config.cache_size)
-        self.max_signature_bytes = parse_size(config.max_signature_bytes, "trust.max_signature_bytes")
-
     @property
     def active(self) -> bool:
         return bool(self._rules)

@@ -35,6 +35,7 @@ from edgecache import __version__
 from edgecache.config import StatusConfig
 from edgecache.fill.flights import BlobFlight, Flights
 from edgecache.metrics import Metrics
+from edgecache.outcomes import HIT_RESULTS
 from edgecache.store.keeper import CacheKeeper
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
@@ -45,8 +46,6 @@ SAMPLES_KEPT = 361  # an hour of samples, and the one the hour starts from
 TOP_REPOSITORIES = 20
 MAX_FILLS_SHOWN = 50
 MAX_PINS_SHOWN = 50
-# Manifest and blob GETs answered without asking upstream (as `edgecache stats` counts them).
-HIT_RESULTS = frozenset({"HIT", "REVALIDATED", "STALE"})
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgecache.outcomes import HIT_RESULTS
 from edgecache.sizes import human_size
 
 
@@ -26,7 +27,7 @@ class Snapshot:
     @property
     def hit_ratio(self) -> float | None:
         """Manifest and blob GETs answered without upstream, over all of them."""
-        hits = sum(v for k, v in self.requests_by_cache.items() if k in ("HIT", "REVALIDATED", "STALE"))
+        hits = sum(v for k, v in self.requests_by_cache.items() if k in HIT_RESULTS)
         total = sum(v for k, v in self.requests_by_cache.items() if k != "PASS")
         return hits / total if total else None
 
