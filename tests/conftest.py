@@ -202,6 +202,26 @@ def edge_process(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator[E
 
 
 @contextlib.contextmanager
+def serve_with_metrics_listener(tmp_path: Path, upstream_url: str) -> Iterator[tuple[str, str]]:
+    """`edgecache serve` with `server.metrics_listen` set: (the registry URL, the metrics URL), both
+    answering."""
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecache", "serve", "--upstream", upstream_url,
+         "--cache-dir", str(tmp_path / "c")],
+        env={**os.environ, "EDGECACHE_SERVER_LISTEN": f"127.0.0.1:{port}",
+             "EDGECACHE_SERVER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc=proc)
+        wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@contextlib.contextmanager
 def spawn_edge(
     tmp_path: Path, upstream_url: str, *, config: str = "", args: tuple[str, ...] = (), tls: bool = False
 ) -> Iterator[EdgeProcess]:

@@ -4,7 +4,6 @@ alert rules (checked by promtool and by a real Prometheus scraping a real edgeca
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Edge, EdgeProcess, Seeded, spawn_edge
+from tests.conftest import Edge, EdgeProcess, Seeded, serve_with_metrics_listener, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.support.registry import Registry, free_port, wait_http
 from tests.support.waiting import wait_until_sync
@@ -128,22 +127,10 @@ def test_health_endpoints(edge_process: EdgeProcess) -> None:
 
 
 def test_metrics_can_have_their_own_listener(tmp_path: Path, origin: Registry) -> None:
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgecache", "serve", "--upstream", origin.url,
-         "--cache-dir", str(tmp_path / "c")],
-        env={**os.environ, "EDGECACHE_SERVER_LISTEN": f"127.0.0.1:{port}",
-             "EDGECACHE_SERVER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
-    )  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc=proc)
-        wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
-        assert b"edgecache_fills_started_total" in http_get(f"http://127.0.0.1:{metrics_port}/metrics")[2]
-        assert http_get(f"http://127.0.0.1:{port}/metrics")[0] == 404  # not on the registry port
-        assert http_get(f"http://127.0.0.1:{metrics_port}/v2/")[0] == 404  # and no registry here
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with serve_with_metrics_listener(tmp_path, origin.url) as (registry, metrics):
+        assert b"edgecache_fills_started_total" in http_get(f"{metrics}/metrics")[2]
+        assert http_get(f"{registry}/metrics")[0] == 404  # not on the registry port
+        assert http_get(f"{metrics}/v2/")[0] == 404  # and no registry here
 
 
 def exported_names(edge_url: str) -> set[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -50,7 +49,14 @@ from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
 from edgecache.upstream.client import UpstreamClient
 from edgecache.usage import Usage
-from tests.conftest import Edge, Seeded, edge_config, running_edge, tls_edge_in_process
+from tests.conftest import (
+    Edge,
+    Seeded,
+    edge_config,
+    running_edge,
+    serve_with_metrics_listener,
+    tls_edge_in_process,
+)
 from tests.support.browser import dump_dom, screenshot
 from tests.support.clock import Clock
 from tests.support.dom import Element, nesting_problems, parse
@@ -501,22 +507,10 @@ async def test_both_listeners_serve_the_page_and_its_json_with_the_same_figures(
 
 
 def test_the_page_is_served_where_metrics_is(tmp_path: Path, origin: Registry) -> None:
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgecache", "serve", "--upstream", origin.url,
-         "--cache-dir", str(tmp_path / "c")],
-        env={**os.environ, "EDGECACHE_SERVER_LISTEN": f"127.0.0.1:{port}",
-             "EDGECACHE_SERVER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
-    )  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc=proc)
-        wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
-        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status", proc=proc, status=200)
-        wait_http(f"http://127.0.0.1:{metrics_port}/_edgecache/status.json", proc=proc, status=200)
-        wait_http(f"http://127.0.0.1:{port}/_edgecache/status", proc=proc, status=404)
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with serve_with_metrics_listener(tmp_path, origin.url) as (registry, metrics):
+        wait_http(f"{metrics}/_edgecache/status", status=200)
+        wait_http(f"{metrics}/_edgecache/status.json", status=200)
+        wait_http(f"{registry}/_edgecache/status", status=404)
 
 
 def test_the_documented_config_states_the_status_keys() -> None:
