@@ -8,6 +8,7 @@ fetched. The grammars are distribution's (reference/regexp.go) and the OCI distr
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -226,7 +227,22 @@ def parse_range(headers: Sequence[str], size: int) -> ByteRange | None:
 
 
 def accepted_media_types(headers: Iterable[str]) -> frozenset[str] | None:
-    """The media types a client accepts, from every Accept header and comma list; None means any."""
+    """The media types a client accepts, from every Accept header and comma list; None means any.
+
+    Remembered for the last 256 header sets of up to 2 KiB (a client sends the same ones on every
+    request)."""
+    values = tuple(headers)
+    if sum(len(value) for value in values) <= 2048:
+        return _remembered_media_types(values)
+    return _media_types(values)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered_media_types(headers: tuple[str, ...]) -> frozenset[str] | None:
+    return _media_types(headers)
+
+
+def _media_types(headers: tuple[str, ...]) -> frozenset[str] | None:
     types: set[str] = set()
     for header in headers:
         for item in header.split(","):

@@ -64,6 +64,7 @@ INLINE_TAG_LIST_BYTES = 64 * 1024
 WATCH_BATCH = 100  # watched tags revalidated per sweep, at most
 SETTLED_FOR = 60.0  # seconds a manifest with nothing to prefetch is not parsed again
 SETTLED_KEPT = 10_000
+PREPARED_KEPT = 4096  # manifest reply header sets kept (PullService._manifest_headers)
 
 
 class Upstream(BlobSource, Protocol):
@@ -156,7 +157,7 @@ Body = BytesBody | FileBody | SpoolBody
 @dataclass
 class Reply:
     status: int
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # shared: never changed once made
     body: Body | None = None
     cache: CacheResult = CacheResult.PASS
     closed: bool = False
@@ -247,6 +248,7 @@ class PullService:
         # Manifests with nothing to prefetch at their last serve (indexes, or every blob stored): not
         # parsed again for a minute, so a hot manifest's hits stay cheap.
         self._settled: dict[Digest, float] = {}  # -> until when (a plain dict: cheap)
+        self._prepared_headers: dict[tuple[Digest, str, int | None, bool], Mapping[str, str]] = {}
         self._trust: TrustGate = _AcceptAll()
         self._shared: SharedTier | None = None
         # Referrers listings (issue 18): (upstream, repo, digest, artifactType) → (headers, body).
@@ -518,24 +520,33 @@ class PullService:
         """Headers for a manifest; a HEAD answered from upstream's HEAD has `size` but no body."""
         if query.accept is not None and answer.media_type not in query.accept:
             raise errors.NotAcceptable(f"manifest is {answer.media_type}, not in the request's Accept")
-        etag = f'"{answer.digest}"'
-        headers = {
-            "Content-Type": answer.media_type,
-            "Docker-Content-Digest": str(answer.digest),
-            "ETag": etag,
-        }
         manifest = answer.manifest
-        if manifest is not None:
-            headers["Content-Length"] = str(len(manifest.body))
-        elif answer.size is not None:
-            headers["Content-Length"] = str(answer.size)
-        if answer.stale:
-            headers["Warning"] = STALE_WARNING
-        if query.if_none_match is not None and _etag_matches(query.if_none_match, etag):
+        length = len(manifest.body) if manifest is not None else answer.size
+        headers = self._manifest_headers(answer.digest, answer.media_type, length, answer.stale)
+        if query.if_none_match is not None and _etag_matches(query.if_none_match, headers["ETag"]):
             return Reply(304, headers, None, answer.result)
         if query.head or manifest is None:
             return Reply(200, headers, None, answer.result)
         return Reply(200, headers, BytesBody(manifest.body), answer.result)
+
+    def _manifest_headers(
+        self, digest: Digest, media_type: str, length: int | None, stale: bool
+    ) -> Mapping[str, str]:
+        """A manifest reply's headers, built once per (digest, type, length, staleness) and shared
+        by every reply of it (nothing changes a Reply's headers after it is made): a hot tag's hit
+        then builds no strings."""
+        key = (digest, media_type, length, stale)
+        headers = self._prepared_headers.get(key)
+        if headers is None:
+            built = {"Content-Type": media_type, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
+            if length is not None:
+                built["Content-Length"] = str(length)
+            if stale:
+                built["Warning"] = STALE_WARNING
+            if len(self._prepared_headers) >= PREPARED_KEPT:
+                self._prepared_headers.clear()
+            headers = self._prepared_headers[key] = built
+        return headers
 
     # -- prefetch: what a served manifest says the client asks for next --------------------------
 

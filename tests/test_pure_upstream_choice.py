@@ -8,7 +8,7 @@ import pytest
 
 from edgecache import errors
 from edgecache.config import UpstreamConfig
-from edgecache.http.front import Upstreams
+from edgecache.http.front import CHOSEN_KEPT, Upstreams
 from edgecache.metrics import Metrics
 from edgecache.upstream.client import UpstreamClient
 
@@ -74,3 +74,20 @@ def test_a_dot_is_a_namespace_when_the_default_upstream_is_not_docker_hub() -> N
 def test_an_invalid_repository_name_is_refused_after_the_upstream_is_chosen() -> None:
     with pytest.raises(errors.NameInvalid):
         upstreams().choose("ghcr.io/Owner/App", None, "edge")
+
+
+def test_remembered_choices_answer_alike_and_stay_bounded() -> None:
+    """Choices are remembered (the hot path of every request): a remembered one answers exactly as
+    the first did, a refusal is refused again every time, and hostile variety cannot grow the memory
+    past its bound."""
+    chosen = upstreams()
+    first = chosen.choose("alpine", None, "edge")
+    assert chosen.choose("alpine", None, "edge") is first
+    for _ in range(2):
+        with pytest.raises(errors.UpstreamUnknown):
+            chosen.choose("quay.io/owner/app", None, "edge")
+    for n in range(CHOSEN_KEPT + 10):
+        chosen.choose(f"team/app{n}", None, "edge")
+    assert len(chosen._chosen) <= CHOSEN_KEPT
+    again = chosen.choose("alpine", None, "edge")
+    assert (again.upstream_name, str(again.repo)) == ("docker.io", "library/alpine")

@@ -173,3 +173,20 @@ def test_cached_tokens_never_outlive_the_lifetime_cap() -> None:
     cache.put("scope", "t", 1e12)
     now[0] = MAX_TOKEN_LIFETIME
     assert cache.get("scope") is None
+
+
+def test_routes_are_remembered_within_bounds_and_refusals_every_time() -> None:
+    """parse_route remembers the paths clients repeat; what it refuses is refused again each time, and
+    a long path (an upload's tail, a hostile reference) is matched without being kept."""
+    from edgecache.http import routes
+
+    path = "/v2/library/alpine/manifests/3.20"
+    assert routes.parse_route(path) is routes.parse_route(path)
+    for _ in range(2):
+        with pytest.raises(errors.DigestInvalid):
+            routes.parse_route("/v2/library/alpine/blobs/sha256:nothex")
+    before = routes._remembered_route.cache_info().currsize
+    long_path = "/v2/library/alpine/manifests/" + "t" * routes.REMEMBERED_PATH_LENGTH
+    assert routes.parse_route(long_path).reference is None  # neither tag nor digest: a 404 later
+    assert routes._remembered_route.cache_info().currsize == before
+    assert routes._remembered_route.cache_info().maxsize == 4096

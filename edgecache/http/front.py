@@ -37,6 +37,7 @@ Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 STATUS_PATHS = frozenset({"/_edgecache/status", "/_edgecache/status.json"})
 # Served where /metrics is: on the registry listener (`admin`), or on server.metrics_listen.
 ADMIN_PATHS = frozenset({"/metrics", "/stats", *STATUS_PATHS})
+CHOSEN_KEPT = 4096  # upstream choices remembered (Upstreams.choose)
 
 
 class HeaderLookup(Protocol):
@@ -74,12 +75,22 @@ class Upstreams:
         self._clients = clients
         self._default = clients[default]
         self._aliases = {alias.lower(): c for c in clients.values() for alias in c.config.aliases}
+        self._chosen: dict[tuple[str, str | None, str], Target] = {}
 
     def choose(self, name: str, ns: str | None, host: str) -> Target:
         """The upstream of a request for repository path `name`, and the repository as both sides
-        name it (converted here, once)."""
-        client, repo = self._client_and_name(name, ns, host)
-        return Target(client, repo, client.upstream_name(repo))
+        name it (converted here, once). The last CHOSEN_KEPT answers are remembered (they depend only
+        on the request's values and this configuration; a refusal raises and is not kept)."""
+        key = (name, ns, host)
+        target = self._chosen.get(key)
+        if target is None:
+            client, repo = self._client_and_name(name, ns, host)
+            target = Target(client, repo, client.upstream_name(repo))
+            if len(self._chosen) >= CHOSEN_KEPT:
+                self._chosen.clear()  # hostile variety only costs the matching again
+            if len(name) + len(ns or "") + len(host) <= 1024:
+                self._chosen[key] = target
+        return target
 
     def _client_and_name(self, name: str, ns: str | None, host: str) -> tuple[UpstreamClient, RepoName]:
         first, _, rest = name.partition("/")

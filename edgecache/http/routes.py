@@ -6,6 +6,7 @@ grammar is refused, so a name can never become a path on disk or a different ups
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -57,7 +58,25 @@ _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
 
 
 def parse_route(raw_path: str) -> Route:
-    """Match the raw request path (query already removed) against the distribution API routes."""
+    """Match the raw request path (query already removed) against the distribution API routes.
+
+    The last 4,096 paths of up to REMEMBERED_PATH_LENGTH are remembered (a Route is immutable; a
+    refusal raises and is not kept): clients ask the same few paths over and over, and matching
+    costs a few regexes each time. Longer paths are matched every time, so at most ~2 MiB is kept."""
+    if len(raw_path) <= REMEMBERED_PATH_LENGTH:
+        return _remembered_route(raw_path)
+    return _match_route(raw_path)
+
+
+REMEMBERED_PATH_LENGTH = 512
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_route(raw_path: str) -> Route:
+    return _match_route(raw_path)
+
+
+def _match_route(raw_path: str) -> Route:
     for kind, pattern in _PATTERNS:
         match = pattern.fullmatch(raw_path)
         if match is None:

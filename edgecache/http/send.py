@@ -75,7 +75,7 @@ async def send_reply(
             if trace.route in OPERATIONAL_ROUTES:
                 trace.bytes_sent += len(body.data)
             else:
-                _count(metrics.served_bytes.labels("memory"), trace, len(body.data))
+                _count(metrics.served["memory"], trace, len(body.data))
         else:
             try:
                 if isinstance(body, FileBody):
@@ -97,8 +97,9 @@ async def send_reply(
 
 def response_headers(reply: Reply, trace: RequestTrace, *, head: bool) -> dict[str, str]:
     """The headers sent: the reply's, the API version, X-Cache, X-Request-Id and Content-Length."""
-    headers = {**API_VERSION_HEADER}
-    headers.update((k, v) for k, v in reply.headers.items() if k.lower() != "content-length")
+    headers = {**API_VERSION_HEADER, **reply.headers}
+    for name in [name for name in reply.headers if len(name) == 14 and name.lower() == "content-length"]:
+        del headers[name]  # decided below, from the body
     headers["X-Cache"] = str(reply.cache)
     headers["X-Request-Id"] = trace.request_id
     length = content_length(reply, head=head)
@@ -125,7 +126,7 @@ def content_length(reply: Reply, *, head: bool) -> int | None:
 
 async def _send_file(wire: Wire, body: FileBody, metrics: Metrics, trace: RequestTrace) -> None:
     """A verified blob, or a range of it, from disk."""
-    served = metrics.served_bytes.labels("disk")
+    served = metrics.served["disk"]
     whole = body.offset == 0 and body.length == body.blob.size
     sent = await _send_span(wire, body.blob.file, body.offset, body.length, served, trace, whole_file=whole)
     if sent != body.length:
@@ -136,7 +137,7 @@ async def _send_file(wire: Wire, body: FileBody, metrics: Metrics, trace: Reques
 async def _send_spool(wire: Wire, body: SpoolBody, metrics: Metrics, trace: RequestTrace) -> None:
     """A fill's bytes as they land in its spool (or its window, passed through); raises the fill's
     error if it fails."""
-    served = metrics.served_bytes.labels("fill")
+    served = metrics.served["fill"]
     metrics.fill_readers.inc()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(metrics.fill_readers.dec)
