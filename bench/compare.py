@@ -160,6 +160,31 @@ class Proxy:
                         peaks.append(int(line.split()[1]) / 1024)
         return max(peaks, default=float("nan"))
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the proxy's processes so far (nginx: master and workers)."""
+        ticks = 0
+        for proc in self.procs:
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except FileNotFoundError:
+                    continue
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def settled_cpu_seconds(self, limit: float = 10.0) -> float:
+        """cpu_seconds() once the processes have gone idle (work after the last byte, such as
+        edgecache's fsync and rename of a verified blob, counts too): unchanged over 0.2 s."""
+        end = time.monotonic() + limit
+        last = self.cpu_seconds()
+        while time.monotonic() < end:
+            time.sleep(0.2)
+            now = self.cpu_seconds()
+            if now == last:
+                break
+            last = now
+        return last
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
@@ -328,7 +353,10 @@ def main() -> None:
             for name, start in PROXIES.items():
                 proxy = start(origin, work)
                 try:
+                    cpu_before = proxy.cpu_seconds()
                     record(name, "big cold s", pull(proxy.url, "bench/big"))
+                    cpu = proxy.settled_cpu_seconds() - cpu_before
+                    record(name, "cold CPU s/GiB", cpu / (sizes["big"] / 2**30))
                     record(name, "rss MiB", proxy.peak_rss_mib())
                     record(name, "ten cold s", pull(proxy.url, "bench/ten"))
                     for image in ("big", "ten", "many"):
@@ -401,8 +429,9 @@ def print_table(
         "(throughput: higher is better)",
         "",
         "| proxy | big cold | big warm | ten cold | ten warm | many warm (s) | "
-        f"{clients} cold clients of big | upstream GETs | manifest req/s (x nginx) | p99 ms | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{clients} cold clients of big | upstream GETs | manifest req/s (x nginx) | p99 ms | peak RSS MiB "
+        "| CPU s per cold GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in PROXIES:
         m = med[name]
@@ -415,7 +444,7 @@ def print_table(
             f"| {m['big concurrent s']:.1f} s = {m['big concurrent s'] / m['big cold s']:.2f}x one client "
             f"({m['big concurrent s'] / direct['big concurrent s']:.2f}x {clients} direct) "
             f"| {m['upstream GETs']:.0f} | {m['manifest rps']:,.0f} ({m['manifest rps'] / nginx_rps:.2f}x) "
-            f"| {m['manifest p99 ms']:.1f} | {m['rss MiB']:.0f} |"
+            f"| {m['manifest p99 ms']:.1f} | {m['rss MiB']:.0f} | {m['cold CPU s/GiB']:.2f} |"
         )
     lines.append(
         f"\nDirect from the origin: big {sizes['big'] / direct['big pull s'] / 1e6:,.0f} MB/s, "
