@@ -16,4 +16,4 @@ upstreams are made only in upstream/ (aiohttp's client, and http.client for blob
 threads); ops/warm is a client of edgecache itself.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"
