@@ -9,12 +9,9 @@ import os
 import signal
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
 
 from edgecache import sdnotify
 from edgecache.access.policy import AccessPolicy
@@ -24,9 +21,8 @@ from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
 from edgecache.fill.prefetch import Prefetcher
-from edgecache.http.accesslog import AccessLogger
-from edgecache.http.aiohttp_front import AiohttpFront
-from edgecache.http.aiohttp_server import ConnectionLimits, OciAppRunner, OciSite
+from edgecache.http.aiohttp_front import AiohttpFront, Handler
+from edgecache.http.aiohttp_server import ConnectionLimits, OciServerRunner, OciSite
 from edgecache.http.connguard import ConnectionGuard
 from edgecache.http.front import RegistryFront, Upstreams, trusted_networks
 from edgecache.http.granian_front import AsgiFront, TlsListener
@@ -47,7 +43,7 @@ from edgecache.upstream.documents import DocumentFetcher
 from edgecache.usage import Usage
 
 log = logging.getLogger("edgecache")
-RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "shutdown_timeout": 10.0}
+SHUTDOWN_GRACE = 10.0  # seconds responses in flight get when a listener stops
 
 
 @dataclass
@@ -257,17 +253,10 @@ class Edgecache:
         kept = restart_needed(self.config, new)
         self.config = new if not kept else self.config
 
-    def web_app(self) -> web.Application:
-        """One aiohttp application that also starts and closes this instance (tests embed it so)."""
-        app = self.http.build_app(admin=not self.config.server.metrics_listen, log_format=self.log_format)
-
-        async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-            await self.start()
-            yield
-            await self.close()
-
-        app.cleanup_ctx.append(lifecycle)
-        return app
+    def web_handler(self) -> Handler:
+        """The registry API as one aiohttp low-level handler (tests and `warm` embed it so; they
+        start and close the instance around it)."""
+        return self.http.handler(admin=not self.config.server.metrics_listen, log_format=self.log_format)
 
 
 @dataclass
@@ -341,7 +330,7 @@ class Listeners:
 
     def __init__(self, instance: Edgecache) -> None:
         self._instance = instance
-        self._runners: list[tuple[OciAppRunner, str, ssl.SSLContext | None]] = []
+        self._runners: list[tuple[OciServerRunner, str, ssl.SSLContext | None]] = []
         self._tls: list[TlsListener] = []
         self._guards: list[ConnectionGuard] = []
         self._mtls_context: ssl.SSLContext | None = None
@@ -353,11 +342,11 @@ class Listeners:
         admin = not server.metrics_listen
         for listen, tls in server.listeners():
             if not tls:
-                self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, None)
+                self._add_runner(instance.http.handler(admin=admin, log_format=log_format), listen, None)
             elif config.access.uses("mtls"):
                 context = mutual_tls_context(server.tls_cert, server.tls_key, config.access.client_ca)
                 self._mtls_context = context
-                self._add_runner(instance.http.build_app(admin=admin, log_format=log_format), listen, context)
+                self._add_runner(instance.http.handler(admin=admin, log_format=log_format), listen, context)
             else:
                 host, port = split_host_port(listen, "server.listen")
                 trusted = trusted_networks(server.trusted_proxies)
@@ -372,7 +361,7 @@ class Listeners:
                 self._guards.append(guard)
                 self.urls.append(f"https://{listen} (HTTP/2, HTTP/1.1)")
         if server.metrics_listen:
-            self._add_runner(instance.http.build_admin_app(log_format), server.metrics_listen, None)
+            self._add_runner(instance.http.admin_handler(log_format), server.metrics_listen, None)
         for runner, listen, site_context in self._runners:
             await runner.setup()
             host, port = split_host_port(listen, "server.listen")
@@ -383,10 +372,10 @@ class Listeners:
         for guard in self._guards:
             guard.start()
 
-    def _add_runner(self, app: web.Application, listen: str, context: ssl.SSLContext | None) -> None:
+    def _add_runner(self, handler: Handler, listen: str, context: ssl.SSLContext | None) -> None:
         server = self._instance.config.server
         limits = ConnectionLimits(server.max_connections, server.header_timeout)
-        runner = OciAppRunner(app, limits=limits, **RUNNER_OPTIONS)
+        runner = OciServerRunner(handler, limits=limits, shutdown_timeout=SHUTDOWN_GRACE)
         self._runners.append((runner, listen, context))
         self.urls.append(f"{'https' if context else 'http'}://{listen}")
 

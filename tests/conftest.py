@@ -19,11 +19,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import RawTestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgecache.app import RUNNER_OPTIONS, Edgecache
+from edgecache.app import SHUTDOWN_GRACE, Edgecache
 from edgecache.config import Config, load_config
+from edgecache.http.aiohttp_server import MAX_FIELD_SIZE
 from edgecache.http.granian_front import AsgiFront, TlsListener
 from tests.support.certs import TestCA
 from tests.support.faults import FaultProxy
@@ -139,14 +140,16 @@ class Edge:
 async def running_edge(config: Config) -> AsyncIterator[Edge]:
     """edgecache in-process on the plain aiohttp listener, with a session to it; closed on exit."""
     instance = Edgecache.build(config)
-    server = TestServer(instance.web_app(), host="127.0.0.1")
-    await server.start_server(**RUNNER_OPTIONS)
+    await instance.start()
+    server = RawTestServer(instance.web_handler(), host="127.0.0.1")
+    await server.start_server(access_log=None, max_field_size=MAX_FIELD_SIZE, shutdown_timeout=SHUTDOWN_GRACE)
     http = aiohttp.ClientSession(str(server.make_url("")), auto_decompress=False)
     try:
         yield Edge(str(server.make_url("")).rstrip("/"), http, instance, Path(config.cache.dir))
     finally:
         await http.close()
         await server.close()
+        await instance.close()
 
 
 @contextlib.asynccontextmanager

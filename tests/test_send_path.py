@@ -28,9 +28,9 @@ from multidict import CIMultiDictProxy
 from edgecache import errors
 from edgecache.http.aiohttp_server import (
     ConnectionLimits,
-    OciAppRunner,
     OciRequestHandler,
     OciServer,
+    OciServerRunner,
     OciSite,
 )
 from edgecache.http.send import content_length, send_reply
@@ -361,9 +361,11 @@ async def test_request_handler_state_we_read_is_set_at_init() -> None:
     assert isinstance(server.connections, list)
 
 
-async def test_app_runner_makes_a_server_whose_class_can_be_swapped() -> None:
-    assert inspect.iscoroutinefunction(web.AppRunner._make_server)
-    runner = OciAppRunner(web.Application(), limits=ConnectionLimits(7, 2.0))
+async def test_the_server_runner_serves_with_the_hardened_handler() -> None:
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="hello")
+
+    runner = OciServerRunner(hello, limits=ConnectionLimits(7, 2.0))
     await runner.setup()
     try:
         server = runner.server
@@ -392,12 +394,10 @@ async def test_tcp_site_state_oci_site_reads_is_set_at_init() -> None:
 async def hardened_hello_server() -> AsyncIterator[tuple[str, int]]:
     """A one-route app ("hello") on the hardened runner, with a 0.5 s header deadline."""
 
-    async def hello(request: web.Request) -> web.Response:
+    async def hello(request: web.BaseRequest) -> web.Response:
         return web.Response(text="hello")
 
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = OciAppRunner(app, limits=ConnectionLimits(max_connections=8, header_timeout=0.5))
+    runner = OciServerRunner(hello, limits=ConnectionLimits(max_connections=8, header_timeout=0.5))
     await runner.setup()
     try:
         await OciSite(runner, "127.0.0.1", 0, ssl_context=None, handshake_timeout=5.0).start()

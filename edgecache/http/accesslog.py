@@ -1,4 +1,4 @@
-"""The access log and the per-request metrics, both written when aiohttp finishes a response.
+"""The access log and the per-request metrics, both written by each adapter once its response is sent.
 
 One JSON object per line for log shippers, or a short readable line for a terminal. Fields: time,
 peer, method, path, route, status, bytes, duration, cache result, upstream and its status, request id.
@@ -12,43 +12,10 @@ import json
 import logging
 import time
 
-from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-
 from edgecache.metrics import Metrics
 from edgecache.trace import RequestTrace
 
 log = logging.getLogger("edgecache.access")
-METRICS_KEY = web.AppKey("edgecache.metrics", Metrics)
-FORMAT_KEY = web.AppKey("edgecache.log_format", str)
-TRACE_KEY = web.RequestKey("edgecache.trace", RequestTrace)
-
-
-class AccessLogger(AbstractAccessLogger):
-    """aiohttp's hook: called when a response is done."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
-        trace: RequestTrace | None = request.get(TRACE_KEY)
-        if trace is None:
-            return
-        app = request.app  # type: ignore[attr-defined]
-        # Body bytes only (aiohttp's own count includes the headers); sendfile bodies were counted
-        # by the front, since they never pass through aiohttp's writer.
-        body = 0 if request.method == "HEAD" else response.content_length or 0
-        record_request(
-            app.get(METRICS_KEY),
-            app.get(FORMAT_KEY, "text"),
-            trace,
-            request.method,
-            request.raw_path.split("?", 1)[0],
-            response.status,
-            trace.bytes_sent or body,
-            peer=trace.peer or request.remote or "",
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return True
 
 
 def record_request(

@@ -10,6 +10,7 @@ deadline, a connection cap) lives in aiohttp_server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO
@@ -17,7 +18,7 @@ from typing import IO
 from aiohttp import web
 
 from edgecache import errors
-from edgecache.http.accesslog import FORMAT_KEY, METRICS_KEY, TRACE_KEY
+from edgecache.http.accesslog import record_request
 from edgecache.http.front import (
     ADMIN_PATHS,
     ClientRequest,
@@ -32,56 +33,99 @@ from edgecache.pull import Reply
 from edgecache.trace import CURRENT, RequestTrace, request_id
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Every path, to the front. aiohttp matches routes on the percent-decoded path and `.` stops at a
-# decoded line feed (`%0a`), which would be its own 404 instead of the front's NAME_INVALID.
-EVERY_PATH = r"/{tail:[\s\S]*}"
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Responder = Callable[[web.BaseRequest, RequestTrace], Awaitable[Reply]]
 ADMIN_LISTENER_PATHS = ADMIN_PATHS | {"/healthz", "/readyz"}
 
 
 class AiohttpFront:
-    """The registry front on aiohttp's server: plain HTTP, and mutual-TLS HTTP/1.1 listeners."""
+    """The registry front on aiohttp's low-level server: plain HTTP, and mutual-TLS HTTP/1.1 listeners.
+
+    A handler of aiohttp's `web.Server`, with no application, router or middleware between the
+    connection and the front: each of those costs a coroutine layer or a lookup on every request,
+    and the front routes, refuses and renders errors itself. Every request target reaches it, even
+    one that is no path at all (CONNECT's `host:port`)."""
 
     def __init__(self, front: RegistryFront, metrics: Metrics, trusted_proxies: Sequence[str] = ()) -> None:
         self._front = front
         self._metrics = metrics
         self._trusted = trusted_networks(trusted_proxies)
 
-    def build_app(self, *, admin: bool = True, log_format: str = "text") -> web.Application:
+    def handler(self, *, admin: bool = True, log_format: str = "text") -> Handler:
         """The registry API; with `admin`, /metrics, /stats and the status page too (else they have
         their own listener)."""
-        app = self._new_app(log_format)
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            reply = await self._front.respond(self._client_request(request), request[TRACE_KEY], admin=admin)
-            return await send(request, reply)
+        async def respond(request: web.BaseRequest, trace: RequestTrace) -> Reply:
+            return await self._front.respond(self._client_request(request, trace), trace, admin=admin)
 
-        app.router.add_route("*", EVERY_PATH, handle)
-        return app
+        return functools.partial(self._answer, respond=respond, log_format=log_format)
 
-    def build_admin_app(self, log_format: str = "text") -> web.Application:
+    def admin_handler(self, log_format: str = "text") -> Handler:
         """The separate metrics listener: /metrics, /stats, the status page and the health checks only."""
-        app = self._new_app(log_format)
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            client_request = self._client_request(request)
+        async def respond(request: web.BaseRequest, trace: RequestTrace) -> Reply:
+            client_request = self._client_request(request, trace)
             if client_request.raw_path not in ADMIN_LISTENER_PATHS:
                 raise errors.RouteUnknown("this listener serves /metrics, /stats, the status page and health")
-            reply = await self._front.operational(client_request, request[TRACE_KEY])
-            return await send(request, reply)
+            return await self._front.operational(client_request, trace)
 
-        app.router.add_route("*", EVERY_PATH, handle)
-        return app
+        return functools.partial(self._answer, respond=respond, log_format=log_format)
 
-    def _new_app(self, log_format: str) -> web.Application:
-        app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 8190})
-        app[METRICS_KEY] = self._metrics
-        app[FORMAT_KEY] = log_format
-        return app
+    async def _answer(
+        self, request: web.BaseRequest, *, respond: Responder, log_format: str
+    ) -> web.StreamResponse:
+        """Every request: its trace, the front's reply sent through the one send path, and every
+        error answered in the registry's JSON format, so even a bug is an OCI 500 with a request id,
+        never aiohttp's plain-text page; then the request counted and logged."""
+        trace = RequestTrace(request_id(request.headers.get("X-Request-Id")))
+        token = CURRENT.set(trace)
+        status = 500
+        try:
+            try:
+                reply = await respond(request, trace)
+            except errors.EdgecacheError as exc:
+                reply = error_reply(exc)
+            except web.HTTPException as exc:  # aiohttp's own refusals (reading the request)
+                reply = error_reply(refusal(exc.status, exc.reason))
+            except Exception:
+                log.exception("unexpected error answering %s %s", request.method, request.path)
+                reply = error_reply(errors.EdgecacheError("unexpected error"))
+            status = reply.status
+            wire = AiohttpWire(request)
+            try:
+                await send_reply(
+                    reply, wire, trace, self._metrics, head=request.method == "HEAD", path=request.path
+                )
+            except Exception:
+                log.exception("unexpected error sending %s %s", request.method, request.path)
+                if request.writer.output_size > 0:
+                    raise  # the response had started: aiohttp cuts the connection
+                status = 500
+                return await self._send_error(request, trace)
+            return wire.response
+        finally:
+            CURRENT.reset(token)
+            record_request(
+                self._metrics,
+                log_format,
+                trace,
+                request.method,
+                request.raw_path.split("?", 1)[0],
+                status,
+                trace.bytes_sent,
+                peer=trace.peer or request.remote or "",
+                protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            )
 
-    def _client_request(self, request: web.Request) -> ClientRequest:
+    async def _send_error(self, request: web.BaseRequest, trace: RequestTrace) -> web.StreamResponse:
+        wire = AiohttpWire(request)
+        error = error_reply(errors.EdgecacheError("unexpected error"))
+        await send_reply(error, wire, trace, self._metrics, head=request.method == "HEAD", path=request.path)
+        return wire.response
+
+    def _client_request(self, request: web.BaseRequest, trace: RequestTrace) -> ClientRequest:
         peer = client_address(request.remote or "", request.headers.get("X-Forwarded-For"), self._trusted)
-        request[TRACE_KEY].peer = peer
+        trace.peer = peer
         return ClientRequest(
             method=request.method,
             raw_path=request.raw_path.split("?", 1)[0],
@@ -94,7 +138,7 @@ class AiohttpFront:
         )
 
 
-def _cert_subject(request: web.Request) -> str | None:
+def _cert_subject(request: web.BaseRequest) -> str | None:
     """The verified client certificate's subject on a mutual-TLS listener, as `CN=...,O=...`."""
     transport = request.transport
     cert = transport.get_extra_info("peercert") if transport is not None else None
@@ -114,23 +158,13 @@ _SUBJECT_KEYS = {
 }
 
 
-async def send(request: web.Request, reply: Reply) -> web.StreamResponse:
-    """Send a Reply on this request's connection through the one send path."""
-    wire = AiohttpWire(request)
-    metrics = request.app[METRICS_KEY]
-    await send_reply(
-        reply, wire, request[TRACE_KEY], metrics, head=request.method == "HEAD", path=request.path
-    )
-    return wire.response
-
-
 class AiohttpWire:
     """send.Wire over an aiohttp request. The head is held back until the body starts, so a reply
     from memory goes out with its head in one write; file bytes go by the kernel's sendfile except on
     TLS, where the kernel cannot encrypt (asyncio's own fallback there is several times slower than
     send's chunks read off the loop)."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.BaseRequest) -> None:
         self._request = request
         self._status = 500
         self._headers: dict[str, str] = {}
@@ -180,31 +214,6 @@ class AiohttpWire:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
         return transport
-
-
-@web.middleware
-async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request: start its trace (the access logger reads it when the response is done), and
-    answer every error in the registry's JSON format through the one send path, so even a bug is an
-    OCI 500 with a request id, never aiohttp's plain-text page. One middleware, not two: each costs a
-    coroutine layer on every request."""
-    trace = RequestTrace(request_id(request.headers.get("X-Request-Id")))
-    request[TRACE_KEY] = trace
-    token = CURRENT.set(trace)
-    try:
-        return await handler(request)
-    except errors.EdgecacheError as exc:
-        return await send(request, error_reply(exc))
-    except web.HTTPException as exc:
-        # aiohttp's own refusals inside the app (e.g. CONNECT) in the registry's format.
-        return await send(request, error_reply(refusal(exc.status, exc.reason)))
-    except Exception:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
-        if request.writer is not None and request.writer.output_size > 0:
-            raise  # the response had started: aiohttp cuts the connection
-        return await send(request, error_reply(errors.EdgecacheError("unexpected error")))
-    finally:
-        CURRENT.reset(token)
 
 
 class HttpRefusal(errors.BadRequest):

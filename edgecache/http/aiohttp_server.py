@@ -4,7 +4,7 @@ aiohttp's connection handler hardened: its own refusals (a malformed request lin
 a body that contradicts its framing) in the registry's JSON error format, a connection cap (503) and a
 deadline for request headers (408); and a TCP site with a TLS handshake deadline. These use private
 parts of aiohttp (RequestHandler's `_manager` and `_request_count`, `handle_error`'s signature,
-AppRunner's `_make_server`, Server's `_loop` and `_kwargs`); tests/test_send_path.py checks they are
+Server's `_loop` and `_kwargs`); tests/test_send_path.py checks they are
 still there, so an aiohttp upgrade that changes them fails loudly in CI, not in production.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,9 @@ class OciRequestHandler(web_protocol.RequestHandler):
         return response
 
 
+MAX_FIELD_SIZE = 8190  # bytes of one request header line (a longer one is a 431)
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int = 1024
@@ -126,25 +130,30 @@ class OciServer(web.Server):
         return OciRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class OciAppRunner(web.AppRunner):
-    """An AppRunner whose connections use OciRequestHandler (aiohttp has no option for that)."""
+class OciServerRunner(web.ServerRunner):
+    """A runner of aiohttp's low-level server (a handler, no application) whose connections use
+    OciRequestHandler, with the connection limits and a bounded keep-alive."""
 
     def __init__(
-        self, app: web.Application, *, limits: ConnectionLimits | None = None, **kwargs: Any
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        limits: ConnectionLimits | None = None,
+        shutdown_timeout: float = 10.0,
     ) -> None:
-        self._limits = limits or ConnectionLimits()
-        # An idle keep-alive connection is closed (silently: an unsolicited 408 would confuse the
-        # client) a little after header_timeout, so a silent new connection gets its 408 first.
-        # aiohttp's default wait is an hour, which would let idle clients hold the connection cap.
-        kwargs.setdefault("keepalive_timeout", self._limits.header_timeout * 1.5)
-        super().__init__(app, **kwargs)
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = OciServer  # same state; only the per-connection handler class differs
-        assert isinstance(server, OciServer)
-        server.limits = self._limits
-        return server
+        limits = limits or ConnectionLimits()
+        server = OciServer(
+            handler,
+            # Our handler logs and counts each request itself (accesslog.record_request).
+            access_log=None,
+            max_field_size=MAX_FIELD_SIZE,
+            # An idle keep-alive connection is closed (silently: an unsolicited 408 would confuse
+            # the client) a little after header_timeout, so a silent new connection gets its 408
+            # first. aiohttp's default wait is an hour, which would let idle clients hold the cap.
+            keepalive_timeout=limits.header_timeout * 1.5,
+        )
+        server.limits = limits
+        super().__init__(server, shutdown_timeout=shutdown_timeout)
 
 
 class OciSite(web.TCPSite):

@@ -146,15 +146,17 @@ async def _local_instance(config: Config) -> AsyncIterator[str]:
     from edgecache.app import Edgecache
 
     instance = Edgecache.build(config)
-    runner = web.AppRunner(instance.web_app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
+    await instance.start()
+    runner = web.ServerRunner(web.Server(instance.web_handler(), access_log=None))
     try:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
         yield f"http://127.0.0.1:{port}"
     finally:
         await instance.flights.settled()
         await runner.cleanup()
+        await instance.close()
 
 
 async def run(
