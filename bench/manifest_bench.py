@@ -41,9 +41,9 @@ from tls_bench import (
     Endpoints,
     curl_args,
     make_certificate,
+    manifest_load,
     start_edgecache_tls,
     start_nginx_tls,
-    wrk,
 )
 
 from tests.support.registry import start_registry
@@ -75,32 +75,6 @@ def check(url: str, protocol: str, method: str, digest: str, length: int) -> Non
         body = out.stdout.split(b"\r\n\r\n", 1)[1]
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise RuntimeError(f"GET {url} over {protocol}: the body is not the manifest")
-
-
-def h2load(url: str, method: str, seconds: int, log: Path) -> dict[str, float]:
-    """HTTP/2: requests/s and p99 ms (h2load's per-request log), `:method` set to `method`."""
-    out = subprocess.run(
-        ["h2load", "-t2", f"-c{CONNECTIONS}", f"-m{H2_STREAMS}", f"-D{seconds}", "--warm-up-time=1",
-         f"--log-file={log}", "-H", f"Accept: {ACCEPT}", "-H", f":method: {method}", url],
-        capture_output=True, text=True, timeout=seconds + 60,
-    ).stdout  # fmt: skip
-    found = [line for line in out.splitlines() if "req/s" in line and "finished in" in line]
-    statuses = [line for line in out.splitlines() if line.startswith("status codes:")]
-    if not found or not statuses:
-        raise RuntimeError(f"h2load {method} {url}: unexpected output:\n{out}")
-    rps = float(found[0].split(", ")[1].split()[0])
-    ok = int(statuses[0].split()[2])
-    durations = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line)
-    log.unlink()
-    p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000 if durations else 0
-    return {"rps": rps, "p99": p99, "failed": max(0, len(durations) - ok)}
-
-
-def load(url: str, protocol: str, method: str, seconds: int, work: Path) -> dict[str, float]:
-    if protocol == "TLS HTTP/2":
-        return h2load(url, method, seconds, work / "h2load.log")
-    assert method == "GET", "HEAD over HTTP/1.1: wrk and h2load --h1 stall on it"
-    return wrk(url, seconds)
 
 
 def main() -> None:
@@ -141,7 +115,7 @@ def main() -> None:
                 for reference, method in variants(protocol):
                     for name in SERVERS:
                         url = servers[name].base(protocol) + paths[reference]
-                        got = load(url, protocol, method, seconds, work)
+                        got = manifest_load(url, protocol, seconds, work, method)
                         results.setdefault((name, protocol, reference, method), []).append(got)
             print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
     finally:

@@ -241,11 +241,12 @@ def wrk(url: str, seconds: int) -> dict[str, float]:
     return {"rps": rps, "p99": p99_ms, "failed": failed}
 
 
-def h2load(url: str, seconds: int, log: Path) -> dict[str, float]:
-    """HTTP/2 over TLS: requests/s, p99 ms (from h2load's per-request log) and failed requests."""
+def h2load(url: str, seconds: int, log: Path, method: str = "GET") -> dict[str, float]:
+    """HTTP/2 over TLS: requests/s, p99 ms (from h2load's per-request log) and failed requests;
+    `method` overrides the `:method` pseudo-header (HEAD)."""
     out = subprocess.run(
         ["h2load", "-t2", f"-c{CONNECTIONS}", f"-m{H2_STREAMS}", f"-D{seconds}", "--warm-up-time=1",
-         f"--log-file={log}", "-H", f"Accept: {ACCEPT}", url],
+         f"--log-file={log}", "-H", f"Accept: {ACCEPT}", "-H", f":method: {method}", url],
         capture_output=True, text=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
     found = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
@@ -263,9 +264,12 @@ def h2load(url: str, seconds: int, log: Path) -> dict[str, float]:
     return {"rps": float(found[1]), "p99": p99_ms, "failed": failed}
 
 
-def manifest_load(url: str, protocol: str, seconds: int, work: Path) -> dict[str, float]:
+def manifest_load(url: str, protocol: str, seconds: int, work: Path, method: str = "GET") -> dict[str, float]:
+    """50 connections of `method` requests: h2load over HTTP/2, wrk over HTTP/1.1 (GET only: wrk 4.1
+    and h2load --h1 both stall after a HEAD's Content-Length)."""
     if protocol == "TLS HTTP/2":
-        return h2load(url, seconds, work / "h2load.log")
+        return h2load(url, seconds, work / "h2load.log", method)
+    assert method == "GET", "HEAD over HTTP/1.1: wrk and h2load --h1 stall on it"
     return wrk(url, seconds)
 
 
