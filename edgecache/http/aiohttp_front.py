@@ -217,7 +217,7 @@ class AiohttpWire:
 
 
 class HttpRefusal(errors.BadRequest):
-    """A refusal of aiohttp's inside the app with a status of its own (405, 413, ...)."""
+    """A refusal of aiohttp's while it reads a request, with a status of its own (405, 413, ...)."""
 
     def __init__(self, status: int, detail: str = "") -> None:
         super().__init__(detail)
@@ -225,7 +225,8 @@ class HttpRefusal(errors.BadRequest):
 
 
 def refusal(status: int, reason: str) -> errors.EdgecacheError:
-    """aiohttp's HTTPException as one of our errors: 404 an unknown route, else a bad request."""
+    """aiohttp's HTTPException as one of our errors: 404 an unknown route, else a bad request (the
+    low-level server has no router: a handler meets these only from aiohttp's request parsing)."""
     if status == 404:
         return errors.RouteUnknown()
     return errors.BadRequest(reason) if status == 400 else HttpRefusal(status, reason)
