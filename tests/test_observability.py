@@ -4,6 +4,7 @@ alert rules (checked by promtool and by a real Prometheus scraping a real edgeca
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgecache.http.accesslog import JsonFormatter, loggable, record_request
+from edgecache.trace import RequestTrace
 from tests.conftest import Edge, EdgeProcess, Seeded, serve_with_metrics_listener, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.support.registry import Registry, free_port, wait_http
@@ -262,3 +265,27 @@ def assert_stats_picture(url: str) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert down.returncode == 1 and "cannot read" in down.stdout and "Traceback" not in down.stderr
+
+
+def test_access_lines_escape_what_clients_choose_and_keep_the_rest_as_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The access line of a request, in both formats: a client-chosen path with control characters,
+    non-ASCII or DEL is escaped and clipped (no forged lines), a plain one is logged as sent."""
+    hostile = "/v2/a\r\nFAKE 200 line\x7f/é/" + "x" * 600
+    assert loggable("/v2/library/alpine/manifests/3.20") == "/v2/library/alpine/manifests/3.20"
+    escaped = loggable(hostile)
+    assert escaped.isascii() and escaped.isprintable() and "\r" not in escaped and "\n" not in escaped
+    assert escaped.startswith("/v2/a\\x0d\\x0aFAKE 200 line\\x7f/\\xe9/") and len(escaped) <= 512 * 4
+    trace = RequestTrace("req-1", route="manifest", identity="anonymous", upstream="docker.io")
+    with caplog.at_level(logging.INFO, logger="edgecache.access"):
+        record_request(None, "text", trace, "GET", hostile, 200, 12, peer="192.0.2.7")
+        record_request(None, "json", trace, "GET", "/v2/a/manifests/1", 200, 12, peer="192.0.2.7")
+    text, structured = caplog.records
+    assert text.getMessage().startswith(f"192.0.2.7 GET {escaped} 200 ")
+    assert text.getMessage().endswith(" id=req-1") and "\n" not in text.getMessage()
+    line = JsonFormatter().format(structured)
+    entry = json.loads(line)
+    assert entry["path"] == "/v2/a/manifests/1" and entry["request_id"] == "req-1"
+    assert entry["status"] == 200 and entry["bytes"] == 12 and entry["identity"] == "anonymous"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", entry["time"])
