@@ -257,14 +257,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgecache {args.command}: {exc}", file=sys.stderr)
             return 2
     log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        from edgecache.http.accesslog import JsonFormatter
+    from edgecache.http.accesslog import BatchedStreamHandler, JsonFormatter
 
+    handler = BatchedStreamHandler()
+    if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    # No format here shows a record's thread or process, and looking them up is most of what making
+    # a record costs (every request makes one with the access log on).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
 
         def load() -> Config:
