@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgecache {args.command}: {exc}", file=sys.stderr)
             return 2
     log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
-    from edgecache.http.accesslog import BatchedStreamHandler, JsonFormatter
-
-    handler = BatchedStreamHandler()
+    handler = logging.StreamHandler()
     if log_format == "json":
+        from edgecache.http.accesslog import JsonFormatter
+
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

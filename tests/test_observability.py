@@ -3,7 +3,6 @@ alert rules (checked by promtool and by a real Prometheus scraping a real edgeca
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgecache.http.accesslog import BatchedStreamHandler, JsonFormatter, loggable, record_request
+from edgecache.http.accesslog import JsonFormatter, loggable, record_request
 from edgecache.trace import RequestTrace
 from tests.conftest import Edge, EdgeProcess, Seeded, serve_with_metrics_listener, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
@@ -290,36 +289,3 @@ def test_access_lines_escape_what_clients_choose_and_keep_the_rest_as_sent(
     assert entry["path"] == "/v2/a/manifests/1" and entry["request_id"] == "req-1"
     assert entry["status"] == 200 and entry["bytes"] == 12 and entry["identity"] == "anonymous"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", entry["time"])
-
-
-def test_log_lines_are_written_in_batches_in_order_and_none_is_lost() -> None:
-    """The serve command's log handler: lines wait for the next batch (one write instead of one per
-    line), a warning goes out at once with every line before it, the periodic flush delivers the
-    rest without a warning, and close writes whatever is left."""
-    stream = io.StringIO()
-    handler = BatchedStreamHandler(stream, interval=3600)  # no periodic flush in this part
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger("edgecache.test.batched")
-    logger.propagate, logger.level = False, logging.INFO
-    logger.addHandler(handler)
-    try:
-        for n in range(3):
-            logger.info("line %d", n)
-        assert stream.getvalue() == ""
-        logger.warning("something to see now")
-        assert stream.getvalue() == "INFO line 0\nINFO line 1\nINFO line 2\nWARNING something to see now\n"
-        logger.info("last")
-        handler.close()
-        assert stream.getvalue().endswith("WARNING something to see now\nINFO last\n")
-    finally:
-        logger.removeHandler(handler)
-    periodic = io.StringIO()
-    handler = BatchedStreamHandler(periodic, interval=0.05)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    try:
-        logger.info("on its own")
-        wait_until_sync(lambda: periodic.getvalue() == "on its own\n", message="no periodic flush")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import threading
 import time
-from typing import TextIO
 
 from edgecache.metrics import Metrics
 from edgecache.trace import RequestTrace
@@ -117,66 +115,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _COMPACT.encode(entry)
-
-
-class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Log lines to a stream (stderr) in batches: one write for what arrived in the last `interval`
-    seconds (or `limit` characters), instead of a write and a flush for every line. With the access
-    log on, that syscall per request was a large part of a manifest hit's cost.
-
-    A warning or worse is written at once, with every line before it, so the order holds; so is
-    everything on close (logging.shutdown at exit, after SIGTERM). A process killed with SIGKILL
-    loses at most the last `interval` of lines. All writes happen under the handler's lock, as
-    StreamHandler's do, so lines never interleave."""
-
-    def __init__(
-        self, stream: TextIO | None = None, *, interval: float = 0.5, limit: int = 64 * 1024
-    ) -> None:
-        super().__init__(stream)
-        self._pending: list[str] = []
-        self._size = 0
-        self._limit = limit
-        self._closed = threading.Event()
-        self._flusher = threading.Thread(
-            target=self._flush_every, args=(interval,), name="log-flush", daemon=True
-        )
-        self._flusher.start()
-
-    def createLock(self) -> None:
-        """The handler's lock (Handler.handle holds it around emit), kept typed as the RLock it is."""
-        self._guard = threading.RLock()
-        self.lock = self._guard
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + self.terminator
-        except Exception:
-            self.handleError(record)
-            return
-        with self._guard:  # Handler.handle holds it already (an RLock); emit may also be called alone
-            self._pending.append(line)
-            self._size += len(line)
-            if record.levelno >= logging.WARNING or self._size >= self._limit:
-                self.flush()
-
-    def flush(self) -> None:
-        with self._guard:
-            if self._pending:
-                text, self._pending, self._size = "".join(self._pending), [], 0
-                self.stream.write(text)
-            super().flush()
-
-    def close(self) -> None:
-        self._closed.set()
-        try:
-            self.flush()
-        finally:
-            super().close()
-
-    def _flush_every(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            try:
-                self.flush()
-            except Exception:  # a stream gone (EPIPE): nowhere left to say so; keep the handler alive
-                with self._guard:
-                    self._pending, self._size = [], 0
