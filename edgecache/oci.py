@@ -366,8 +366,19 @@ async def manifest_parts_async(body: bytes) -> ManifestParts:
     return await asyncio.to_thread(manifest_parts, body)
 
 
+# Layer media types registries never hold (docker's foreign and OCI's nondistributable layers).
+FOREIGN_LAYER_WORDS = ("nondistributable", "foreign")
+
+
+def foreign_layer(item: dict[str, object]) -> bool:
+    """A layer the registry does not serve (fetched from its `urls`: Windows base layers): nothing
+    to prefetch, export or expect in a bundle."""
+    media_type = str(item.get("mediaType", ""))
+    return bool(item.get("urls")) or any(word in media_type for word in FOREIGN_LAYER_WORDS)
+
+
 def _descriptor(item: object) -> Descriptor | None:
-    if not isinstance(item, dict) or item.get("urls"):
+    if not isinstance(item, dict) or foreign_layer(item):
         return None
     digest, size = item.get("digest"), item.get("size")
     if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:

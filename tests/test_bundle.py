@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from edgecache.errors import ManifestInvalid
 from edgecache.oci import OCI_MANIFEST, Digest
 from edgecache.ops.bundle_export import ExportError, _checked
+from edgecache.ops.oci_layout import manifest_references
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
 from tests.support.clients import Containerd, client_env, require_binary, skopeo_copy_all
 from tests.support.cosign import make_key_pair, sign_image
@@ -503,3 +505,39 @@ def test_a_manifest_asked_for_by_a_sha512_digest_is_checked_with_sha512() -> Non
     assert _checked(str(asked), body, OCI_MANIFEST).digest == asked
     with pytest.raises(ExportError, match="does not match"):
         _checked(str(Digest.of(b"something else", "sha512")), body, OCI_MANIFEST)
+
+
+def test_manifest_references_are_strict_and_leave_foreign_layers_out() -> None:
+    """What export walks and import checks, read by one parser: every descriptor must be whole (a
+    bundle names all it holds), and layers a registry never serves are not expected in it."""
+    config = {"digest": "sha256:" + "a" * 64, "size": 2}
+    layer = {"digest": "sha256:" + "b" * 64, "size": 7}
+    foreign_by_urls = {"digest": "sha256:" + "c" * 64, "size": 9, "urls": ["https://example.com/l"]}
+    nondistributable = {
+        "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "digest": "sha256:" + "d" * 64,
+        "size": 9,
+    }
+    children, blobs = manifest_references(
+        {"config": config, "layers": [layer, foreign_by_urls, nondistributable]}
+    )
+    assert children == [] and [(str(d), size) for d, size in blobs] == [
+        (config["digest"], 2),
+        (layer["digest"], 7),
+    ]
+    index = {"manifests": [{"digest": "sha256:" + "e" * 64, "mediaType": "x", "platform": {"os": "linux"}}]}
+    (child,), _ = manifest_references(index)
+    assert (str(child.digest), child.media_type, child.platform) == (
+        "sha256:" + "e" * 64,
+        "x",
+        {"os": "linux"},
+    )
+    for malformed in (
+        {"layers": [{"digest": "sha256:short", "size": 1}]},
+        {"layers": [{"digest": "sha256:" + "b" * 64}]},
+        {"layers": [{"digest": "sha256:" + "b" * 64, "size": "many"}]},
+        {"manifests": [{"size": 1}]},
+        ["not", "a", "manifest"],
+    ):
+        with pytest.raises(ManifestInvalid):
+            manifest_references(malformed)

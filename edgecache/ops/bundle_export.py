@@ -25,7 +25,7 @@ from typing import IO, Protocol
 
 import aiohttp
 
-from edgecache.errors import DigestInvalid
+from edgecache.errors import DigestInvalid, ManifestInvalid
 from edgecache.oci import (
     MANIFEST_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
@@ -42,6 +42,7 @@ from edgecache.ops.oci_layout import (
     TarWriter,
     blob_member,
     finish_output,
+    manifest_references,
     open_output,
 )
 from edgecache.ops.warm import ImageRef
@@ -52,7 +53,6 @@ CHUNK = 1024 * 1024
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 # Where an entry of index.json comes from, also for entries with no tag (exported by digest).
 REPOSITORY = "io.edgecache.repository"
-SKIPPED_LAYERS = ("nondistributable", "foreign")  # never pushed to registries: not in the cache
 
 
 class ExportError(Exception):
@@ -213,16 +213,16 @@ class Exporter:
             return
         self.plan.manifests[manifest.digest] = manifest
         try:
-            children, blobs = _parts(manifest.body)
-        except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid):
+            children, blobs = manifest_references(json.loads(manifest.body))
+        except (ValueError, ManifestInvalid):  # ValueError: not JSON
             raise ExportError(f"{ref}: manifest {manifest.digest} is malformed") from None
-        for child, platform in children:
-            if not self._wanted(platform):
+        for child in children:
+            if not self._wanted(child.platform):
                 self.plan.platforms_left_out += 1
                 continue
-            found = await self._source.manifest(ref, str(child))
+            found = await self._source.manifest(ref, str(child.digest))
             if found is None:
-                raise ExportError(f"{ref}: manifest {child} of its index is not available")
+                raise ExportError(f"{ref}: manifest {child.digest} of its index is not available")
             await self._walk(ref, found)
         for digest, size in blobs:
             self.plan.blobs.setdefault(digest, (ref, size))
@@ -291,23 +291,6 @@ class Exporter:
             print(file=sys.stderr)
         out.close()
         return total
-
-
-def _parts(body: bytes) -> tuple[list[tuple[Digest, object]], list[tuple[Digest, int]]]:
-    """(children with their platforms, blobs with their sizes) of a manifest; raises on a malformed
-    one. Foreign (nondistributable) layers are left out: registries never hold them."""
-    doc = json.loads(body)
-    children = [
-        (Digest.parse(child["digest"]), child.get("platform")) for child in doc.get("manifests") or []
-    ]
-    blobs = []
-    for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
-        if descriptor is None:
-            continue
-        if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
-            continue
-        blobs.append((Digest.parse(descriptor["digest"]), int(descriptor["size"])))
-    return children, blobs
 
 
 def _progress(n: int, count: int, done: int, total: int, started: float) -> None:

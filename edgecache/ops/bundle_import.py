@@ -30,7 +30,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import zstandard
 
@@ -44,9 +43,9 @@ from edgecache.oci import (
     hex_pattern,
     manifest_media_type,
 )
-from edgecache.ops.bundle_export import REPOSITORY, SKIPPED_LAYERS
+from edgecache.ops.bundle_export import REPOSITORY
 from edgecache.ops.maintenance import pinned_digests
-from edgecache.ops.oci_layout import INDEX_FILE, LAYOUT_FILE, REF_NAME, open_bundle
+from edgecache.ops.oci_layout import INDEX_FILE, LAYOUT_FILE, REF_NAME, manifest_references, open_bundle
 from edgecache.ops.warm import ImageRef, parse_ref
 from edgecache.sizes import human_size
 from edgecache.store.blobs import BlobStore, rename_durably
@@ -281,11 +280,11 @@ def _walk(staging: Staging, named: Named, walked: Walked) -> None:
             raise BundleError(f"{named}: manifest {digest} is not a valid manifest") from None
         walked.manifests[digest] = (media_type, body)
         try:
-            children, blobs = _references(doc)
-        except (DigestInvalid, KeyError, TypeError, AttributeError):
+            children, blobs = manifest_references(doc)
+        except ManifestInvalid:
             raise BundleError(f"{named}: manifest {digest} names an invalid manifest or blob") from None
-        queue.extend((child, child_type, False) for child, child_type in children)
-        for blob in blobs:
+        queue.extend((child.digest, child.media_type, False) for child in children)
+        for blob, _size in blobs:
             if blob not in staging.files:
                 raise BundleError(
                     f"{named}: blob {blob} of manifest {digest} is not in the bundle (an incomplete "
@@ -293,25 +292,6 @@ def _walk(staging: Staging, named: Named, walked: Walked) -> None:
                 )
             walked.blobs.add(blob)
             held.add(str(blob))
-
-
-def _references(doc: dict[str, Any]) -> tuple[list[tuple[Digest, str | None]], list[Digest]]:
-    """(children with their declared media types, blobs) a manifest names; raises on malformed
-    ones. Foreign (nondistributable) layers are left out: registries never hold them."""
-    children = []
-    for child in doc.get("manifests") or []:
-        child_type = child.get("mediaType")
-        children.append(
-            (Digest.parse(str(child["digest"])), child_type if isinstance(child_type, str) else None)
-        )
-    blobs = []
-    for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
-        if descriptor is None:
-            continue
-        if any(word in str(descriptor.get("mediaType", "")) for word in SKIPPED_LAYERS):
-            continue
-        blobs.append(Digest.parse(str(descriptor["digest"])))
-    return children, blobs
 
 
 def _open_cache(root: Path) -> tuple[BlobStore, CacheIndex]:

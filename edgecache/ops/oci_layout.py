@@ -11,12 +11,14 @@ import io
 import os
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol
 
 import zstandard
 
-from edgecache.oci import Digest
+from edgecache.errors import DigestInvalid, ManifestInvalid
+from edgecache.oci import Digest, foreign_layer
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -25,6 +27,39 @@ REF_NAME = "org.opencontainers.image.ref.name"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records of 10 KiB, as GNU tar and tarfile do
+
+
+@dataclass(frozen=True)
+class LayoutChild:
+    """A child manifest an index names, with what it declares of itself."""
+
+    digest: Digest
+    media_type: str | None
+    platform: object  # the index's `platform` object, as written
+
+
+def manifest_references(doc: Any) -> tuple[list[LayoutChild], list[tuple[Digest, int]]]:
+    """(children, blobs with their sizes) of a parsed manifest or index, strictly: a bundle names
+    everything it holds, so any malformed descriptor raises ManifestInvalid (prefetch's lenient
+    `oci.manifest_parts` skips them instead). Foreign layers are left out: registries never hold
+    them."""
+    try:
+        children = [
+            LayoutChild(
+                Digest.parse(str(child["digest"])),
+                child.get("mediaType") if isinstance(child.get("mediaType"), str) else None,
+                child.get("platform"),
+            )
+            for child in doc.get("manifests") or []
+        ]
+        blobs = [
+            (Digest.parse(str(item["digest"])), int(item["size"]))
+            for item in [doc.get("config"), *(doc.get("layers") or [])]
+            if item is not None and not foreign_layer(item)
+        ]
+    except (DigestInvalid, KeyError, TypeError, AttributeError, ValueError):
+        raise ManifestInvalid("a manifest names an invalid manifest or blob") from None
+    return children, blobs
 
 
 def blob_member(digest: Digest) -> str:
