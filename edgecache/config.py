@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from edgecache.errors import ConfigError
@@ -542,22 +542,31 @@ def load_config(
     return config
 
 
+T = TypeVar("T")
+
+
+def _build_table(cls: type[T], key: str, table: object) -> T:
+    """A sub-table (`[access.ldap]`) as its dataclass."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected an [{key}] table")
+    built: T = _build(cls, key, table)
+    return built
+
+
+def _build_list(cls: type[T], key: str, tables: object) -> tuple[T, ...]:
+    """An array of tables (`[[access.rules]]`) as a tuple of its dataclass."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{key}: expected [[{key}]] tables")
+    return tuple(_build(cls, f"{key}[{i}]", t) for i, t in enumerate(tables))
+
+
 def _build_access(table: dict[str, Any]) -> AccessConfig:
-    rules = table.pop("rules", [])
-    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
-        raise ConfigError("access.rules: expected [[access.rules]] tables")
-    built = tuple(_build(AccessRule, f"access.rules[{i}]", rule) for i, rule in enumerate(rules))
+    built = _build_list(AccessRule, "access.rules", table.pop("rules", []))
     for i, rule in enumerate(built):
         if not rule.identity:
             raise ConfigError(f"access.rules[{i}].identity: must be set")
-    ldap_table = table.pop("ldap", {})
-    if not isinstance(ldap_table, dict):
-        raise ConfigError("access.ldap: expected an [access.ldap] table")
-    ldap: LdapConfig = _build(LdapConfig, "access.ldap", ldap_table)
-    oidc_table = table.pop("oidc", {})
-    if not isinstance(oidc_table, dict):
-        raise ConfigError("access.oidc: expected an [access.oidc] table")
-    oidc: OidcConfig = _build(OidcConfig, "access.oidc", oidc_table)
+    ldap = _build_table(LdapConfig, "access.ldap", table.pop("ldap", {}))
+    oidc = _build_table(OidcConfig, "access.oidc", table.pop("oidc", {}))
     mode = table.get("mode")
     if isinstance(mode, list):  # mode = ["htpasswd", "ldap"]: tried in order
         if not all(isinstance(m, str) for m in mode):
@@ -568,10 +577,7 @@ def _build_access(table: dict[str, Any]) -> AccessConfig:
 
 
 def _build_trust(table: dict[str, Any]) -> TrustConfig:
-    rules = table.pop("rules", [])
-    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
-        raise ConfigError("trust.rules: expected [[trust.rules]] tables")
-    built = tuple(_build(TrustRule, f"trust.rules[{i}]", rule) for i, rule in enumerate(rules))
+    built = _build_list(TrustRule, "trust.rules", table.pop("rules", []))
     for i, rule in enumerate(built):
         key = f"trust.rules[{i}]"
         if not rule.pattern:
