@@ -6,14 +6,17 @@ import-linter: `[tool.importlinter]` in pyproject.toml), and the two `|` groups 
     6 operators            cli (and __main__), ops/ (warm starts an instance: it sits above app)
     5 wiring               app (the composition root), sdnotify
     4 fronts               http/  front, routes, send (framework-free); aiohttp and granian adapters
-    3 use case             pull   (reaches the upstream only through its Upstream Protocol)
-    2 parts                fill/  above  store/ | upstream/ | access/
+    3 use case             trust  (the signature gate) above pull (reaches the upstream only through
+                           its Upstream Protocol)
+    2 parts                shared/ (the object-storage tier) above fill/ above
+                           store/ | upstream/ | access/
     1 policy & config      config, metrics, trace, usage
     0 vocabulary           oci, sizes, errors, outcomes
 
-aiohttp's server and granian are imported only by the adapters in http/ and by app. Requests to
-upstreams are made only in upstream/ (aiohttp's client, and http.client for blob bodies read on
-threads); ops/warm is a client of edgecache itself.
+aiohttp's server and granian are imported only by the adapters in http/, by app, and by ops/warm
+(which serves an instance on loopback for its own requests). Requests to upstreams are made only in
+upstream/ (aiohttp's client, and http.client for blob bodies read on threads); ops/ is a client of
+edgecache itself, shared/ of an S3 bucket (obstore).
 """
 
 __version__ = "0.5.1"

@@ -1,7 +1,8 @@
 """The access log and the per-request metrics, both written by each adapter once its response is sent.
 
-One JSON object per line for log shippers, or a short readable line for a terminal. Fields: time,
-peer, method, path, route, status, bytes, duration, cache result, upstream and its status, request id.
+One JSON object per line for log shippers (time, peer, identity, protocol, method, path, route,
+status, bytes, duration, cache result, upstream and its status, request id), or a short readable line
+for a terminal (peer, method, path, status, cache result, bytes, duration, upstream, request id).
 Headers are never logged, so credentials cannot appear; the path is logged as sent (percent-encoded),
 clipped and with control characters escaped, so hostile input cannot forge log lines.
 """
