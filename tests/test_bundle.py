@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgecache.errors import ManifestInvalid
-from edgecache.oci import OCI_MANIFEST, Digest
+from edgecache.oci import OCI_INDEX, OCI_MANIFEST, Digest
 from edgecache.ops.bundle_export import ExportError, _checked
 from edgecache.ops.oci_layout import manifest_references
 from tests.conftest import EdgeProcess, Seeded, blob_path, edge_config, running_edge, spawn_edge
@@ -28,8 +29,6 @@ from tests.support.cosign import make_key_pair, sign_image
 from tests.support.images import Blob, Image, Pusher, build_image
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -541,3 +540,45 @@ def test_manifest_references_are_strict_and_leave_foreign_layers_out() -> None:
     ):
         with pytest.raises(ManifestInvalid):
             manifest_references(malformed)
+
+
+def test_a_bundle_naming_a_child_many_times_is_walked_once_per_manifest(tmp_path: Path) -> None:
+    """Indexes that each name the next one twice, 40 deep: a walk that followed every mention would
+    take 2**40 steps (a few KB of bundle running for hours); each manifest is read once instead, and
+    the image at the bottom is imported."""
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    image = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                       "size": len(config)},
+            "layers": [],
+        }
+    ).encode()  # fmt: skip
+    files = {config_digest: config}
+    child, child_type = image, OCI_MANIFEST
+    for _ in range(40):
+        descriptor = {"mediaType": child_type, "digest": "sha256:" + hashlib.sha256(child).hexdigest(),
+                      "size": len(child)}  # fmt: skip
+        files[descriptor["digest"]] = child
+        child = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor] * 2}
+        ).encode()
+        child_type = OCI_INDEX
+    top = "sha256:" + hashlib.sha256(child).hexdigest()
+    files[top] = child
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": top, "size": len(child),
+             "annotations": {"org.opencontainers.image.ref.name": "docker.io/team/deep:1.0"}}]}  # fmt: skip
+    bundle = tmp_path / "deep.tar"
+    with tarfile.open(bundle, "w") as tar:
+        members = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": json.dumps(index).encode()}
+        members |= {f"blobs/sha256/{digest[7:]}": data for digest, data in files.items()}
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    done = cli("import", str(bundle), "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cache" / "tags" / "docker.io" / "team" / "deep" / "_tags" / "1.0").exists()

@@ -263,8 +263,12 @@ def _walk(staging: Staging, named: Named, walked: Walked) -> None:
     platforms); raises BundleError naming what is missing."""
     held = walked.held.setdefault((named.registry, named.repository), set())
     queue: list[tuple[Digest, str | None, bool]] = [(named.digest, named.media_type, True)]
+    seen: set[Digest] = set()  # each manifest once: an index may name a child many times, at any depth
     while queue:
         digest, declared, required = queue.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
         held.add(str(digest))
         body = staging.manifest(digest)
         if body is None:
