@@ -124,10 +124,16 @@ class SignatureGate:
         return Result.UNTRUSTED, "; ".join(sorted(set(reasons)))
 
     async def _read_blob(self, target: Target, digest: Digest, size: int) -> bytes:
-        """A small blob's bytes, through the pull service (stored, or filled and verified first)."""
+        """A small blob's bytes, through the pull service (stored, or filled and verified first).
+
+        A blob longer than its descriptor says is refused before it is read: a signature manifest
+        naming a multi-GB layer's digest with a small size must not bring that layer into memory."""
+        mismatch = errors.UpstreamDigestMismatch("signature payload does not match its descriptor")
         reply = await self._pull.blob(target, BlobQuery(digest, head=False))
         try:
             body = reply.body
+            if isinstance(body, FileBody | SpoolBody) and body.length is not None and body.length != size:
+                raise mismatch
             if isinstance(body, BytesBody):
                 data = body.data
             elif isinstance(body, FileBody):
@@ -137,6 +143,8 @@ class SignatureGate:
                 while not flight.done:  # the whole payload, verified against its digest
                     if flight.error is not None:
                         raise flight.error
+                    if flight.written > size:  # no length announced, and already too long
+                        raise mismatch
                     await flight.wait_change()
                 spool = flight.spool
                 assert spool is not None
@@ -146,7 +154,7 @@ class SignatureGate:
         finally:
             reply.close()
         if len(data) != size or Digest.of(data, digest.algorithm) != digest:
-            raise errors.UpstreamDigestMismatch("signature payload does not match its descriptor")
+            raise mismatch
         return data
 
     def _refuse(self, target: Target, digest: Digest, rule: Rule, result: Result, reason: str) -> None:

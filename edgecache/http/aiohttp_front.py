@@ -85,8 +85,6 @@ class AiohttpFront:
                 reply = await respond(request, trace)
             except errors.EdgecacheError as exc:
                 reply = error_reply(exc)
-            except web.HTTPException as exc:  # aiohttp's own refusals (reading the request)
-                reply = error_reply(refusal(exc.status, exc.reason))
             except Exception:
                 log.exception("unexpected error answering %s %s", request.method, request.path)
                 reply = error_reply(errors.EdgecacheError("unexpected error"))
@@ -214,19 +212,3 @@ class AiohttpWire:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
         return transport
-
-
-class HttpRefusal(errors.BadRequest):
-    """A refusal of aiohttp's while it reads a request, with a status of its own (405, 413, ...)."""
-
-    def __init__(self, status: int, detail: str = "") -> None:
-        super().__init__(detail)
-        self.status = status
-
-
-def refusal(status: int, reason: str) -> errors.EdgecacheError:
-    """aiohttp's HTTPException as one of our errors: 404 an unknown route, else a bad request (the
-    low-level server has no router: a handler meets these only from aiohttp's request parsing)."""
-    if status == 404:
-        return errors.RouteUnknown()
-    return errors.BadRequest(reason) if status == 400 else HttpRefusal(status, reason)
