@@ -99,6 +99,8 @@ def test_a_verified_payload_must_name_this_digest_and_this_repository() -> None:
         ("localhost/team/app", "team/app"),
         ("team/app:latest", "team/app"),  # no host: the first component is a namespace
         ("127.0.0.1:5000/a/b/c", "a/b/c"),
+        ("registry.example:5000/app:1.0", "app"),  # library/ is Docker Hub's, no other registry's
+        ("ghcr.io/app@sha256:" + "b" * 64, "app"),
     ],
 )
 def test_the_reference_is_compared_on_its_repository(reference: str, repository: str) -> None:

@@ -131,7 +131,11 @@ class OidcVerifier:
                 discovery = await self._json(discovery_url)
                 if discovery.get("issuer") != config.issuer or not isinstance(discovery.get("jwks_uri"), str):
                     raise ValueError("discovery document names another issuer or no jwks_uri")
-                self._jwks_url = discovery["jwks_uri"]
+                jwks_uri: str = discovery["jwks_uri"]
+                if not (jwks_uri.startswith("https://") or config.allow_plain):
+                    # the keys decide whose tokens are accepted: never over plain HTTP unless allowed
+                    raise ValueError("discovery document names a jwks_uri that is not https")
+                self._jwks_url = jwks_uri
             document = await self._json(self._jwks_url)
             keys: dict[str, tuple[jwt.PyJWK, str]] = {}
             for entry in document.get("keys", []):

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from edgecache.config import TrustConfig, TrustRule
 from edgecache.errors import ConfigError, DigestInvalid
-from edgecache.oci import Digest, RepoName
+from edgecache.oci import Digest, RepoName, split_image_name
 from edgecache.sizes import parse_size
 
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -153,21 +153,17 @@ def payload_mismatch(payload: bytes, digest: Digest, repo: RepoName) -> str | No
 
 
 def reference_repository(reference: str) -> str:
-    """The repository of a docker reference: without registry host, tag or digest.
+    """The repository of a docker reference: without registry host, tag or digest, read the way
+    docker reads an image name (`oci.split_image_name`).
 
-    `registry.example:5000/team/app:1.0` → `team/app`; `docker.io/library/alpine@sha256:..` →
-    `library/alpine`; `alpine` → `library/alpine` (docker's reading of a one-component name)."""
+    `registry.example:5000/team/app:1.0` → `team/app`; `registry.example:5000/app` → `app`;
+    `docker.io/library/alpine@sha256:..` → `library/alpine`; `alpine` → `library/alpine`."""
     name = reference.partition("@")[0]
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        name = rest
     last_slash = name.rfind("/")
     colon = name.rfind(":")
     if colon > last_slash:
         name = name[:colon]
-    if "/" not in name:
-        name = f"library/{name}"
-    return name
+    return split_image_name(name)[1]
 
 
 def signature_tag(digest: Digest) -> str:
