@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgecache.config import Config, load_config
-from edgecache.errors import ConfigError
+from edgecache.access.ldap import LdapDirectory
+from edgecache.config import Config, LdapConfig, load_config
+from edgecache.errors import ConfigError, DirectoryUnavailable
 from tests.conftest import Edge, Seeded, running_edge
 from tests.support.ldap import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, start_slapd
 from tests.support.registry import Registry
@@ -207,3 +208,32 @@ async def test_plain_ldap_only_when_the_operator_says_so(
     async with running_edge(config) as edge:
         assert await status(edge, APP, "carol") == 200
         assert await status(edge, APP, "carol", "wrong") == 401
+
+
+async def test_a_partial_answer_from_the_directory_lets_nobody_in(tmp_path: Path) -> None:
+    """A directory that stops a search early (here slapd's own `sizelimit 1`) still returns the
+    entries it sent; a login must not be decided on them. carol is in two groups: with one of them
+    only, a deny rule on the other would not apply to her. The login is refused as a directory
+    failure (503 to the client), not let in with fewer groups."""
+    slapd = start_slapd(tmp_path / "slapd")
+    try:
+        slapd.stop()
+        conf = slapd.directory / "slapd.conf"
+        conf.write_text(conf.read_text().replace("database mdb", "sizelimit 1\ndatabase mdb"))
+        slapd.start()
+        config = LdapConfig(
+            url=slapd.tls_url,
+            ca_file=str(slapd.ca.cert_path),
+            base_dn=f"ou=people,{SUFFIX}",
+            group_attribute="",
+            group_base_dn=f"ou=groups,{SUFFIX}",
+        )
+        directory = LdapDirectory(config)
+        try:
+            with pytest.raises(DirectoryUnavailable):
+                await directory.check("carol", PEOPLE["carol"])
+            assert await directory.check("erin", PEOPLE["erin"]) == frozenset()  # in no group: whole
+        finally:
+            directory.close()
+    finally:
+        slapd.stop()

@@ -87,6 +87,7 @@ class LdapDirectory:
                 user_filter = config.user_filter.replace("{user}", escape_filter_chars(user))
                 attributes = [config.group_attribute] if config.group_attribute else []
                 service.search(config.base_dn, user_filter, SUBTREE, attributes=attributes, size_limit=2)
+                _answered(service, config.url, SIZE_LIMIT_EXCEEDED)  # two matches: ambiguous, below
                 entries = [e for e in service.response or [] if e.get("type") == "searchResEntry"]
                 if len(entries) != 1:
                     return None  # unknown, or ambiguous: either way not this login
@@ -99,6 +100,7 @@ class LdapDirectory:
                     service.search(
                         config.group_base_dn, group_filter, SUBTREE, attributes=[config.group_name_attribute]
                     )
+                    _answered(service, config.url)  # a partial list of groups would skip deny rules
                     for entry in service.response or []:
                         if entry.get("type") == "searchResEntry":
                             attrs = entry.get("attributes", {})
@@ -116,7 +118,13 @@ class LdapDirectory:
         """The user's own bind on a fresh connection: the directory checks the password."""
         connection = self._connection(server, dn, password)
         try:
-            return bool(connection.bind())  # False for invalidCredentials (and any other refusal)
+            if connection.bind():
+                return True
+            if (connection.result or {}).get("result") == INVALID_CREDENTIALS:
+                return False  # a wrong password
+            # busy, unavailable, unwilling: the directory did not say no, so this is not a failed login
+            log.warning("LDAP directory %s refused a bind: result %s", self._config.url, connection.result)
+            raise errors.DirectoryUnavailable(retry_after=5)
         finally:
             _close(connection)
 
@@ -139,6 +147,19 @@ class LdapDirectory:
             _close(connection)
             raise
         return connection
+
+
+SUCCESS, SIZE_LIMIT_EXCEEDED, INVALID_CREDENTIALS = 0, 4, 49  # LDAP result codes (RFC 4511)
+
+
+def _answered(connection: Connection, url: str, *also: int) -> None:
+    """Raise DirectoryUnavailable unless the last search completed (or ended with one of `also`):
+    without raise_exceptions, ldap3 returns what arrived before a size limit, a busy server or an
+    administrative limit, and a partial answer must never decide a login."""
+    code = (connection.result or {}).get("result")
+    if code != SUCCESS and code not in also:
+        log.warning("LDAP directory %s answered a search with result %s", url, connection.result)
+        raise errors.DirectoryUnavailable(retry_after=5)
 
 
 def _close(connection: Connection) -> None:
