@@ -585,7 +585,9 @@ class PullService:
         self.pulled_tags.served(target.upstream_name, target.repo, digest, parts.children)
         if self._offer(target, parts):
             if len(self._settled) >= SETTLED_KEPT:
-                self._settled = {k: until for k, until in self._settled.items() if until > now}
+                # Cleared, not swept: a sweep kept every entry (and ran on every insert) when more
+                # than SETTLED_KEPT manifests settled within a minute. A cleared one is parsed again.
+                self._settled.clear()
             self._settled[digest] = now + SETTLED_FOR
 
     def _offer(self, target: Target, parts: ManifestParts) -> bool:

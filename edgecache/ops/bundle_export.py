@@ -48,6 +48,7 @@ from edgecache.ops.oci_layout import (
 from edgecache.ops.warm import ImageRef
 from edgecache.sizes import human_size
 from edgecache.store.blobs import BlobStore, rename_durably
+from edgecache.upstream.client import read_capped
 
 CHUNK = 1024 * 1024
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -105,9 +106,13 @@ class HttpSource:
             if resp.status == 404:
                 return None
             if resp.status != 200:
-                text = (await resp.text(errors="replace"))[:200]
+                text = (await resp.content.read(200)).decode(errors="replace")  # a snippet, not all
                 raise ExportError(f"{ref}: manifest {reference}: HTTP {resp.status} {text}")
-            body = await resp.read()
+            body = await read_capped(resp, MAX_MANIFEST_BYTES)
+            if body is None:
+                raise ExportError(
+                    f"{ref}: manifest {reference} is larger than {human_size(MAX_MANIFEST_BYTES)}"
+                )
             return _checked(reference, body, resp.headers.get("Content-Type"))
 
     async def blob(self, ref: ImageRef, digest: Digest) -> AsyncIterator[bytes]:

@@ -87,7 +87,6 @@ class Imported:
     facts_new: int = 0
     bytes_new: int = 0
     pinned: int = 0
-    platforms_absent: int = 0
     unused: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -364,7 +363,7 @@ def _commit(
 ) -> Imported:
     """Everything was checked: blobs and manifests into the store and the index, then the facts of
     which repository holds what, then tags, then pins."""
-    done = Imported(images=len(names), platforms_absent=len(walked.absent))
+    done = Imported(images=len(names))
     done.notes = [f"{what}: not in the bundle (fetched from upstream if asked)" for what in walked.absent]
     done.unused = len(set(staging.files) - walked.blobs - set(walked.manifests))
     owner = {d: key for key, digests in walked.held.items() for d in digests}
@@ -445,4 +444,5 @@ def describe(done: Imported) -> str:
         f"{done.manifests_new} manifests and {done.blobs_new} blobs new ({human_size(done.bytes_new)}), "
         f"{done.manifests_had + done.blobs_had} already cached"
         + (f"; {done.pinned} pins added" if done.pinned else "")
+        + (f"; {done.unused} files of the bundle belong to no image and were left out" if done.unused else "")
     )

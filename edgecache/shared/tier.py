@@ -25,14 +25,13 @@ from cachetools import TTLCache
 from edgecache.config import SharedConfig
 from edgecache.fill.source import BlobSource
 from edgecache.metrics import Metrics
-from edgecache.oci import Digest
+from edgecache.oci import MAX_MANIFEST_BYTES, Digest
 from edgecache.shared.bucket import Bucket, TierError, blob_key, load_credentials, manifest_key
 from edgecache.shared.source import TieredSource
 from edgecache.shared.uploads import Uploader, UploadJob
 from edgecache.upstream.health import UpstreamHealth
 
 log = logging.getLogger(__name__)
-MANIFEST_LIMIT = 4 * 1024 * 1024  # what clients accept (containerd's limit); larger is not a manifest
 MAX_BUCKET_RESUMES = 1  # a bucket body that breaks off is resumed once with a Range, then skipped
 SERVED_KEPT = 10_000
 
@@ -195,7 +194,7 @@ class SharedTier:
             return None
         key = manifest_key(self.bucket.prefix, digest)
         try:
-            got = await self.bucket.get_small(key, MANIFEST_LIMIT)
+            got = await self.bucket.get_small(key, MAX_MANIFEST_BYTES)
             if got is None:
                 self._metrics.shared_misses.labels("manifest").inc()
                 return None
