@@ -237,3 +237,23 @@ async def test_a_partial_answer_from_the_directory_lets_nobody_in(tmp_path: Path
             directory.close()
     finally:
         slapd.stop()
+
+
+async def test_only_the_name_as_the_directory_stores_it_logs_in(slapd: Slapd) -> None:
+    """slapd matches `uid` ignoring case and surrounding spaces; rules, tokens and the access log take
+    the name as typed. So `CAROL` must not log in as carol: a deny rule written for `carol` would
+    not apply to that login."""
+    config = LdapConfig(
+        url=slapd.tls_url,
+        ca_file=str(slapd.ca.cert_path),
+        base_dn=f"ou=people,{SUFFIX}",
+        group_attribute="",
+        group_base_dn=f"ou=groups,{SUFFIX}",
+    )
+    directory = LdapDirectory(config)
+    try:
+        assert await directory.check("carol", PEOPLE["carol"]) == frozenset({"ops", "devs"})
+        for typed in ("CAROL", "Carol", " carol", "carol "):
+            assert await directory.check(typed, PEOPLE["carol"]) is None, typed
+    finally:
+        directory.close()

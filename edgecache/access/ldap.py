@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -85,13 +86,19 @@ class LdapDirectory:
                     )
                     raise errors.DirectoryUnavailable(retry_after=5)
                 user_filter = config.user_filter.replace("{user}", escape_filter_chars(user))
-                attributes = [config.group_attribute] if config.group_attribute else []
+                named_by = _name_attribute(config.user_filter)
+                attributes = [a for a in (config.group_attribute, named_by) if a]
                 service.search(config.base_dn, user_filter, SUBTREE, attributes=attributes, size_limit=2)
                 _answered(service, config.url, SIZE_LIMIT_EXCEEDED)  # two matches: ambiguous, below
                 entries = [e for e in service.response or [] if e.get("type") == "searchResEntry"]
                 if len(entries) != 1:
                     return None  # unknown, or ambiguous: either way not this login
                 dn: str = entries[0]["dn"]
+                if named_by and user not in _values(entries[0].get("attributes", {}), named_by):
+                    # The directory matched `CAROL` or ` carol ` to carol's entry (its matching
+                    # ignores case and spaces), but rules, tokens and the log would take the name as
+                    # typed: a deny rule for `carol` would not apply. Only the name as stored logs in.
+                    return None
                 if not self._user_binds(server, dn, password):
                     return None
                 groups = set(_names(_values(entries[0].get("attributes", {}), config.group_attribute)))
@@ -169,6 +176,15 @@ def _close(connection: Connection) -> None:
     sock = getattr(connection, "socket", None)
     if sock is not None:
         sock.close()
+
+
+_NAMED_BY = re.compile(r"\(([A-Za-z][A-Za-z0-9-]*)=\{user\}\)")
+
+
+def _name_attribute(user_filter: str) -> str | None:
+    """The attribute a `(attr={user})` filter names users by (`uid`), or None for another shape."""
+    found = _NAMED_BY.search(user_filter)
+    return found.group(1) if found else None
 
 
 def _values(attributes: Any, name: str) -> list[str]:
