@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgecache import errors
+from edgecache.access import policy as policy_module
 from edgecache.access.identity import Identity, applies
 from edgecache.access.policy import AccessPolicy
 from edgecache.access.tokens import ISSUER, MAX_SCOPES, Scope, TokenService, load_key, parse_scopes
@@ -261,3 +262,23 @@ def test_a_reload_that_shortens_the_ttl_keeps_the_old_key_for_the_tokens_it_sign
     assert service.verify(old_token).name == "carol"
     with pytest.raises(ConfigError):
         service.reconfigure(dataclasses.replace(config, token_key=str(tmp_path / "missing.pem")))
+
+
+async def test_a_name_the_password_file_lacks_pays_its_check_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With htpasswd before ldap, a directory user's login is checked against the file as well (a
+    dummy hash): were it skipped, names in the file would answer slower than others, and timing
+    would tell which names it holds."""
+    checked: list[bytes | None] = []
+    real_check = policy_module._check
+
+    def counting(password: bytes, hashed: bytes | None, unknown_cost: int) -> bool:
+        checked.append(hashed)
+        return real_check(password, hashed, unknown_cost)
+
+    monkeypatch.setattr(policy_module, "_check", counting)
+    policy, directory = ldap_policy(tmp_path, Clock())
+    carol = await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)
+    assert carol.name == "carol" and directory.checks == 1
+    assert checked == [None]  # the file was checked (dummy hash) before the directory said yes

@@ -217,9 +217,9 @@ class AccessPolicy:
         for mode in self._modes:
             if mode == "htpasswd":
                 hashed = self._users.get(user)
-                last = mode == self._modes[-1] or self._modes[-1] == "mtls"
-                if hashed is None and not last:
-                    continue  # a later mode may know the user (and takes its own time)
+                # Checked even for a name the file lacks (against a dummy hash), also when a later
+                # mode follows: skipping it would make a known name slower than an unknown one, and
+                # timing would tell which names the file holds.
                 ok = await asyncio.to_thread(_check, password.encode(), hashed, self._unknown_cost)
                 if ok and hashed is not None:
                     return Identity(user, True)
