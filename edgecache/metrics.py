@@ -310,8 +310,8 @@ class Metrics:
         self.credential_checks = Counter(
             "edgecache_access_credential_checks_total",
             "Credentials checked, by kind (password, token, oidc, certificate) and result (ok, "
-            "remembered: a recent password check reused; refused; unavailable: the directory or OIDC "
-            "issuer could not tell; limited: too many failures from the client)",
+            "remembered: a recent password or token check reused; refused; unavailable: the directory or "
+            "OIDC issuer could not tell; limited: too many failures from the client)",
             ["kind", "result"],
             registry=r,
         )

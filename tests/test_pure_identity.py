@@ -288,3 +288,47 @@ async def test_a_name_the_password_file_lacks_pays_its_check_too(
     carol = await policy.authenticate(basic("carol", "carol-pass"), "10.0.0.1", None)
     assert carol.name == "carol" and directory.checks == 1
     assert checked == [None]  # the file was checked (dummy hash) before the directory said yes
+
+
+async def test_a_verified_token_is_remembered_until_its_expiry_or_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sends its token with every request, and a signature check costs several manifest
+    hits: a token that passed is not checked again until it expires (at most a minute), and a reload
+    forgets it. A refused token is checked every time."""
+    clock, wall = Clock(), Clock(time.time())
+    config = dataclasses.replace(token_config(tmp_path), htpasswd=write_htpasswd(tmp_path / "htpasswd", {}))
+    policy = AccessPolicy(config, clock=clock, wall_clock=wall)
+    assert policy.tokens is not None
+    verified: list[str] = []
+    real_verify = policy.tokens.verify
+
+    def counting(token: str) -> Identity:
+        verified.append(token)
+        return real_verify(token)
+
+    monkeypatch.setattr(policy.tokens, "verify", counting)
+    token, _, _ = policy.tokens.issue(Identity("carol", True, frozenset({"ops"})), ["team/app"])
+    carol = Identity("carol", True, frozenset({"ops"}), frozenset({"team/app"}))
+    assert await policy.authenticate(f"Bearer {token}", "10.0.0.1", None) == carol
+    assert await policy.authenticate(f"Bearer {token}", "10.0.0.2", None) == carol
+    assert len(verified) == 1
+
+    flipped = "A" if token[-10] != "A" else "B"
+    forged = f"{token[:-10]}{flipped}{token[-9:]}"
+    for _ in range(2):
+        with pytest.raises(errors.Unauthorized):
+            await policy.authenticate(f"Bearer {forged}", "10.0.0.1", None)
+    assert len(verified) == 3
+
+    wall.now = float(claims_of(token)["exp"])  # type: ignore[arg-type]
+    assert await policy.authenticate(f"Bearer {token}", "10.0.0.1", None) == carol  # (real time: valid)
+    assert len(verified) == 4  # its expiry came: checked again, not taken from memory
+    wall.now = time.time()
+    clock.advance(policy_module.REMEMBER_TOKENS_FOR + 1)
+    await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
+    assert len(verified) == 5
+    policy.reconfigure(config)
+    await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
+    await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
+    assert len(verified) == 6

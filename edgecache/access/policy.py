@@ -6,7 +6,10 @@ the same bcrypt work as wrong passwords, so timing does not tell which names exi
 tried in the configured order: the first that accepts the credentials wins. Successful checks are
 remembered briefly (keyed by a hash, never the password), with the identity's groups, and failures
 are counted per client address: past the limit, the client gets 429 without any check for a minute.
-With the token service on, a Bearer token of ours is checked locally (tokens.py). What a client
+With the token service on, a Bearer token of ours is checked locally (tokens.py). A token that passed
+is remembered (keyed by its hash) until its own expiry, at most REMEMBER_TOKENS_FOR: a signature check
+costs 150-250 us, several times a whole manifest hit, and a client sends its token with every request.
+Refused tokens are never remembered, and a reload forgets them all. What a client
 sends in Authorization is never logged, forwarded upstream or stored (dockerd sends users' Docker
 Hub passwords to mirrors).
 """
@@ -40,6 +43,8 @@ from edgecache.oci import RepoName
 
 log = logging.getLogger(__name__)
 FAILURE_WINDOW = 60.0
+REMEMBER_TOKENS_FOR = 60.0  # an outside issuer's key withdrawn from its JWKS still counts this long
+MAX_REMEMBERED_TOKENS = 4096
 __all__ = ["ANONYMOUS", "ANONYMOUS_IDENTITY", "AccessPolicy", "Identity", "load_htpasswd"]
 
 
@@ -71,13 +76,19 @@ class AccessPolicy:
         clock: Callable[[], float] = time.monotonic,
         fetch: Fetch = no_fetch,
         metrics: Metrics | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock  # what a token's `exp` is compared with
         self._metrics = metrics
         self._fetch = fetch
         self.oidc: OidcVerifier | None = None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
         self._good: TTLCache[bytes, Identity] | None = None
+        # token hash → (identity, kind of check, its `exp`)
+        self._tokens_seen: TTLCache[bytes, tuple[Identity, str, float]] = TTLCache(
+            MAX_REMEMBERED_TOKENS, REMEMBER_TOKENS_FOR, timer=clock
+        )
         self._ldap: LdapDirectory | None = None
         self.tokens: TokenService | None = None
         self._apply(config)
@@ -110,12 +121,13 @@ class AccessPolicy:
         self._ldap, self.tokens, self.oidc = ldap, tokens, oidc
         ttl = config.login_cache
         self._good = TTLCache(10_000, ttl, timer=self._clock) if ttl > 0 else None
+        self._tokens_seen.clear()
         if old_ldap is not None:
             old_ldap.close()
 
     def reconfigure(self, config: AccessConfig) -> None:
         """SIGHUP: new rules, a re-read htpasswd file, LDAP settings and token key; remembered logins
-        are forgotten."""
+        and tokens are forgotten."""
         self._apply(config)
 
     def close(self) -> None:
@@ -183,12 +195,28 @@ class AccessPolicy:
 
     async def _bearer(self, token: str) -> Identity:
         """An outside issuer's token (by its unverified `iss`: only to choose who verifies it), or
-        one of ours. dockerd may send a bearer token it got elsewhere: with neither on, it is ignored."""
+        one of ours. dockerd may send a bearer token it got elsewhere: with neither on, it is ignored.
+        A token verified a moment ago is not verified again (see the module docstring)."""
+        if self.oidc is None and self.tokens is None:
+            return ANONYMOUS_IDENTITY
+        key = hashlib.sha256(token.encode()).digest()
+        remembered = self._tokens_seen.get(key)
+        if remembered is not None:
+            identity, kind, expires_at = remembered
+            if self._wall_clock() < expires_at:
+                self._count(kind, "remembered")
+                return identity
+            del self._tokens_seen[key]  # expired: the verifier says so (or grants its leeway)
         if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
-            return await self._counted("oidc", self.oidc.verify(token))
-        if self.tokens is not None:
-            return await self._counted("token", self._verify_ours(token))
-        return ANONYMOUS_IDENTITY
+            kind, identity = "oidc", await self._counted("oidc", self.oidc.verify(token))
+        elif self.tokens is not None:
+            kind, identity = "token", await self._counted("token", self._verify_ours(token))
+        else:
+            return ANONYMOUS_IDENTITY
+        # Verified, so `exp` is there and an integer (both verifiers require it).
+        expires_at = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+        self._tokens_seen[key] = (identity, kind, expires_at)
+        return identity
 
     async def _verify_ours(self, token: str) -> Identity:
         assert self.tokens is not None
