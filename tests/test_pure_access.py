@@ -252,6 +252,7 @@ async def test_reconfigure_rereads_htpasswd_and_forgets_remembered_logins(tmp_pa
     path = write_htpasswd(tmp_path / "htpasswd", PASSWORDS)
     policy = htpasswd_policy(path, login_cache=3600)
     assert await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None) == ALICE
+    assert may_pull(policy, ALICE, "ghcr.io/acme/app")  # (verdicts are kept until a reload)
     write_htpasswd(tmp_path / "htpasswd", {"alice": "new-pass"})
     policy.reconfigure(
         AccessConfig(mode="htpasswd", htpasswd=path, rules=(rule("alice", allow=("docker.io/*",)),))
