@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from edgecache import sdnotify
 from edgecache.access.policy import AccessPolicy
@@ -21,6 +22,7 @@ from edgecache.errors import ConfigError
 from edgecache.fill.coalesce import Coalescer
 from edgecache.fill.flights import Flights
 from edgecache.fill.prefetch import Prefetcher
+from edgecache.http.accesslog import AccessLog
 from edgecache.http.aiohttp_front import AiohttpFront, Handler
 from edgecache.http.aiohttp_server import ConnectionLimits, OciServerRunner, OciSite
 from edgecache.http.connguard import ConnectionGuard
@@ -63,14 +65,21 @@ class Edgecache:
     scrubber: Scrubber
     prefetcher: Prefetcher | None
     trust: SignatureGate
-    log_format: str = "text"
+    access_log: AccessLog
     documents: DocumentFetcher = field(default_factory=DocumentFetcher)  # OIDC discovery and keys
     shared: SharedTier | None = None
     _started: bool = field(default=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, config: Config, log_format: str = "text") -> Edgecache:
+    def build(
+        cls,
+        config: Config,
+        log_format: str = "text",
+        log_handler: logging.StreamHandler[TextIO] | None = None,
+    ) -> Edgecache:
+        """Everything the configuration asks for, not started. `log_handler`: where `serve` writes
+        its logs; access lines are then written to it directly (see AccessLog)."""
         documents = DocumentFetcher()
         metrics = Metrics(u.name for u in config.upstreams)
         # reads the htpasswd file and token key: fail before taking the cache
@@ -166,7 +175,7 @@ class Edgecache:
             scrubber,
             prefetcher,
             trust,
-            log_format,
+            AccessLog(metrics, log_format, log_handler),
             documents,
             shared,
         )
@@ -212,6 +221,7 @@ class Edgecache:
             await client.close()
         await self.members.flush()
         await self.keeper.close()
+        self.access_log.flush()
         self.lock.release()
 
     def apply(self, new: Config) -> None:
@@ -256,7 +266,7 @@ class Edgecache:
     def web_handler(self) -> Handler:
         """The registry API as one aiohttp low-level handler (tests and `warm` embed it so; they
         start and close the instance around it)."""
-        return self.http.handler(admin=not self.config.server.metrics_listen, log_format=self.log_format)
+        return self.http.handler(self.access_log, admin=not self.config.server.metrics_listen)
 
 
 @dataclass
@@ -338,19 +348,19 @@ class Listeners:
 
     async def start(self) -> None:
         instance, config = self._instance, self._instance.config
-        server, log_format = config.server, instance.log_format
+        server, access_log = config.server, instance.access_log
         admin = not server.metrics_listen
         for listen, tls in server.listeners():
             if not tls:
-                self._add_runner(instance.http.handler(admin=admin, log_format=log_format), listen, None)
+                self._add_runner(instance.http.handler(access_log, admin=admin), listen, None)
             elif config.access.uses("mtls"):
                 context = mutual_tls_context(server.tls_cert, server.tls_key, config.access.client_ca)
                 self._mtls_context = context
-                self._add_runner(instance.http.handler(admin=admin, log_format=log_format), listen, context)
+                self._add_runner(instance.http.handler(access_log, admin=admin), listen, context)
             else:
                 host, port = split_host_port(listen, "server.listen")
                 trusted = trusted_networks(server.trusted_proxies)
-                app = AsgiFront(instance.front, instance.metrics, trusted, log_format, admin)
+                app = AsgiFront(instance.front, instance.metrics, trusted, access_log, admin)
                 self._tls.append(TlsListener(app, host, port, server))
                 guard = ConnectionGuard(
                     port,
@@ -361,7 +371,7 @@ class Listeners:
                 self._guards.append(guard)
                 self.urls.append(f"https://{listen} (HTTP/2, HTTP/1.1)")
         if server.metrics_listen:
-            self._add_runner(instance.http.admin_handler(log_format), server.metrics_listen, None)
+            self._add_runner(instance.http.admin_handler(access_log), server.metrics_listen, None)
         for runner, listen, site_context in self._runners:
             await runner.setup()
             host, port = split_host_port(listen, "server.listen")
@@ -408,12 +418,17 @@ class Listeners:
             await runner.cleanup()
 
 
-async def serve(config: Config, log_format: str = "text", reload: Callable[[], Config] | None = None) -> None:
+async def serve(
+    config: Config,
+    log_format: str = "text",
+    reload: Callable[[], Config] | None = None,
+    log_handler: logging.StreamHandler[TextIO] | None = None,
+) -> None:
     """Run until SIGINT/SIGTERM: then stop accepting, let responses in flight finish (10 s at most),
     and release the cache. SIGHUP re-reads the configuration (`reload`) and the TLS certificate."""
     if config.server.tls:
         check_certificate(config.server.tls_cert, config.server.tls_key)
-    instance = Edgecache.build(config, log_format)
+    instance = Edgecache.build(config, log_format, log_handler)
     listeners = Listeners(instance)
     try:
         await instance.start()

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load()
         from edgecache.app import serve
 
-        asyncio.run(serve(config, log_format, reload=load))
+        asyncio.run(serve(config, log_format, reload=load, log_handler=handler))
     except ConfigError as exc:
         print(f"edgecache: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -163,7 +163,7 @@ async def tls_edge_in_process(config: Config, pki: Path) -> AsyncIterator[Edge]:
     instance = Edgecache.build(config)
     await instance.start()
     port = free_port()
-    app = AsgiFront(instance.front, instance.metrics, (), "text", admin=True)
+    app = AsgiFront(instance.front, instance.metrics, (), instance.access_log, admin=True)
     listener = TlsListener(app, "127.0.0.1", port, config.server)
     await listener.start()
     url = f"https://127.0.0.1:{port}"

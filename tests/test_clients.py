@@ -27,6 +27,7 @@ from tests.support.clients import (
     skopeo_inspect_raw,
 )
 from tests.support.images import Image
+from tests.support.logs import access_records
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.clients
@@ -166,10 +167,7 @@ def test_dockerd_pulls_from_an_https_mirror_with_a_login(
         finally:
             (dockerd.cli_config_dir / "config.json").unlink()
             dockerd.remove_image("alpine:latest")
-        records = [
-            json.loads(line) for line in edge.log_path.read_text().splitlines() if line.startswith("{")
-        ]
-        pulls = [r for r in records if r.get("route") in ("manifest", "blob")]
+        pulls = [r for r in access_records(edge.log_path) if r.get("route") in ("manifest", "blob")]
         assert pulls and all(r["identity"] == "alice" and r["status"] == 200 for r in pulls)
         # dockerd 28 talks HTTP/1.1 to mirrors: its registry transport sets its own TLS config and
         # so never gets Go's automatic HTTP/2.
@@ -191,10 +189,7 @@ def test_containerd_pulls_from_an_https_mirror_trusting_its_ca(
         assert containerd.image_digest(ref) == seeded.multi.manifest.digest
         assert containerd.check(ref).complete
         containerd.remove_image(ref)
-        records = [
-            json.loads(line) for line in edge.log_path.read_text().splitlines() if line.startswith("{")
-        ]
-        pulls = [r for r in records if r.get("route") in ("manifest", "blob")]
+        pulls = [r for r in access_records(edge.log_path) if r.get("route") in ("manifest", "blob")]
         assert pulls and all(r["status"] == 200 for r in pulls)
         # containerd 1.6 offers only http/1.1 in ALPN (its transport has its own TLS config, so Go's
         # automatic HTTP/2 is off); the listener offers both (test_tls checks h2 with curl, h2load).

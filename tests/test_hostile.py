@@ -46,6 +46,7 @@ from tests.support.h2raw import (
     Stream,
 )
 from tests.support.images import DOCKER_MANIFEST
+from tests.support.logs import access_records
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until_sync
 
@@ -276,14 +277,6 @@ def assert_refused(listener: str, response: Response, status: int, code: str = "
     else:
         assert response.headers.get("content-length") == "0", response
         assert response.headers.get("connection") == "close", response
-
-
-def access_records(log_path: Path) -> list[dict[str, object]]:
-    records = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"request_id"' in line:
-            records.append(json.loads(line))
-    return records
 
 
 def wait_for_record(log_path: Path, request_id: str) -> dict[str, object]:

@@ -3,6 +3,8 @@ alert rules (checked by promtool and by a real Prometheus scraping a real edgeca
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgecache.http.accesslog import JsonFormatter, loggable, record_request
+from edgecache.http.accesslog import MAX_PENDING_LINES, AccessLog, JsonFormatter, loggable
 from edgecache.trace import RequestTrace
 from tests.conftest import Edge, EdgeProcess, Seeded, serve_with_metrics_listener, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
@@ -279,8 +281,8 @@ def test_access_lines_escape_what_clients_choose_and_keep_the_rest_as_sent(
     assert escaped.startswith("/v2/a\\x0d\\x0aFAKE 200 line\\x7f/\\xe9/") and len(escaped) <= 512 * 4
     trace = RequestTrace("req-1", route="manifest", identity="anonymous", upstream="docker.io")
     with caplog.at_level(logging.INFO, logger="edgecache.access"):
-        record_request(None, "text", trace, "GET", hostile, 200, 12, peer="192.0.2.7")
-        record_request(None, "json", trace, "GET", "/v2/a/manifests/1", 200, 12, peer="192.0.2.7")
+        AccessLog(None, "text").record(trace, "GET", hostile, 200, 12, peer="192.0.2.7")
+        AccessLog(None, "json").record(trace, "GET", "/v2/a/manifests/1", 200, 12, peer="192.0.2.7")
     text, structured = caplog.records
     assert text.getMessage().startswith(f"192.0.2.7 GET {escaped} 200 ")
     assert text.getMessage().endswith(" id=req-1") and "\n" not in text.getMessage()
@@ -289,3 +291,50 @@ def test_access_lines_escape_what_clients_choose_and_keep_the_rest_as_sent(
     assert entry["path"] == "/v2/a/manifests/1" and entry["request_id"] == "req-1"
     assert entry["status"] == 200 and entry["bytes"] == 12 and entry["identity"] == "anonymous"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", entry["time"])
+
+
+async def test_access_lines_written_straight_to_serves_handler_match_the_logged_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`serve` hands its JSON handler to the access log, which writes each loop pass's lines at once:
+    the same lines logging would write (hostile paths included), after the pass that made them,
+    at most MAX_PENDING_LINES per write, and none left behind by a flush."""
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    handler = logging.StreamHandler(Recording())
+    handler.setFormatter(JsonFormatter())
+    direct, through_logging = AccessLog(None, "json", handler), AccessLog(None, "json")
+    trace = RequestTrace('req-"1\\', route="manifest", identity="carol", upstream="docker.io")
+    paths = ["/v2/a/manifests/1", '/v2/a"b\\c/manifests/é\x00' + "x" * 600]
+    with caplog.at_level(logging.INFO, logger="edgecache.access"):
+        for path in paths:
+            direct.record(trace, "GET", path, 200, 12, peer="192.0.2.7")
+            through_logging.record(trace, "GET", path, 200, 12, peer="192.0.2.7")
+        assert writes == []  # not yet: the loop pass that made them is still running
+        await asyncio.sleep(0)
+        assert len(writes) == 1
+        written = writes[0].splitlines(keepends=True)
+        logged = [JsonFormatter().format(record) + "\n" for record in caplog.records]
+        assert len(written) == len(logged) == 2
+
+        def comparable(line: str) -> dict[str, object]:
+            entry = json.loads(line)
+            del entry["duration_ms"], entry["time"]  # measured per call
+            return dict(entry)
+
+        assert [comparable(line) for line in written] == [comparable(line) for line in logged]
+        assert all(line.isascii() and line.count("\n") == 1 for line in written)
+
+        writes.clear()
+        for _ in range(MAX_PENDING_LINES + 3):
+            direct.record(trace, "GET", paths[0], 200, 12, peer="192.0.2.7")
+        assert [text.count("\n") for text in writes] == [MAX_PENDING_LINES]
+        direct.flush()  # what closing the instance does
+        assert [text.count("\n") for text in writes] == [MAX_PENDING_LINES, 3]
+        await asyncio.sleep(0)  # the pass's own flush finds nothing left
+        assert len(writes) == 2

@@ -40,6 +40,7 @@ from tests.support.clients import (
 from tests.support.curl import curl
 from tests.support.faults import FaultProxy
 from tests.support.ldap import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, start_slapd
+from tests.support.logs import access_records
 from tests.support.registry import Registry
 from tests.test_access import PASSWORDS, write_htpasswd
 from tests.test_pure_identity import write_key
@@ -256,10 +257,6 @@ def tls_token_edge(tmp_path: Path, origin: Registry, seeded: Seeded) -> Iterator
     toml = f'[server]\ntls_cert = "{server.cert}"\ntls_key = "{server.key}"\n' + token_toml(tmp_path)
     with spawn_edge(tmp_path, origin.url, config=toml, tls=True) as edge:
         yield edge.url, ca, edge.log_path
-
-
-def access_records(log_path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.mark.clients

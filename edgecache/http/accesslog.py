@@ -9,10 +9,12 @@ clipped and with control characters escaped, so hostile input cannot forge log l
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import time
+from typing import TextIO
 
 from edgecache.metrics import Metrics
 from edgecache.trace import RequestTrace
@@ -20,28 +22,65 @@ from edgecache.trace import RequestTrace
 log = logging.getLogger("edgecache.access")
 # One encoder for every line: json.dumps with non-default separators builds a new one per call.
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+MAX_PENDING_LINES = 512  # written at once at most: a busy loop pass does not hold more than this
 
 
-def record_request(
-    metrics: Metrics | None,
-    log_format: str,
-    trace: RequestTrace,
-    method: str,
-    path: str,
-    status: int,
-    sent: int,
-    *,
-    peer: str,
-    protocol: str = "HTTP/1.1",
-) -> None:
-    """Count one finished request in the metrics and write its access log line."""
-    duration = time.perf_counter() - trace.started
-    if metrics is not None:
-        metrics.observe_request(trace.route, method, status, trace.cache, duration)
-    if not log.isEnabledFor(logging.INFO):
-        return
-    path = loggable(path)
-    if log_format == "json":
+class AccessLog:
+    """Each finished request: counted in the metrics, and its access line written (at level info).
+
+    Lines go to the `edgecache.access` logger as records, unless `serve` hands over its JSON handler:
+    then each line is encoded here and the lines of one event-loop pass are written together, under
+    the handler's lock. A record through logging (make, handle, format, one write and flush per
+    line) cost a third of the manifest hits a server could answer; this way they keep 90-100%
+    of them. Lines reach the stream one loop pass late (microseconds when idle), never reordered."""
+
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        log_format: str = "text",
+        handler: logging.StreamHandler[TextIO] | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._format = log_format
+        self._handler = handler if log_format == "json" else None
+        self._pending: list[str] = []
+
+    def record(
+        self,
+        trace: RequestTrace,
+        method: str,
+        path: str,
+        status: int,
+        sent: int,
+        *,
+        peer: str,
+        protocol: str = "HTTP/1.1",
+    ) -> None:
+        """Count one finished request in the metrics and write its access log line."""
+        duration = time.perf_counter() - trace.started
+        if self._metrics is not None:
+            self._metrics.observe_request(trace.route, method, status, trace.cache, duration)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        path = loggable(path)
+        if self._format != "json":
+            upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
+            _emit(
+                "%s %s %s %d %s %dB %.1fms%s id=%s",
+                (
+                    peer,
+                    loggable(method),
+                    path,
+                    status,
+                    trace.cache,
+                    sent,
+                    duration * 1000,
+                    upstream,
+                    trace.request_id,
+                ),
+                None,
+            )
+            return
         access = {
             "time": _timestamp(int(time.time())),
             "peer": peer,
@@ -58,24 +97,33 @@ def record_request(
             "upstream_status": trace.upstream_status,
             "request_id": trace.request_id,
         }
-        _emit("access", (), {"access": access})
-    else:
-        upstream = f" upstream={trace.upstream}:{trace.upstream_status}" if trace.upstream else ""
-        _emit(
-            "%s %s %s %d %s %dB %.1fms%s id=%s",
-            (
-                peer,
-                loggable(method),
-                path,
-                status,
-                trace.cache,
-                sent,
-                duration * 1000,
-                upstream,
-                trace.request_id,
-            ),
-            None,
-        )
+        if self._handler is None:
+            _emit("access", (), {"access": access})
+            return
+        self._pending.append(_COMPACT.encode(access) + "\n")
+        if len(self._pending) >= MAX_PENDING_LINES:
+            self.flush()
+        elif len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running: nothing would come back for them
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the lines waiting (the loop calls this after the pass that queued them; closing does)."""
+        handler, pending = self._handler, self._pending
+        if handler is None or not pending:
+            return
+        text = "".join(pending)
+        pending.clear()
+        handler.acquire()  # other log lines (any thread) go through this handler: whole lines each
+        try:
+            handler.stream.write(text)
+            handler.flush()
+        except (OSError, ValueError):  # a full disk or a closed stderr must not fail requests
+            pass
+        finally:
+            handler.release()
 
 
 def _emit(message: str, args: tuple[object, ...], extra: dict[str, object] | None) -> None:

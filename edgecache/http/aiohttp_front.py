@@ -18,7 +18,7 @@ from typing import IO
 from aiohttp import web
 
 from edgecache import errors
-from edgecache.http.accesslog import record_request
+from edgecache.http.accesslog import AccessLog
 from edgecache.http.front import (
     ADMIN_PATHS,
     ClientRequest,
@@ -51,16 +51,16 @@ class AiohttpFront:
         self._metrics = metrics
         self._trusted = trusted_networks(trusted_proxies)
 
-    def handler(self, *, admin: bool = True, log_format: str = "text") -> Handler:
+    def handler(self, access_log: AccessLog, *, admin: bool = True) -> Handler:
         """The registry API; with `admin`, /metrics, /stats and the status page too (else they have
         their own listener)."""
 
         async def respond(request: web.BaseRequest, trace: RequestTrace) -> Reply:
             return await self._front.respond(self._client_request(request, trace), trace, admin=admin)
 
-        return functools.partial(self._answer, respond=respond, log_format=log_format)
+        return functools.partial(self._answer, respond=respond, access_log=access_log)
 
-    def admin_handler(self, log_format: str = "text") -> Handler:
+    def admin_handler(self, access_log: AccessLog) -> Handler:
         """The separate metrics listener: /metrics, /stats, the status page and the health checks only."""
 
         async def respond(request: web.BaseRequest, trace: RequestTrace) -> Reply:
@@ -69,10 +69,10 @@ class AiohttpFront:
                 raise errors.RouteUnknown("this listener serves /metrics, /stats, the status page and health")
             return await self._front.operational(client_request, trace)
 
-        return functools.partial(self._answer, respond=respond, log_format=log_format)
+        return functools.partial(self._answer, respond=respond, access_log=access_log)
 
     async def _answer(
-        self, request: web.BaseRequest, *, respond: Responder, log_format: str
+        self, request: web.BaseRequest, *, respond: Responder, access_log: AccessLog
     ) -> web.StreamResponse:
         """Every request: its trace, the front's reply sent through the one send path, and every
         error answered in the registry's JSON format, so even a bug is an OCI 500 with a request id,
@@ -103,9 +103,7 @@ class AiohttpFront:
             return wire.response
         finally:
             CURRENT.reset(token)
-            record_request(
-                self._metrics,
-                log_format,
+            access_log.record(
                 trace,
                 request.method,
                 request.raw_path.split("?", 1)[0],

@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from edgecache import errors
 from edgecache.config import ServerConfig
-from edgecache.http.accesslog import record_request
+from edgecache.http.accesslog import AccessLog
 from edgecache.http.front import (
     ClientRequest,
     Networks,
@@ -106,12 +106,12 @@ class AsgiWire:
 
 class AsgiFront:
     def __init__(
-        self, front: RegistryFront, metrics: Metrics, trusted: Networks, log_format: str, admin: bool
+        self, front: RegistryFront, metrics: Metrics, trusted: Networks, access_log: AccessLog, admin: bool
     ) -> None:
         self._front = front
         self._metrics = metrics
         self._trusted = trusted
-        self._log_format = log_format
+        self._access_log = access_log
         self._admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,9 +140,7 @@ class AsgiFront:
         finally:
             wire.close()
             CURRENT.reset(token)
-            record_request(
-                self._metrics,
-                self._log_format,
+            self._access_log.record(
                 trace,
                 method,
                 raw_path.decode("latin-1"),
