@@ -4,6 +4,7 @@ signatures, expiry, audience, scopes and key rotation (PyJWT used directly to fo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -22,8 +23,10 @@ from edgecache.access.policy import AccessPolicy
 from edgecache.access.tokens import ISSUER, MAX_SCOPES, Scope, TokenService, load_key, parse_scopes
 from edgecache.config import AccessConfig, AccessRule, LdapConfig, load_config
 from edgecache.errors import ConfigError
+from edgecache.metrics import Metrics
 from edgecache.oci import RepoName
 from tests.support.clock import Clock
+from tests.support.waiting import wait_until
 from tests.test_pure_access import basic, write_htpasswd
 
 
@@ -298,7 +301,8 @@ async def test_a_verified_token_is_remembered_until_its_expiry_or_a_reload(
     forgets it. A refused token is checked every time."""
     clock, wall = Clock(), Clock(time.time())
     config = dataclasses.replace(token_config(tmp_path), htpasswd=write_htpasswd(tmp_path / "htpasswd", {}))
-    policy = AccessPolicy(config, clock=clock, wall_clock=wall)
+    metrics = Metrics(["docker.io"])
+    policy = AccessPolicy(config, clock=clock, wall_clock=wall, metrics=metrics)
     assert policy.tokens is not None
     verified: list[str] = []
     real_verify = policy.tokens.verify
@@ -313,6 +317,9 @@ async def test_a_verified_token_is_remembered_until_its_expiry_or_a_reload(
     assert await policy.authenticate(f"Bearer {token}", "10.0.0.1", None) == carol
     assert await policy.authenticate(f"Bearer {token}", "10.0.0.2", None) == carol
     assert len(verified) == 1
+    checks = "edgecache_access_credential_checks_total"
+    assert metrics.registry.get_sample_value(checks, {"kind": "token", "result": "ok"}) == 1
+    assert metrics.registry.get_sample_value(checks, {"kind": "token", "result": "remembered"}) == 1
 
     flipped = "A" if token[-10] != "A" else "B"
     forged = f"{token[:-10]}{flipped}{token[-9:]}"
@@ -332,3 +339,44 @@ async def test_a_verified_token_is_remembered_until_its_expiry_or_a_reload(
     await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
     await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
     assert len(verified) == 6
+
+
+async def test_a_check_still_running_at_a_reload_is_not_remembered_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token or password check that began under the old settings and ends after a reload is not
+    remembered under the new ones (a user removed from the file, an audience changed): the next
+    request is checked again."""
+    config = dataclasses.replace(
+        token_config(tmp_path), htpasswd=write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-pass"})
+    )
+    policy = AccessPolicy(config)
+    assert policy.tokens is not None
+    token, _, _ = policy.tokens.issue(Identity("carol", True), ["team/app"])
+    release = asyncio.Event()
+    started: list[str] = []
+    verify_ours, first_accepting = policy._verify_ours, policy._first_accepting
+
+    async def held_token(token: str) -> Identity:
+        started.append("token")
+        await release.wait()
+        return await verify_ours(token)
+
+    async def held_password(user: str, password: str) -> Identity | None:
+        started.append("password")
+        await release.wait()
+        return await first_accepting(user, password)
+
+    monkeypatch.setattr(policy, "_verify_ours", held_token)
+    monkeypatch.setattr(policy, "_first_accepting", held_password)
+    checks = [
+        asyncio.create_task(policy.authenticate(f"Bearer {token}", "10.0.0.1", None)),
+        asyncio.create_task(policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)),
+    ]
+    await wait_until(lambda: len(started) == 2, message="the checks did not start")
+    policy.reconfigure(config)
+    release.set()
+    assert [identity.name for identity in await asyncio.gather(*checks)] == ["carol", "alice"]
+    await policy.authenticate(f"Bearer {token}", "10.0.0.1", None)
+    await policy.authenticate(basic("alice", "alice-pass"), "10.0.0.1", None)
+    assert sorted(started) == ["password", "password", "token", "token"]  # both checked again

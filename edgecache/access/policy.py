@@ -86,10 +86,6 @@ class AccessPolicy:
         self.oidc: OidcVerifier | None = None
         self._failures: TTLCache[str, list[float]] = TTLCache(100_000, FAILURE_WINDOW, timer=clock)
         self._good: TTLCache[bytes, Identity] | None = None
-        # token hash → (identity, kind of check, its `exp`)
-        self._tokens_seen: TTLCache[bytes, tuple[Identity, str, float]] = TTLCache(
-            MAX_REMEMBERED_TOKENS, REMEMBER_TOKENS_FOR, timer=clock
-        )
         self._ldap: LdapDirectory | None = None
         self.tokens: TokenService | None = None
         self._apply(config)
@@ -118,14 +114,19 @@ class AccessPolicy:
         self._rules = config.rules
         # Every request asks the rules (globs, deny before allow: 4-5 us with ten rules); they only
         # change on reload, so their verdicts are kept, the new configuration starting afresh.
-        self._verdicts: LRUCache[tuple[Identity, str], bool] = LRUCache(VERDICTS_KEPT)
+        self._verdicts: LRUCache[tuple[str, bool, frozenset[str], str], bool] = LRUCache(VERDICTS_KEPT)
         self._users: Mapping[str, bytes] = users
         self._unknown_cost = _highest_cost(users)
         self._max_failures = config.max_failures
         self._ldap, self.tokens, self.oidc = ldap, tokens, oidc
         ttl = config.login_cache
+        # New objects, not cleared ones: a check still waiting (bcrypt, the directory, the issuer's
+        # keys) under the old settings stores its result in the old object, which nobody reads.
         self._good = TTLCache(10_000, ttl, timer=self._clock) if ttl > 0 else None
-        self._tokens_seen.clear()
+        # token hash → (identity, kind of check, its `exp`)
+        self._tokens_seen: TTLCache[bytes, tuple[Identity, str, float]] = TTLCache(
+            MAX_REMEMBERED_TOKENS, REMEMBER_TOKENS_FOR, timer=self._clock
+        )
         if old_ldap is not None:
             old_ldap.close()
 
@@ -171,11 +172,15 @@ class AccessPolicy:
             return ANONYMOUS_IDENTITY
         user, password = _basic_credentials(encoded.strip())
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        remembered = self._good.get(key) if self._good is not None else None
+        good = self._good
+        remembered = good.get(key) if good is not None else None
         if remembered is not None and remembered.name == user:
             self._count("password", "remembered")
             return remembered
-        return await self._counted("password", self._check_password(peer, user, password, key))
+        identity = await self._counted("password", self._check_password(peer, user, password))
+        if good is not None:
+            good[key] = identity  # (a reload meanwhile replaced `good`: this one is forgotten)
+        return identity
 
     async def _counted(self, kind: str, check: Awaitable[Identity]) -> Identity:
         """Await a credential check, counting its outcome (never who or with what)."""
@@ -204,30 +209,33 @@ class AccessPolicy:
         if self.oidc is None and self.tokens is None:
             return ANONYMOUS_IDENTITY
         key = hashlib.sha256(token.encode()).digest()
-        remembered = self._tokens_seen.get(key)
+        seen = self._tokens_seen  # a reload during the check below replaces it: see _apply
+        remembered = seen.get(key)
         if remembered is not None:
             identity, kind, expires_at = remembered
             if self._wall_clock() < expires_at:
                 self._count(kind, "remembered")
                 return identity
-            del self._tokens_seen[key]  # expired: the verifier says so (or grants its leeway)
+            del seen[key]  # expired: the verifier says so (or grants its leeway)
         if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
             kind, identity = "oidc", await self._counted("oidc", self.oidc.verify(token))
         elif self.tokens is not None:
             kind, identity = "token", await self._counted("token", self._verify_ours(token))
         else:
             return ANONYMOUS_IDENTITY
-        # Verified, so `exp` is there and an integer (both verifiers require it).
-        expires_at = float(jwt.decode(token, options={"verify_signature": False})["exp"])
-        self._tokens_seen[key] = (identity, kind, expires_at)
+        try:  # verified, so `exp` is there and a number PyJWT took as an integer
+            expires_at = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError, OverflowError):
+            return identity  # an `exp` beyond a float's range: checked every time, never remembered
+        seen[key] = (identity, kind, expires_at)
         return identity
 
     async def _verify_ours(self, token: str) -> Identity:
         assert self.tokens is not None
         return self.tokens.verify(token)
 
-    async def _check_password(self, peer: str, user: str, password: str, key: bytes) -> Identity:
-        """A password not remembered: checked (within the failure limit), and remembered if good."""
+    async def _check_password(self, peer: str, user: str, password: str) -> Identity:
+        """A password not remembered: checked (within the failure limit)."""
         now = self._clock()
         recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= self._max_failures:
@@ -237,8 +245,6 @@ class AccessPolicy:
             self._failures[peer] = [*recent, now]
             log.info("failed login from %s", peer)  # neither the user name nor the password
             raise errors.Unauthorized("wrong user name or password")
-        if self._good is not None:
-            self._good[key] = identity
         return identity
 
     async def _first_accepting(self, user: str, password: str) -> Identity | None:
@@ -288,7 +294,9 @@ class AccessPolicy:
     def allowed(self, identity: Identity, upstream: str, repo: RepoName) -> bool:
         """The rules' verdict alone (the token service asks it for each scope it may grant)."""
         target = f"{upstream}/{repo}"
-        key = (identity, target)
+        # What _decide reads of the identity, and no more: a token's scopes would split one user's
+        # verdicts into an entry per token.
+        key = (identity.name, identity.authenticated, identity.groups, target)
         verdict = self._verdicts.get(key)
         if verdict is None:
             verdict = self._verdicts[key] = self._decide(identity, target)
