@@ -218,8 +218,10 @@ def start_distribution_proxy(origin: Registry, work: Path) -> Proxy:
     return Proxy("distribution proxy", registry.url, [registry.proc])
 
 
-def nginx_conf(origin: Registry, root: Path, listen: str) -> str:
-    """anchor B's configuration; `listen` holds the server's listen (and ssl) directives."""
+def nginx_conf(origin: Registry, root: Path, listen: str, access_log: bool = False) -> str:
+    """anchor B's configuration; `listen` holds the server's listen (and ssl) directives. With
+    `access_log`, nginx logs every request as installed (combined format, a write per request)."""
+    log = f"access_log {root}/access.log" if access_log else "access_log off"
     return f"""
 daemon off;
 {"user root;" if os.geteuid() == 0 else ""}
@@ -228,7 +230,7 @@ pid {root}/nginx.pid;
 error_log {root}/error.log error;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    {log};
     sendfile on;
     tcp_nopush on;
     client_body_temp_path {root}/body;

@@ -14,6 +14,7 @@ nginx too), and edgecache answers HEAD and GET by the same path, less the body.
 
     python bench/manifest_bench.py --quick    # 2 s per load, one repetition: about two minutes
     python bench/manifest_bench.py            # 5 s per load, medians of 3
+    python bench/manifest_bench.py --access-log   # both logging every request, as installed
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def check(url: str, protocol: str, method: str, digest: str, length: int) -> Non
             raise RuntimeError(f"GET {url} over {protocol}: the body is not the manifest")
 
 
+def count_lines(path: Path) -> int:
+    """Lines in a server's log (the log files live in the run's temp directory: the log-on run writes
+    hundreds of MB there)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as log:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: log.read(1 << 20), b""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,6 +94,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 s loads, one repetition")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="both servers log every request as installed: edgecache at level info (JSON lines), nginx's "
+        "access_log (combined, a write per request); without it neither logs requests",
+    )
     args = parser.parse_args()
     reps, seconds = (1, 2) if args.quick else (args.reps, args.seconds)
     for tool in ("curl", "nginx", "wrk", "h2load", "openssl"):
@@ -102,8 +118,8 @@ def main() -> None:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         paths = {"tag": f"/v2/{REPO}/manifests/latest", "digest": f"/v2/{REPO}/manifests/{digest}"}
         cert, key = make_certificate(work)
-        servers["edgecache"] = start_edgecache_tls(origin.url, work, cert, key)
-        servers["nginx"] = start_nginx_tls(origin, work, cert, key)
+        servers["edgecache"] = start_edgecache_tls(origin.url, work, cert, key, args.access_log)
+        servers["nginx"] = start_nginx_tls(origin, work, cert, key, args.access_log)
         for server in servers.values():
             for protocol in PROTOCOLS:
                 for reference, method in VARIANTS:
@@ -118,6 +134,12 @@ def main() -> None:
                         got = manifest_load(url, protocol, seconds, work, method)
                         results.setdefault((name, protocol, reference, method), []).append(got)
             print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
+        logged = {
+            "edgecache": count_lines(work / "edgecache.log"),
+            "nginx": count_lines(work / "nginx" / "access.log"),
+        }
+        if args.access_log and min(logged.values()) < 1000:
+            sys.exit(f"--access-log: a server did not log the requests it served ({logged} lines)")
     finally:
         for server in servers.values():
             server.proxy.stop()
@@ -132,7 +154,9 @@ def main() -> None:
     lines = [
         f"Manifest bench, {time.strftime('%Y-%m-%d')}, medians of {reps}, {CONNECTIONS} connections for "
         f"{seconds} s (wrk -t2 for HTTP/1.1, h2load -t2 -m{H2_STREAMS} for HTTP/2), a {len(body)}-byte "
-        "manifest warm in both caches; ratio: edgecache / nginx in the same run",
+        "manifest warm in both caches; "
+        + ("both logging every request (edgecache JSON lines, nginx combined); " if args.access_log else "")
+        + "ratio: edgecache / nginx in the same run",
         "",
         "| listener | request | edgecache req/s | nginx req/s | ratio | p99 ms edgecache | p99 ms nginx "
         "| failed (edgecache / nginx) |",
@@ -147,7 +171,10 @@ def main() -> None:
                 f"| {protocol} | {method} by {reference} | {e:,.0f} | {n:,.0f} | {e / n:.2f}x "
                 f"| {p_e:.1f} | {p_n:.1f} | {failed[0]:.0f} / {failed[1]:.0f} |"
             )
-    lines.append(f"\nRun time {time.monotonic() - started:.0f} s.")
+    lines.append(
+        f"\nRun time {time.monotonic() - started:.0f} s; lines logged: edgecache {logged['edgecache']:,}, "
+        f"nginx {logged['nginx']:,}."
+    )
     print("\n".join(lines))
 
 

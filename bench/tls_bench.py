@@ -94,13 +94,18 @@ def make_certificate(work: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def start_edgecache_tls(origin_url: str, work: Path, cert: Path, key: Path) -> Endpoints:
+def start_edgecache_tls(
+    origin_url: str, work: Path, cert: Path, key: Path, access_log: bool = False
+) -> Endpoints:
+    """edgecache with a TLS and a plain listener; `access_log`: logging every request as installed
+    (level info, JSON lines to its stderr, here a file), else warnings only."""
     tls_port, plain_port = free_port(), free_port()
     log = (work / "edgecache.log").open("ab")
+    level = ("info", "--log-format", "json") if access_log else ("warning",)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgecache", "serve", "--listen", f"127.0.0.1:{tls_port}",
          "--tls-cert", str(cert), "--tls-key", str(key), "--upstream", origin_url,
-         "--cache-dir", str(work / "edgecache-cache"), "--log-level", "warning"],
+         "--cache-dir", str(work / "edgecache-cache"), "--log-level", *level],
         cwd=ROOT, stderr=log, stdout=log,
         env={**os.environ, "EDGECACHE_SERVER_PLAIN_LISTEN": f"127.0.0.1:{plain_port}"},
     )  # fmt: skip
@@ -120,7 +125,9 @@ def nginx_version() -> tuple[int, ...]:
     return tuple(int(part) for part in found.groups())
 
 
-def start_nginx_tls(origin: Registry, work: Path, cert: Path, key: Path) -> Endpoints:
+def start_nginx_tls(
+    origin: Registry, work: Path, cert: Path, key: Path, access_log: bool = False
+) -> Endpoints:
     plain_port, tls_port = free_port(), free_port()
     root = work / "nginx"
     (root / "cache").mkdir(parents=True)
@@ -139,7 +146,7 @@ def start_nginx_tls(origin: Registry, work: Path, cert: Path, key: Path) -> Endp
         "        keepalive_requests 1000000;"
     )
     conf = root / "nginx.conf"
-    conf.write_text(nginx_conf(origin, root, listen))
+    conf.write_text(nginx_conf(origin, root, listen, access_log))
     log = (root / "stderr.log").open("ab")
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stderr=log)
     plain = f"http://127.0.0.1:{plain_port}"

@@ -19,4 +19,4 @@ upstream/ (aiohttp's client, and http.client for blob bodies read on threads); o
 edgecache itself, shared/ of an S3 bucket (obstore).
 """
 
-__version__ = "0.5.1"
+__version__ = "0.5.2"

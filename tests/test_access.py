@@ -22,7 +22,7 @@ from tests.conftest import Seeded, spawn_edge
 from tests.support.certs import TestCA, wait_for_serial
 from tests.support.curl import CurlResult, curl
 from tests.support.faults import FaultProxy
-from tests.support.logs import wait_for_access
+from tests.support.logs import access_written
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until
 
@@ -228,7 +228,7 @@ allow = ["docker.io/library/*"]
         assert no_cert.returncode != 0 and no_cert.status == 0  # the handshake itself fails
         outsider = await with_cert((forged.cert, forged.key))
         assert outsider.returncode != 0 and outsider.status == 0
-        wait_for_access(
+        await access_written(
             edge.log_path,
             lambda records: {"CN=puller", "CN=stranger"} <= {r["identity"] for r in records},
             "no access lines naming both certificate subjects",
@@ -321,7 +321,7 @@ async def test_x_forwarded_for_is_believed_from_a_trusted_proxy_only(
             assert (await as_client("203.0.113.7", "bob:wrong")).status == 401
         assert (await as_client("203.0.113.7", "bob:bob-pass-2")).status == 429  # that client is limited
         assert (await as_client("198.51.100.4", "bob:bob-pass-2")).status == 200  # another is not
-        records = wait_for_access(
+        records = await access_written(
             edge.log_path,
             lambda records: {"203.0.113.7", "198.51.100.4"} <= {r["peer"] for r in records},
             "no access lines for both forwarded clients",

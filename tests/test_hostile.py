@@ -46,7 +46,7 @@ from tests.support.h2raw import (
     Stream,
 )
 from tests.support.images import DOCKER_MANIFEST
-from tests.support.logs import access_records
+from tests.support.logs import access_records, wait_for_request
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until_sync
 
@@ -277,14 +277,6 @@ def assert_refused(listener: str, response: Response, status: int, code: str = "
     else:
         assert response.headers.get("content-length") == "0", response
         assert response.headers.get("connection") == "close", response
-
-
-def wait_for_record(log_path: Path, request_id: str) -> dict[str, object]:
-    found = wait_until_sync(
-        lambda: [r for r in access_records(log_path) if r["request_id"] == request_id],
-        message=f"no access log line for {request_id}",
-    )
-    return found[0]
 
 
 # -- 1. the table --------------------------------------------------------------------------------
@@ -520,7 +512,7 @@ def test_hostile_request(hostile: Hostile, case: Case, protocol: str) -> None:
             message="the upstream was never asked for the sha512 digest",
         )
     if case.logged_peer is not None:
-        record = wait_for_record(hostile.edge.log_path, request_id)
+        record = wait_for_request(hostile.edge.log_path, request_id)
         assert record["peer"] == case.logged_peer, record
         assert record["protocol"] == ("HTTP/2" if protocol == "h2-tls" else "HTTP/1.1")
         assert "203.0.113.9" not in json.dumps(record)
@@ -618,6 +610,10 @@ def test_plain_oversized_head_is_refused_before_the_front(hostile: Hostile, vari
     """Refused as OCI JSON by the HTTP layer: the request never reaches the front, so no identity is
     looked up and no access-log line is written for it."""
     payload, status = OVERSIZED_PLAIN[variant]
+    # Every earlier request's line written first (a line comes one loop pass after its response).
+    ready = f"before-oversized-{variant}"
+    assert send(hostile, "h1-plain", "GET", "/v2/", (f"X-Request-Id: {ready}",), raw=False).status == 200
+    wait_for_request(hostile.edge.log_path, ready)
     before = access_records(hostile.edge.log_path)
     ended = exchange(hostile, "plain", payload)
     assert ended.closed
@@ -627,7 +623,7 @@ def test_plain_oversized_head_is_refused_before_the_front(hostile: Hostile, vari
     marker = f"after-oversized-{variant}"
     answer = send(hostile, "h1-plain", "GET", "/v2/", (f"X-Request-Id: {marker}",), raw=False)
     assert answer.status == 200
-    wait_for_record(hostile.edge.log_path, marker)
+    wait_for_request(hostile.edge.log_path, marker)
     after = access_records(hostile.edge.log_path)
     assert [r["request_id"] for r in after[len(before) :]] == [marker], after[len(before) :]
 

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,7 @@ from edgecache.http.accesslog import MAX_PENDING_LINES, AccessLog, JsonFormatter
 from edgecache.trace import RequestTrace
 from tests.conftest import Edge, EdgeProcess, Seeded, serve_with_metrics_listener, spawn_edge
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST
+from tests.support.logs import access_records
 from tests.support.registry import Registry, free_port, wait_http
 from tests.support.waiting import wait_until_sync
 
@@ -101,8 +103,7 @@ def test_access_log_is_json_lines_without_credentials(
     finally:
         proc.terminate()
         proc.wait(15)
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-    access = [r for r in records if r.get("request_id") == "trace-42"]
+    access = [r for r in access_records(log_path) if r.get("request_id") == "trace-42"]
     assert len(access) == 1
     entry = access[0]
     assert entry["method"] == "GET" and entry["status"] == 200 and entry["route"] == "blob"
@@ -306,7 +307,7 @@ async def test_access_lines_written_straight_to_serves_handler_match_the_logged_
             writes.append(text)
             return len(text)
 
-    handler = logging.StreamHandler(Recording())
+    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(Recording())
     handler.setFormatter(JsonFormatter())
     direct, through_logging = AccessLog(None, "json", handler), AccessLog(None, "json")
     trace = RequestTrace('req-"1\\', route="manifest", identity="carol", upstream="docker.io")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import shutil
 import signal
@@ -27,6 +26,7 @@ from tests.support.clients import skopeo_copy_all
 from tests.support.curl import curl
 from tests.support.faults import FaultProxy
 from tests.support.images import Image, Pusher, build_image
+from tests.support.logs import access_records
 from tests.support.registry import Registry, free_port
 from tests.support.waiting import wait_until_sync
 
@@ -348,8 +348,7 @@ def test_a_client_that_leaves_stops_the_sending(
         stored = edge.cache_dir / "blobs/sha256" / hex_digest[:2] / hex_digest
 
         def blob_records() -> list[dict[str, object]]:
-            lines = edge.log_path.read_text().splitlines()
-            return [r for r in map(json.loads, (x for x in lines if '"route"' in x)) if r["route"] == "blob"]
+            return [r for r in access_records(edge.log_path) if r["route"] == "blob"]
 
         # A fill in progress (spool), then a range of the stored blob (chunks): read 1 MiB, hang up.
         for extra in ((), ("-r", f"100-{len(layer.data) - 1}")):

@@ -32,7 +32,8 @@ class AccessLog:
     then each line is encoded here and the lines of one event-loop pass are written together, under
     the handler's lock. A record through logging (make, handle, format, one write and flush per
     line) cost a third of the manifest hits a server could answer; this way they keep 90-100%
-    of them. Lines reach the stream one loop pass late (microseconds when idle), never reordered."""
+    of them. Access lines reach the stream one loop pass late (microseconds when idle), in order
+    among themselves; another log line of that moment (a warning) may come before them."""
 
     def __init__(
         self,
@@ -121,7 +122,8 @@ class AccessLog:
             handler.stream.write(text)
             handler.flush()
         except (OSError, ValueError):  # a full disk or a closed stderr must not fail requests
-            pass
+            # Reported as logging reports a line it cannot write (once per failed write, on stderr).
+            handler.handleError(logging.makeLogRecord({"msg": "access log lines lost"}))
         finally:
             handler.release()
 

@@ -144,7 +144,7 @@ class OciServerRunner(web.ServerRunner):
         limits = limits or ConnectionLimits()
         server = OciServer(
             handler,
-            # Our handler logs and counts each request itself (accesslog.record_request).
+            # Our handler logs and counts each request itself (AccessLog.record).
             access_log=None,
             max_field_size=MAX_FIELD_SIZE,
             # An idle keep-alive connection is closed (silently: an unsolicited 408 would confuse

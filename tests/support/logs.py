@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.waiting import wait_until_sync
+from tests.support.waiting import wait_until, wait_until_sync
 
 Record = dict[str, object]
 
@@ -33,3 +33,25 @@ def wait_for_access(log_path: Path, done: Callable[[list[Record]], bool], messag
     found = wait_until_sync(records_if_done, message=message)
     assert found is not None
     return found
+
+
+async def access_written(log_path: Path, done: Callable[[list[Record]], bool], message: str) -> list[Record]:
+    """`wait_for_access` for async tests (the loop goes on meanwhile: it may run servers they use)."""
+
+    def records_if_done() -> list[Record] | None:
+        records = access_records(log_path)
+        return records if done(records) else None
+
+    found = await wait_until(records_if_done, message=message)
+    assert found is not None
+    return found
+
+
+def wait_for_request(log_path: Path, request_id: str) -> Record:
+    """The access record of the request that sent `X-Request-Id: request_id`."""
+    found = wait_for_access(
+        log_path,
+        lambda records: any(r["request_id"] == request_id for r in records),
+        f"no access log line for {request_id}",
+    )
+    return next(r for r in found if r["request_id"] == request_id)
