@@ -22,7 +22,7 @@ from edgecache.fill.flights import Flights
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest, RepoName
 from edgecache.pull import BlobQuery, PullService, Target
-from edgecache.shared.bucket import Bucket, TierError, blob_key, load_credentials
+from edgecache.shared.bucket import Bucket, TierError, blob_key, load_credentials, start_up_refusal
 from edgecache.shared.tier import SharedTier
 from edgecache.store.blobs import BlobStore
 from edgecache.store.keeper import CacheKeeper
@@ -244,3 +244,33 @@ async def test_the_bucket_serves_a_digest_only_to_a_repository_known_to_hold_it(
         await parts.flights.close(grace=1)
         await members.flush()
         await parts.keeper.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        (
+            "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>",
+            "no such bucket on the endpoint",
+        ),
+        (
+            "HTTP status client error (404 Not Found) for url (http://s3:7480/b)",
+            "no such bucket on the endpoint",
+        ),
+        ("Server returned non-2xx status code: 403 Forbidden: ", "the endpoint refused our credentials"),
+        ("<Code>SignatureDoesNotMatch</Code>", "the endpoint refused our credentials"),
+        # Outages, whatever digits their text holds: the endpoint's port, a bucket's name.
+        (
+            "error sending request for url (http://127.0.0.1:40412/t-2c8a?list-type=2): Connection refused",
+            None,
+        ),
+        ("error sending request for url (http://127.0.0.1:14040/logs-404?list-type=2)", None),
+        ("error sending request for url (http://127.0.0.1:8403/team-403/x): timed out", None),
+    ],
+)
+def test_a_refusal_at_start_up_is_told_from_an_outage_by_its_status_not_its_digits(
+    text: str, refusal: str | None
+) -> None:
+    """At start-up a refusal stops edgecache (a mistake in the config) and an outage does not (the
+    tier starts down): an unreachable endpoint on port 40412 was taken for a 404 and stopped it."""
+    assert start_up_refusal(text) == refusal

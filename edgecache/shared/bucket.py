@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +27,9 @@ from edgecache.sizes import parse_size
 from edgecache.upstream.pace import BodyPace, Deadlines
 
 T = TypeVar("T")
+# An S3 answer's status as the client library words it ("... status code: 404 Not Found"), never
+# a number that only happens to be in the error's text (the endpoint's port, a bucket name).
+_STATUS = re.compile(r"\b(?P<code>404 Not Found|403 Forbidden)\b")
 PART_SIZE = 8 * 1024 * 1024
 PART_CONCURRENCY = 4
 READ_CHUNK = 1024 * 1024
@@ -149,11 +153,9 @@ class Bucket:
                 "timeout", f"{where}: the endpoint did not answer in time", deadline=True
             ) from None
         except Exception as exc:
-            text = str(exc)
-            if "NoSuchBucket" in text or "404" in text:
-                raise ConfigError(f"{where}: no such bucket on the endpoint") from None
-            if "AccessDenied" in text or "403" in text or "SignatureDoesNotMatch" in text:
-                raise ConfigError(f"{where}: the endpoint refused our credentials") from None
+            refusal = start_up_refusal(str(exc))
+            if refusal is not None:
+                raise ConfigError(f"{where}: {refusal}") from None
             raise TierError(
                 "unavailable",
                 f"{where}: the endpoint cannot be reached ({type(exc).__name__})",
@@ -264,3 +266,15 @@ def _looks_unreachable(exc: Exception) -> bool:
         word in text
         for word in ("connect", "connection", "refused", "reset", "timed out", "503", "500", "502")
     )
+
+
+def start_up_refusal(text: str) -> str | None:
+    """What an S3 error's text says about our configuration, when it is a refusal rather than an
+    outage: the bucket missing, or our credentials refused. None for anything else."""
+    status = _STATUS.search(text)
+    code = status["code"][:3] if status else ""
+    if "NoSuchBucket" in text or code == "404":
+        return "no such bucket on the endpoint"
+    if "AccessDenied" in text or "SignatureDoesNotMatch" in text or code == "403":
+        return "the endpoint refused our credentials"
+    return None
