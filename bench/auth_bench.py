@@ -18,6 +18,12 @@ edgecache, so compare the ratios, not the absolute numbers. bcrypt cost 10 (htpa
 
     python bench/auth_bench.py               # 50 clients x 20 pulls per mode
     python bench/auth_bench.py --quick       # 50 clients x 4 pulls
+    python bench/auth_bench.py --hits        # only: manifest hits carrying credentials, under wrk
+
+`--hits` loads one node (token service on, login_cache 60) with wrk (50 connections, 5 s per load)
+on the warm manifest: the same request with one user's Basic credentials, then with the Bearer token
+/token gave that user. It shows what a check costs on every request of a warm node, where the pull
+figures above are dominated by first logins.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +48,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tls_bench import wrk  # noqa: E402
 
 from bench.node import EdgeNode  # noqa: E402
 from tests.support.images import Image, Pusher, build_image  # noqa: E402
@@ -117,6 +128,42 @@ async def run_clients(url: str, image: Image, clients: int, pulls: int, token: b
     return time.perf_counter() - start
 
 
+def credential_hits(origin_url: str, workdir: Path, image: Image, reps: int) -> None:
+    """Manifest hits per second carrying Basic credentials, then a Bearer token (see the docstring)."""
+    if not shutil.which("wrk"):
+        sys.exit("auth_bench.py --hits needs wrk: run bench/run-compare --tls once, which installs it")
+    edge = Edge(origin_url, workdir, config_text(workdir, 1, token=True, login_cache=60.0))
+    try:
+        asyncio.run(run_clients(edge.url, image, 1, 1, True))  # warm, and the login remembered
+        basic = "Basic " + base64.b64encode(f"user0:{PASSWORD}".encode()).decode()
+        request = urllib.request.Request(
+            f"{edge.url}/token?service=edgecache&scope=repository:{REPO}:pull",
+            headers={"Authorization": basic},
+        )
+        with urllib.request.urlopen(request) as resp:
+            bearer = "Bearer " + json.loads(resp.read())["token"]
+        url = f"{edge.url}/v2/{REPO}/manifests/latest"
+        results: dict[str, list[dict[str, float]]] = {"Basic (login_cache 60)": [], "Bearer token": []}
+        for _ in range(reps):
+            for name, auth in zip(results, (basic, bearer), strict=True):
+                got = wrk(url, 5, (f"Authorization: {auth}",))
+                if got["failed"]:
+                    sys.exit(f"{name}: {got['failed']:.0f} requests failed")
+                results[name].append(got)
+    finally:
+        edge.stop()
+    print(
+        f"\nManifest hits with credentials, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, wrk 50 "
+        f"connections for 5 s on the plain listener, one user, medians of {reps}\n"
+    )
+    print("| credentials | req/s | p99 ms |")
+    print("|---|---|---|")
+    for name, runs in results.items():
+        rps = statistics.median(run["rps"] for run in runs)
+        p99 = statistics.median(run["p99"] for run in runs)
+        print(f"| {name} | {rps:,.0f} | {p99:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,6 +172,7 @@ def main() -> None:
     parser.add_argument("--pulls", type=int, default=20)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--hits", action="store_true", help="only manifest hits with credentials (wrk)")
     args = parser.parse_args()
     if args.quick:
         args.pulls, args.reps = 4, 1
@@ -133,6 +181,9 @@ def main() -> None:
     try:
         image = build_image("small", layer_files=[{"bin/sh": b"#!/bin/true\n"}, {"etc/motd": b"hello\n"}])
         Pusher(origin.url).push_image(REPO, "latest", image)
+        if args.hits:
+            credential_hits(origin.url, workdir, image, args.reps)
+            return
         modes = [
             ("basic on every request, login_cache 0 (bcrypt per request)", False, 0.0),
             ("basic on every request, login_cache 60 (default)", False, 60.0),
