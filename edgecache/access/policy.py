@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -216,7 +217,8 @@ class AccessPolicy:
             if self._wall_clock() < expires_at:
                 self._count(kind, "remembered")
                 return identity
-            del seen[key]  # expired: the verifier says so (or grants its leeway)
+            with contextlib.suppress(KeyError):  # (TTLCache raises if its own TTL ran out meanwhile)
+                del seen[key]  # past `exp`: the verifier says so (or grants its leeway)
         if self.oidc is not None and _unverified_issuer(token) == self.oidc.issuer:
             kind, identity = "oidc", await self._counted("oidc", self.oidc.verify(token))
         elif self.tokens is not None:
