@@ -301,10 +301,7 @@ class PullService:
     # -- manifests -----------------------------------------------------------------------------
 
     async def manifest(self, target: Target, query: ManifestQuery) -> Reply:
-        if isinstance(query.reference, Digest):
-            answer = await self._manifest_by_digest(target, query.reference)
-        else:
-            answer = await self._manifest_by_tag(target, query, query.reference)
+        answer = await self._manifest_answer(target, query)
         # trust (issue 18): the signature policy decides on the answer before it is recorded or
         # served; a refusal raises here, so nothing of a refused manifest is served or prefetched.
         await self._trust.check(target, query, answer)
@@ -313,6 +310,19 @@ class PullService:
         if self._prefetch is not None:
             self._ahead(target, query, answer)
         return reply
+
+    async def signature_manifest(self, target: Target, query: ManifestQuery) -> Reply:
+        """A signature manifest the signature policy reads to decide on an image: cached and
+        revalidated like any manifest, but not a client's pull, so nothing is prefetched or watched
+        for it (its payloads would count as prefetches, and then as prefetches used)."""
+        answer = await self._manifest_answer(target, query)
+        await self._remember(target, answer)
+        return self._manifest_reply(query, answer)
+
+    async def _manifest_answer(self, target: Target, query: ManifestQuery) -> ManifestAnswer:
+        if isinstance(query.reference, Digest):
+            return await self._manifest_by_digest(target, query.reference)
+        return await self._manifest_by_tag(target, query, query.reference)
 
     async def _manifest_by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         cached = await self._manifests.get(digest)

@@ -89,7 +89,7 @@ class SignatureGate:
         """Fetch the signature manifest and its payloads; VERIFIED once one vouches for `digest`."""
         signatures = ManifestQuery(Tag.parse(signature_tag(digest)), None, head=False)
         try:
-            reply = await self._pull.manifest(target, signatures)
+            reply = await self._pull.signature_manifest(target, signatures)
         except (errors.NotFound, errors.UpstreamDenied):
             return Result.UNSIGNED, "no signature manifest upstream"
         except (errors.UpstreamError, errors.UpstreamRateLimited) as exc:

@@ -179,6 +179,26 @@ async def test_a_signed_image_is_served_by_tag_and_digest_with_head_too(
     assert await trusted_edge.metric("edgecache_trust_decisions_total", result="accepted") >= 1
 
 
+async def test_checking_a_signature_is_not_a_pull_so_nothing_is_prefetched_for_it(
+    trusted_edge: Edge, signed: Signed
+) -> None:
+    """The policy reads the signature manifest and its payload to decide on an image. Those reads
+    are not a client's pull: no prefetch starts for the payload (which the check's own read would
+    then count as a prefetch used), however the image itself is asked for."""
+    status, _, _ = await get(trusted_edge, "/v2/trust/signed/manifests/1", "HEAD")
+    assert status == 200
+    assert await trusted_edge.metric("edgecache_trust_decisions_total", result="verified") == 1
+    assert await trusted_edge.metric("edgecache_prefetch_started_total", upstream="docker.io") == 0
+    assert await trusted_edge.metric("edgecache_prefetch_used_total", upstream="docker.io") == 0
+    # A client's GET of the image still prefetches its blobs (the manifest is verified and served).
+    status, _, _ = await get(trusted_edge, "/v2/trust/signed/manifests/1")
+    assert status == 200
+    await wait_until(
+        lambda: trusted_edge.metric("edgecache_prefetch_started_total", upstream="docker.io"),
+        message="the image's blobs were not prefetched",
+    )
+
+
 @pytest.mark.parametrize(
     ("repo", "attribute", "result"),
     [
