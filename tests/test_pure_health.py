@@ -1,8 +1,10 @@
 """Upstream health as the pull path sees it, on an injected clock: when edgecache stops asking a
-failing or rate-limiting upstream, for how long, and how it comes back. No sockets, no sleeping."""
+failing or rate-limiting upstream, for how long, and how it comes back. No sockets, no sleeping (the
+probe loop's waits are all due at once)."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 
 import pytest
@@ -14,6 +16,7 @@ from edgecache.upstream.health import (
     UpstreamHealth,
     parse_ratelimit,
     parse_retry_after,
+    probe_until_up,
 )
 from edgecache.upstream.pace import BodyPace, Deadlines
 from tests.support.clock import Clock
@@ -128,6 +131,37 @@ def test_down_for_below_a_second_still_probes_every_second(clock: Clock) -> None
     h.failed()
     h.probe_failed()
     assert h.probe_in() == 1.0
+
+
+class AlwaysDue(Clock):
+    """Time that moves a probe's worth on every reading, so every probe is due at once."""
+
+    def __call__(self) -> float:
+        self.now += 100.0
+        return self.now
+
+
+async def test_the_probe_loop_asks_until_an_answer_and_not_after_a_request_found_it_back() -> None:
+    """The one loop the upstream client and the shared tier both run while down, each with its own
+    question: asked until it says yes (then up, and the loop ends); and when a request still in flight
+    finds the upstream back while the loop waits, nothing more is asked."""
+    down = UpstreamHealth(1, 30.0, clock=AlwaysDue())
+    down.failed()
+    asked = 0
+
+    async def answers() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked == 3
+
+    await asyncio.wait_for(probe_until_up(down, answers, down.succeeded), 5)
+    assert asked == 3 and down.state == "up"
+    down.failed()
+    probing = asyncio.create_task(probe_until_up(down, answers, down.succeeded))
+    await asyncio.sleep(0)  # the loop is waiting for its next probe
+    down.succeeded()  # a request found it back meanwhile
+    await asyncio.wait_for(probing, 5)
+    assert asked == 3
 
 
 def test_reconfigure_changes_thresholds_for_later_failures(clock: Clock) -> None:

@@ -29,7 +29,7 @@ from edgecache.oci import MAX_MANIFEST_BYTES, Digest
 from edgecache.shared.bucket import Bucket, TierError, blob_key, load_credentials, manifest_key
 from edgecache.shared.source import TieredSource
 from edgecache.shared.uploads import Uploader, UploadJob
-from edgecache.upstream.health import UpstreamHealth
+from edgecache.upstream.health import UpstreamHealth, probe_until_up
 
 log = logging.getLogger(__name__)
 MAX_BUCKET_RESUMES = 1  # a bucket body that breaks off is resumed once with a Range, then skipped
@@ -253,12 +253,16 @@ class SharedTier:
 
     async def _probe_until_up(self) -> None:
         """One probe at a time while down: a HEAD of a key that need not exist; any answer is up."""
-        while (wait := self.health.probe_in()) is not None:
-            await asyncio.sleep(wait)
+
+        async def answers() -> bool:
             try:
                 await self.bucket.exists(f"{self.bucket.prefix}probe")
             except TierError:
-                self.health.probe_failed()
-                continue
+                return False
+            return True
+
+        def back() -> None:
             log.info("shared tier is back")
             self._succeeded()
+
+        await probe_until_up(self.health, answers, back)

@@ -31,7 +31,7 @@ from edgecache.metrics import Metrics
 from edgecache.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, Digest, RepoName
 from edgecache.trace import note_upstream_status
 from edgecache.upstream.blocking import Answer, ConnectionPool
-from edgecache.upstream.health import UpstreamHealth, parse_ratelimit, parse_retry_after
+from edgecache.upstream.health import UpstreamHealth, parse_ratelimit, parse_retry_after, probe_until_up
 from edgecache.upstream.pace import BodyPace, Deadlines
 from edgecache.upstream.tokens import (
     MAX_TOKEN_BYTES,
@@ -382,15 +382,12 @@ class UpstreamClient:
     async def _probe_until_up(self) -> None:
         """While the upstream is down, one probe at a time asks whether it is back (growing waits);
         the first answer brings it up for every request."""
-        while (wait := self.health.probe_in()) is not None:
-            await asyncio.sleep(wait)
-            if self.health.probe_in() is None:
-                return  # a request still in flight found it back first
-            if await self._answers():
-                log.warning("upstream %s answers again", self.name)
-                self._health_changed(self.health.succeeded)
-            else:
-                self.health.probe_failed()
+
+        def back() -> None:
+            log.warning("upstream %s answers again", self.name)
+            self._health_changed(self.health.succeeded)
+
+        await probe_until_up(self.health, self._answers, back)
 
     async def _answers(self) -> bool:
         """Does the upstream answer its API root within the deadlines? Any status below 500 counts

@@ -4,8 +4,9 @@ and when to ask again.
 After `down_after` consecutive failures (refused, reset, 5xx, a body cut short) the upstream is down;
 a missed deadline (no connection, no response headers in time) takes it down at once, since every
 later request would wait out the same deadline. While it is down, requests that need it fail at once
-(503) and cached content is served instead of hanging on it; a single probe at a time (UpstreamClient
-runs it) asks whether it is back, first after PROBE_FIRST seconds, then after growing waits capped at
+(503) and cached content is served instead of hanging on it; a single probe at a time
+(`probe_until_up`, which UpstreamClient and the shared tier run with their own question) asks whether
+it is back, first after PROBE_FIRST seconds, then after growing waits capped at
 `down_for`. The first success, a probe's or a request's still in flight, brings it back up for every
 request. An upstream that goes down again soon after recovering resumes the back-off where it left
 off, so a flapping upstream is not probed every second for ever. A 429 with Retry-After blocks it
@@ -14,9 +15,10 @@ until then (429 to clients at once).
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from edgecache import errors
 
@@ -95,6 +97,22 @@ class UpstreamHealth:
 
     def rate_limited(self, retry_after: float) -> None:
         self._limited_until = self._clock() + retry_after
+
+
+async def probe_until_up(
+    health: UpstreamHealth, answers: Callable[[], Awaitable[bool]], back: Callable[[], None]
+) -> None:
+    """While `health` is down: wait until its next probe is due, ask `answers()`, and on a yes call
+    `back()` (which marks it up); on a no, wait longer. Ends as soon as it is not down, also when a
+    request still in flight found it back first (then nothing is asked)."""
+    while (wait := health.probe_in()) is not None:
+        await asyncio.sleep(wait)
+        if health.probe_in() is None:
+            return
+        if await answers():
+            back()
+        else:
+            health.probe_failed()
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float:
