@@ -77,6 +77,18 @@ allow = ["docker.io/library/*"]
     return dataclasses.replace(config, prefetch=dataclasses.replace(config.prefetch, enabled=False))
 
 
+def groups_by_search(slapd: Slapd) -> LdapConfig:
+    """The directory over LDAPS, users bound as themselves, groups found by a search under
+    ou=groups (not read from a member-of attribute)."""
+    return LdapConfig(
+        url=slapd.tls_url,
+        ca_file=str(slapd.ca.cert_path),
+        base_dn=f"ou=people,{SUFFIX}",
+        group_attribute="",
+        group_base_dn=f"ou=groups,{SUFFIX}",
+    )
+
+
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
@@ -221,14 +233,7 @@ async def test_a_partial_answer_from_the_directory_lets_nobody_in(tmp_path: Path
         conf = slapd.directory / "slapd.conf"
         conf.write_text(conf.read_text().replace("database mdb", "sizelimit 1\ndatabase mdb"))
         slapd.start()
-        config = LdapConfig(
-            url=slapd.tls_url,
-            ca_file=str(slapd.ca.cert_path),
-            base_dn=f"ou=people,{SUFFIX}",
-            group_attribute="",
-            group_base_dn=f"ou=groups,{SUFFIX}",
-        )
-        directory = LdapDirectory(config)
+        directory = LdapDirectory(groups_by_search(slapd))
         try:
             with pytest.raises(DirectoryUnavailable):
                 await directory.check("carol", PEOPLE["carol"])
@@ -243,14 +248,7 @@ async def test_only_the_name_as_the_directory_stores_it_logs_in(slapd: Slapd) ->
     """slapd matches `uid` ignoring case and surrounding spaces; rules, tokens and the access log take
     the name as typed. So `CAROL` must not log in as carol: a deny rule written for `carol` would
     not apply to that login."""
-    config = LdapConfig(
-        url=slapd.tls_url,
-        ca_file=str(slapd.ca.cert_path),
-        base_dn=f"ou=people,{SUFFIX}",
-        group_attribute="",
-        group_base_dn=f"ou=groups,{SUFFIX}",
-    )
-    directory = LdapDirectory(config)
+    directory = LdapDirectory(groups_by_search(slapd))
     try:
         assert await directory.check("carol", PEOPLE["carol"]) == frozenset({"ops", "devs"})
         for typed in ("CAROL", "Carol", " carol", "carol "):
