@@ -54,6 +54,10 @@ class LdapDirectory:
         self._pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="ldap")
         # Bound on one whole check: connect, StartTLS, two binds and up to two searches.
         self._deadline = config.connect_timeout * 2 + config.response_timeout * 5
+        # The attribute users are named by (read back to compare with the typed name), and what the
+        # user search asks for: both fixed by the configuration.
+        self._named_by = _name_attribute(config.user_filter)
+        self._user_attributes = tuple(a for a in (config.group_attribute, self._named_by) if a)
 
     def close(self) -> None:
         """Stop taking new checks (a reload); those under way finish, each within its socket timeouts."""
@@ -86,9 +90,10 @@ class LdapDirectory:
                     )
                     raise errors.DirectoryUnavailable(retry_after=5)
                 user_filter = config.user_filter.replace("{user}", escape_filter_chars(user))
-                named_by = _name_attribute(config.user_filter)
-                attributes = [a for a in (config.group_attribute, named_by) if a]
-                service.search(config.base_dn, user_filter, SUBTREE, attributes=attributes, size_limit=2)
+                named_by = self._named_by
+                service.search(
+                    config.base_dn, user_filter, SUBTREE, attributes=list(self._user_attributes), size_limit=2
+                )
                 _answered(service, config.url, SIZE_LIMIT_EXCEEDED)  # two matches: ambiguous, below
                 entries = [e for e in service.response or [] if e.get("type") == "searchResEntry"]
                 if len(entries) != 1:
