@@ -426,7 +426,9 @@ class Metrics:
             for reason in FILL_FAILURE_REASONS:
                 self.fills_failed.labels(name, reason)
         # served_bytes' children, looked up once: send_reply counts every body by its source.
-        self.served: dict[str, Any] = {source: self.served_bytes.labels(source) for source in SERVED_SOURCES}
+        self.served: dict[str, Counter] = {
+            source: self.served_bytes.labels(source) for source in SERVED_SOURCES
+        }
 
     def set_health(self, upstream: str, state: str) -> None:
         for each in HEALTH_STATES:

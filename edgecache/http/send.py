@@ -98,7 +98,7 @@ async def send_reply(
 def response_headers(reply: Reply, trace: RequestTrace, *, head: bool) -> dict[str, str]:
     """The headers sent: the reply's, the API version, X-Cache, X-Request-Id and Content-Length."""
     headers = {**API_VERSION_HEADER, **reply.headers}
-    for name in [name for name in reply.headers if len(name) == 14 and name.lower() == "content-length"]:
+    for name in [name for name in reply.headers if name.lower() == "content-length"]:
         del headers[name]  # decided below, from the body
     headers["X-Cache"] = str(reply.cache)
     headers["X-Request-Id"] = trace.request_id
