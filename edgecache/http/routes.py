@@ -57,6 +57,9 @@ _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
 )
 
 
+REMEMBERED_PATH_LENGTH = 512
+
+
 def parse_route(raw_path: str) -> Route:
     """Match the raw request path (query already removed) against the distribution API routes.
 
@@ -66,9 +69,6 @@ def parse_route(raw_path: str) -> Route:
     if len(raw_path) <= REMEMBERED_PATH_LENGTH:
         return _remembered_route(raw_path)
     return _match_route(raw_path)
-
-
-REMEMBERED_PATH_LENGTH = 512
 
 
 @functools.lru_cache(maxsize=4096)
